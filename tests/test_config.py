@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from tinyskip.cli import CONF_DIR, compose_job
+from tinyskip.config import ConfigError, ModelConfig
+
+PRIMARY = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(CONF_DIR.iterdir())
+                 if group.is_dir() and group.name != "hydra"
+                 for option in sorted(group.glob("*.yaml"))]
+
+
+def test_primary_configs_exist():
+    assert {"train"} <= set(PRIMARY)
+
+
+@pytest.mark.parametrize("entry", PRIMARY)
+def test_primary_config_composes(entry):
+    assert compose_job(entry) is not None
+
+
+@pytest.mark.parametrize("entry", PRIMARY)
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_group_option_composes_with_every_primary(entry, group, option):
+    job = compose_job(entry)
+    if not hasattr(job, group) and group != "experiment":
+        pytest.skip(f"{entry} has no {group} group")
+    compose_job(entry, [f"{group}={option}"])
+
+
+def test_model_presets_load_as_typed_dataclasses():
+    job = compose_job("train", ["model=l12_d256"])
+    assert isinstance(job.model, ModelConfig)
+    assert (job.model.num_hidden_layers, job.model.hidden_size) == (12, 256)
+
+
+def test_misspelt_key_is_rejected():
+    with pytest.raises(ConfigCompositionException):
+        compose_job("train", ["model.hiden_size=64"])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.num_attention_heads=3", "num_attention_heads"),
+    ("model.num_key_value_heads=3", "num_key_value_heads"),
+    ("model.hidden_size=0", "hidden_size"),
+    ("model.num_hidden_layers=-1", "num_hidden_layers"),
+])
+def test_invalid_model_shapes_fail_at_config_time(override, field):
+    with pytest.raises(ConfigError, match=f"ModelConfig.{field}="):
+        compose_job("train", [override])

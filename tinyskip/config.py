@@ -1,0 +1,192 @@
+"""Plain dataclass configs shared by the library and the entry points.
+
+Library modules take these dataclasses; only the entry points know about Hydra
+(see ``tinyskip/cli.py``). Field names of ``ModelConfig`` follow Hugging Face's
+``LlamaConfig`` so that the Llama shim maps configs by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+class UserError(Exception):
+    """Bad input from a user: entry points print its message as one line and exit 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is out of range; the message names the field."""
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name}={value}: must be > 0")
+
+
+def _probability(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{type(obj).__name__}.{name}={value}: must be in [0, 1]")
+
+
+def _choice(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ConfigError(
+            f"{type(obj).__name__}.{name}={value!r}: must be one of {', '.join(allowed)}"
+        )
+
+
+@dataclass
+class RopeScaling:
+    """Llama 3.1/3.2 frequency-dependent RoPE scaling (``rope_type: llama3``)."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        _choice(self, "rope_type", ("llama3",))
+        _positive(self, "factor", "low_freq_factor", "high_freq_factor",
+                  "original_max_position_embeddings")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"RopeScaling.high_freq_factor={self.high_freq_factor}: must exceed "
+                f"low_freq_factor={self.low_freq_factor}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-style decoder. ``vocab_size`` is set from the tokenizer at training time."""
+
+    name: str = "l6_d128"
+    vocab_size: int = 8000
+    hidden_size: int = 128
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 1024
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    tie_word_embeddings: bool = True
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "intermediate_size", "max_position_embeddings",
+                  "rms_norm_eps", "rope_theta")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"ModelConfig.num_attention_heads={self.num_attention_heads}: must divide "
+                f"hidden_size={self.hidden_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"ModelConfig.num_key_value_heads={self.num_key_value_heads}: must divide "
+                f"num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.hidden_size={self.hidden_size}: head_dim "
+                              f"{self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"model config has unknown fields {unknown}")
+        return cls(**d)
+
+
+@dataclass
+class DataConfig:
+    """WikiText-2 through ``datasets.load_dataset(path, name)`` and a SentencePiece tokenizer."""
+
+    path: str = "Salesforce/wikitext"
+    name: str = "wikitext-2-raw-v1"
+    vocab_size: int = 8000
+    tokenizer_model_type: str = "bpe"
+    # Where tokenizers and token arrays are cached; None = $TINYSKIP_CACHE or ~/.cache/tinyskip.
+    cache_dir: Optional[str] = None
+    # Use only the first N rows of every split (tests and smoke runs); None = all rows.
+    max_rows: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size")
+        _choice(self, "tokenizer_model_type", ("bpe", "unigram"))
+        if self.max_rows is not None:
+            _positive(self, "max_rows")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, LayerDrop, early-exit loss and checkpointing knobs (see ``conf/train/``)."""
+
+    preset: str = "plain"
+    max_steps: int = 2000
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # LayerDrop: p_l = S(t) * D(l) * p_max, drawn per sample.
+    layerdrop_p_max: float = 0.0
+    layerdrop_depth: str = "exp"
+    layerdrop_time: str = "constant"
+    # Early-exit loss through the shared head.
+    exit_scale: str = "none"
+    e_scale: float = 1.0
+    curriculum: str = "none"
+    curriculum_rotation: int = 2
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    # Runtime.
+    device: str = "auto"
+    bf16: bool = True
+    compile: bool = False
+    eval_every: int = 250
+    eval_batches: int = 0
+    log_every: int = 10
+    save_every: int = 250
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_steps", "batch_size", "seq_len", "lr", "eval_every", "log_every",
+                  "save_every", "curriculum_rotation", "distill_temperature")
+        _probability(self, "layerdrop_p_max", "min_lr_ratio", "e_scale")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("TrainConfig.warmup_steps, weight_decay, grad_clip must be >= 0")
+        if self.distill_weight < 0:
+            raise ConfigError(f"TrainConfig.distill_weight={self.distill_weight}: must be >= 0")
+        if self.eval_batches < 0:
+            raise ConfigError(f"TrainConfig.eval_batches={self.eval_batches}: must be >= 0 "
+                              "(0 = the whole validation split)")
+        _choice(self, "layerdrop_depth", ("uniform", "linear", "exp"))
+        _choice(self, "layerdrop_time", ("constant", "exp"))
+        _choice(self, "exit_scale", ("none", "uniform", "linear", "calm", "sum_l", "layerskip"))
+        _choice(self, "curriculum", ("none", "rotational", "gradual"))
+        _choice(self, "device", ("auto", "cpu", "cuda"))

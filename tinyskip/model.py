@@ -1,0 +1,256 @@
+"""A Llama-style decoder with one shared exit head, driven layer by layer.
+
+Parameter names follow Hugging Face's ``LlamaForCausalLM`` minus its ``model.`` prefix
+(``embed_tokens``, ``layers.N.self_attn.q_proj``, ..., ``norm``, ``lm_head``), so the
+Llama shim is a rename.
+
+Exit l is the shared head (final ``norm`` + ``lm_head``) applied to the *output* of
+block l; the exit at the last block is the model's normal output. Decoders drive the
+model through three calls: ``embed``, ``run_layers(h, start, end, ...)`` and ``head``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig, UserError
+
+
+class LayerIndexError(UserError, ValueError):
+    """A layer index or range outside the model's blocks."""
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim/2,), with Llama 3 scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (
+        torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, and the band in
+    # between is interpolated smoothly between the two.
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (max_position_embeddings, head_dim), Hugging Face "rotate half" layout."""
+    inv_freq = rope_inv_freq(cfg, device)
+    pos = torch.arange(cfg.max_position_embeddings, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)                       # (S, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                  # (S, hd)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Hugging Face does), scale in the input dtype.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+@dataclass
+class AttnContext:
+    """What every layer of one ``run_layers`` call shares: positions, RoPE rows, mask."""
+
+    cos: torch.Tensor                     # (T, hd)
+    sin: torch.Tensor                     # (T, hd)
+    input_pos: torch.Tensor               # (T,) absolute positions, increasing
+    cache: Optional[KVCache] = None
+    end: int = 0                          # cache prefix [0, end) visible to this call
+    mask: Optional[torch.Tensor] = None   # (T, end) bool, True = may attend
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        # (B, T, H*hd) -> (B, H, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, ctx.input_pos, k, v, ctx.end)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))   # (B, T, H*hd) -> (B, T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: shrink the residual-branch outputs so the stream's variance stays
+        # O(1) with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, self.config.initializer_range)
+
+    def reset_rope(self, device=None) -> None:
+        """Recompute the RoPE tables (after building on the meta device)."""
+        self.rope_cos, self.rope_sin = rope_tables(self.config, device)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    # -- the three calls decoders drive -------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) residual stream."""
+        return self.embed_tokens(input_ids)
+
+    def context(self, input_pos: torch.Tensor, cache: Optional[KVCache] = None,
+                batch_size: int = 1) -> AttnContext:
+        """Shared attention state for a call at absolute positions ``input_pos`` (T,)."""
+        ctx = AttnContext(self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, cache)
+        if cache is not None:
+            T = input_pos.shape[0]
+            ctx.end = int(input_pos[-1]) + 1
+            cache.check(ctx.end, batch_size)
+            if T > 1:
+                # Causal by absolute position; entries past the query (stale drafts) are masked.
+                keys = torch.arange(ctx.end, device=input_pos.device)
+                ctx.mask = keys[None, :] <= input_pos[:, None]          # (T, end)
+        return ctx
+
+    def run_layers(self, h: torch.Tensor, start: int, end: int, cache: Optional[KVCache] = None,
+                   input_pos: Optional[torch.Tensor] = None,
+                   ctx: Optional[AttnContext] = None) -> torch.Tensor:
+        """Run blocks [start, end) on h (B, T, d) at absolute positions ``input_pos`` (T,).
+
+        Without a cache the call is a plain causal pass over positions 0..T-1.
+        """
+        self.check_range(start, end)
+        if ctx is None:
+            if input_pos is None:
+                input_pos = torch.arange(h.shape[1], device=h.device)
+            ctx = self.context(input_pos, cache, h.shape[0])
+        for layer in self.layers[start:end]:
+            h = layer(h, ctx)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The shared exit head: (..., d) hidden states -> (..., V) logits."""
+        return self.lm_head(self.norm(h))
+
+    def check_range(self, start: int, end: int) -> None:
+        if not 0 <= start <= end <= self.num_layers:
+            raise LayerIndexError(f"layer range [{start}, {end}) is outside the model's "
+                                  f"blocks [0, {self.num_layers})")
+
+    # -- training ---------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, exit_layers: Optional[Sequence[int]] = None,
+                layer_drop: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """Logits (n_exits, B, T, V) of the exits at ``exit_layers`` (default: the last block).
+
+        ``layer_drop`` gives one drop probability per block; in training each row of the
+        batch skips block l with that probability (identity for that row, no rescaling),
+        and the block runs on the kept rows only, so dropping saves compute.
+        """
+        L = self.num_layers
+        exit_layers = sorted(set(exit_layers)) if exit_layers is not None else [L - 1]
+        for layer in exit_layers:
+            if not 0 <= layer < L:
+                raise LayerIndexError(f"exit layer {layer} is outside 0..{L - 1}")
+        if layer_drop is not None and len(layer_drop) != L:
+            raise ValueError(f"layer_drop has {len(layer_drop)} probabilities for {L} blocks")
+        h = self.embed(input_ids)
+        ctx = self.context(torch.arange(input_ids.shape[1], device=input_ids.device))
+        exits, wanted = [], set(exit_layers)
+        for i, layer in enumerate(self.layers[: exit_layers[-1] + 1]):
+            p = layer_drop[i] if (layer_drop is not None and self.training) else 0.0
+            if p <= 0.0:
+                h = layer(h, ctx)
+            else:
+                keep = (torch.rand(h.shape[0], device=h.device) >= p).nonzero().squeeze(1)
+                if keep.numel() == h.shape[0]:
+                    h = layer(h, ctx)
+                elif keep.numel() > 0:
+                    h = h.index_copy(0, keep, layer(h.index_select(0, keep), ctx))
+            if i in wanted:
+                exits.append(h)
+        # One head call over all exits: (n_exits, B, T, d) -> (n_exits, B, T, V).
+        return self.head(torch.stack(exits))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
