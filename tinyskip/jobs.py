@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .config import DataConfig, ModelConfig, TrainConfig
+from .config import ConfigError, DataConfig, ModelConfig, TrainConfig
 
 
 @dataclass
@@ -23,4 +23,27 @@ class TrainJob:
         return self.run or self.model.name
 
 
-SCHEMAS: dict[str, type] = {"train": TrainJob}
+@dataclass
+class EvaluateJob:
+    """``python -m tinyskip.evaluate run=NAME split=test [out=FILE.json]``."""
+
+    run: Optional[str] = None
+    checkpoint: Optional[str] = None          # an explicit checkpoint or run folder
+    checkpoint_root: str = "checkpoints"
+    split: str = "test"
+    out: Optional[str] = None
+    seq_len: Optional[int] = None             # None: the run's training seq_len
+    batch_size: int = 16
+    max_batches: int = 0                      # 0 = the whole split
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "validation", "test"):
+            raise ConfigError(f"split={self.split!r}: must be one of train, validation, test")
+        if self.run is None and self.checkpoint is None:
+            raise ConfigError("give run=<name> (a folder under checkpoint_root) or "
+                              "checkpoint=<path>")
+
+
+SCHEMAS: dict[str, type] = {"train": TrainJob, "evaluate": EvaluateJob}

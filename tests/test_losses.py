@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyskip.config import ConfigError, TrainConfig
+from tinyskip.losses import (cosine_lr, curriculum_exits, distillation_loss, early_exit_loss,
+                             exit_scales, exit_weights, layerdrop_probs)
+
+
+def test_loss_with_only_the_last_exit_is_plain_cross_entropy():
+    torch.manual_seed(0)
+    logits, y = torch.randn(1, 3, 7, 11), torch.randint(0, 11, (3, 7))
+    layers, w = exit_weights(TrainConfig(exit_scale="none"), 6, step=5)
+    assert layers == [5] and w.tolist() == [1.0]
+    total, per_exit = early_exit_loss(logits, y, w)
+    expected = F.cross_entropy(logits[0].reshape(-1, 11), y.reshape(-1))
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(per_exit[0], expected)
+
+
+def test_per_exit_losses_are_each_exits_cross_entropy():
+    logits, y = torch.randn(3, 2, 5, 13), torch.randint(0, 13, (2, 5))
+    w = torch.tensor([0.2, 0.3, 0.5])
+    total, per_exit = early_exit_loss(logits, y, w)
+    for i in range(3):
+        torch.testing.assert_close(per_exit[i], F.cross_entropy(logits[i].reshape(-1, 13), y.reshape(-1)))
+    torch.testing.assert_close(total, (per_exit * w).sum())
+
+
+@pytest.mark.parametrize("kind", ["uniform", "linear", "calm", "sum_l", "layerskip"])
+@pytest.mark.parametrize("curriculum", ["none", "rotational", "gradual"])
+def test_weights_sum_to_one_and_keep_the_last_layer(kind, curriculum):
+    cfg = TrainConfig(exit_scale=kind, e_scale=0.2, curriculum=curriculum, max_steps=120)
+    for step in range(0, 120, 7):
+        layers, w = exit_weights(cfg, 6, step)
+        assert layers[-1] == 5
+        assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-6)
+        assert (w > 0).all()
+
+
+def test_exit_scales_follow_their_formulas():
+    L, e = 5, 0.5
+    assert exit_scales("uniform", L, e) == [0.5, 0.5, 0.5, 0.5, 1.0]
+    assert exit_scales("linear", L, e) == [0.5, 1.0, 1.5, 2.0, 5.0]
+    assert exit_scales("calm", L, e) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert exit_scales("sum_l", L, e) == [0.0, 0.5, 1.5, 3.0, 10.0]
+    # The paper: e(l) = e_scale * sum_{i<=l} i; last = (L-1) + e_scale * sum_{i<=L-2} i.
+    assert exit_scales("layerskip", L, e) == [0.0, 0.5, 1.5, 3.0, 4 + 3.0]
+    assert exit_scales("none", L, e) == [0, 0, 0, 0, 1.0]
+
+
+def test_zero_weight_exits_are_not_computed():
+    layers, w = exit_weights(TrainConfig(exit_scale="layerskip", e_scale=0.2), 4, 0)
+    assert layers == [1, 2, 3]                 # block 0 has weight 0 in the paper's form
+    torch.testing.assert_close(w, torch.tensor([0.2, 0.6, 3.6]) / 4.4)
+
+
+def test_rotational_curriculum_enables_every_rth_layer_shifted_each_step():
+    cfg = TrainConfig(exit_scale="uniform", curriculum="rotational", curriculum_rotation=3)
+    assert curriculum_exits(cfg, 6, 0) == [0, 3, 5]
+    assert curriculum_exits(cfg, 6, 1) == [1, 4, 5]
+    assert curriculum_exits(cfg, 6, 2) == [2, 5]
+    assert curriculum_exits(cfg, 6, 3) == [0, 3, 5]
+
+
+def test_gradual_curriculum_adds_one_exit_every_T_over_2L_steps():
+    cfg = TrainConfig(exit_scale="uniform", curriculum="gradual", max_steps=120)  # every 10
+    assert curriculum_exits(cfg, 6, 0) == [5]
+    assert curriculum_exits(cfg, 6, 9) == [5]
+    assert curriculum_exits(cfg, 6, 10) == [4, 5]
+    assert curriculum_exits(cfg, 6, 35) == [2, 3, 4, 5]
+    assert curriculum_exits(cfg, 6, 60) == [0, 1, 2, 3, 4, 5]
+    assert curriculum_exits(cfg, 6, 119) == [0, 1, 2, 3, 4, 5]
+
+
+def test_no_curriculum_uses_every_exit():
+    assert curriculum_exits(TrainConfig(exit_scale="linear"), 4, 3) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("depth,expected", [
+    ("uniform", [1, 1, 1, 1, 1]),
+    ("linear", [0, 0.25, 0.5, 0.75, 1]),
+    ("exp", [2 ** (l / 4) - 1 for l in range(5)]),
+])
+def test_layerdrop_depth_shapes(depth, expected):
+    cfg = TrainConfig(layerdrop_p_max=0.2, layerdrop_depth=depth, layerdrop_time="constant")
+    assert layerdrop_probs(cfg, 5, step=3) == pytest.approx([0.2 * e for e in expected])
+
+
+def test_layerdrop_time_scale_exp_rises_from_zero_to_one():
+    cfg = TrainConfig(layerdrop_p_max=0.1, layerdrop_depth="uniform", layerdrop_time="exp",
+                      max_steps=101)
+    assert layerdrop_probs(cfg, 3, 0) == [0.0, 0.0, 0.0]
+    assert layerdrop_probs(cfg, 3, 50) == pytest.approx([0.1 * (2 ** 0.5 - 1)] * 3)
+    assert layerdrop_probs(cfg, 3, 100) == pytest.approx([0.1] * 3)
+    assert layerdrop_probs(TrainConfig(), 3, 50) == [0.0, 0.0, 0.0]
+
+
+def test_distillation_is_zero_when_exits_match_the_final_layer_and_positive_otherwise():
+    same = torch.randn(1, 2, 4, 9).expand(3, -1, -1, -1)
+    w = torch.tensor([0.25, 0.25, 0.5])
+    assert float(distillation_loss(same, w)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(torch.randn(3, 2, 4, 9), w)) > 0
+
+
+def test_cosine_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert cosine_lr(cfg, 0) == pytest.approx(0.1)
+    assert cosine_lr(cfg, 9) == pytest.approx(1.0)
+    assert cosine_lr(cfg, 60) == pytest.approx(0.55)
+    assert cosine_lr(cfg, 110) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("field,value", [("curriculum", "random"), ("exit_scale", "cubic"),
+                                         ("layerdrop_depth", "log"), ("layerdrop_time", "lin")])
+def test_unknown_schedules_are_refused_with_the_field_name(field, value):
+    with pytest.raises(ConfigError, match=f"TrainConfig.{field}='{value}': must be one of"):
+        TrainConfig(**{field: value})

@@ -1,0 +1,46 @@
+"""``python -m tinyskip.evaluate run=NAME split=test [out=FILE.json]``: per-exit perplexity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import load_model, resolve_checkpoint, write_json_atomic
+from .cli import entry_point
+from .data import prepare_corpus
+from .jobs import EvaluateJob
+from .perplexity import exit_perplexities
+from .trainer import pick_device
+
+
+def evaluate(job: EvaluateJob) -> dict:
+    ckpt = resolve_checkpoint(job.checkpoint or Path(job.checkpoint_root) / job.run)
+    device = pick_device(job.device)
+    model, _ = load_model(ckpt, device)
+    seq_len = job.seq_len
+    if seq_len is None:
+        saved_job = ckpt.parent / "job.json"
+        seq_len = (json.loads(saved_job.read_text())["train"]["seq_len"] if saved_job.is_file()
+                   else model.config.max_position_embeddings)
+    corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
+    ev = exit_perplexities(model, corpus.tokens[job.split], corpus.words[job.split], seq_len,
+                           job.batch_size, job.max_batches, progress=True)
+    return {"checkpoint": str(ckpt), "split": job.split, "seq_len": seq_len,
+            "words": corpus.words[job.split], "tokens": ev["tokens"],
+            "loss": ev["loss"], "word_ppl": ev["word_ppl"]}
+
+
+@entry_point("evaluate")
+def main(job: EvaluateJob) -> None:
+    result = evaluate(job)
+    print(f"{result['checkpoint']} on {result['split']} ({result['tokens']} tokens, "
+          f"{result['words']} words, windows of {result['seq_len']})")
+    print(f"{'exit':>4} {'loss/token':>10} {'word ppl':>10}")
+    for layer, (loss, ppl) in enumerate(zip(result["loss"], result["word_ppl"])):
+        print(f"{layer:>4} {loss:>10.4f} {ppl:>10.2f}")
+    if job.out:
+        write_json_atomic(Path(job.out).resolve(), result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""LayerDrop schedules, early-exit loss weights and curricula, distillation.
+
+Formulas follow ``early-exit-notes.md`` section 1 (LayerSkip, CALM). Blocks are numbered
+0..L-1 and exit l is the output of block l.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, TrainConfig
+
+
+def layerdrop_probs(cfg: TrainConfig, num_layers: int, step: int) -> list[float]:
+    """p_l = S(t) * D(l) * p_max for every block at training step ``step``."""
+    if cfg.layerdrop_p_max == 0.0:
+        return [0.0] * num_layers
+    L, T = num_layers, cfg.max_steps
+    if cfg.layerdrop_time == "constant":
+        s = 1.0
+    else:  # "exp": 0 at the first step, 1 at the last (for training from scratch)
+        s = 2.0 ** (step / max(T - 1, 1)) - 1.0
+    out = []
+    for layer in range(L):
+        frac = layer / max(L - 1, 1)
+        d = {"uniform": 1.0, "linear": frac, "exp": 2.0 ** frac - 1.0}[cfg.layerdrop_depth]
+        out.append(s * d * cfg.layerdrop_p_max)
+    return out
+
+
+def exit_scales(kind: str, num_layers: int, e_scale: float) -> list[float]:
+    """Unnormalised per-exit weights e(l) for l in 0..L-1 (``none``: last exit only)."""
+    L = num_layers
+    cumulative = [l * (l + 1) / 2 for l in range(L)]            # sum_{i<=l} i
+    if kind == "none":
+        return [0.0] * (L - 1) + [1.0]
+    if kind == "calm":                                          # CALM's ramp, no e_scale
+        return [float(l + 1) for l in range(L)]
+    if kind == "layerskip":
+        # The paper's form: e(l) = e_scale * sum_{i<=l} i, and the last layer also gets L-1.
+        return [e_scale * c for c in cumulative[:-1]] + [(L - 1) + e_scale * cumulative[-2]
+                                                         if L > 1 else 1.0]
+    base = {"uniform": [1.0] * L, "linear": [float(l + 1) for l in range(L)],
+            "sum_l": cumulative}.get(kind)
+    if base is None:
+        raise ConfigError(f"exit_scale={kind!r}: must be one of none, uniform, linear, calm, "
+                          "sum_l, layerskip")
+    return [e_scale * w for w in base[:-1]] + [base[-1] or 1.0]
+
+
+def curriculum_exits(cfg: TrainConfig, num_layers: int, step: int) -> list[int]:
+    """Exits C(t, l) switched on at ``step``; the last layer is always on."""
+    L = num_layers
+    if cfg.exit_scale == "none" or cfg.curriculum == "none":
+        active = range(L) if cfg.exit_scale != "none" else []
+    elif cfg.curriculum == "rotational":
+        # Every R-th layer, the pattern shifted by one each step: ceil(L/R) exits per step.
+        R = cfg.curriculum_rotation
+        active = [l for l in range(L) if (l - step) % R == 0]
+    elif cfg.curriculum == "gradual":
+        # From the last layer down: one more exit every T / (2L) steps.
+        every = max(cfg.max_steps / (2 * L), 1e-9)
+        n = min(L, 1 + int(step // every))
+        active = range(L - n, L)
+    else:
+        raise ConfigError(f"curriculum={cfg.curriculum!r}: must be one of none, rotational, "
+                          "gradual")
+    return sorted(set(active) | {L - 1})
+
+
+def exit_weights(cfg: TrainConfig, num_layers: int, step: int) -> tuple[list[int], torch.Tensor]:
+    """Active exits and their normalised weights e~(t, l) (zero-weight exits are left out)."""
+    scales = exit_scales(cfg.exit_scale, num_layers, cfg.e_scale)
+    layers = [l for l in curriculum_exits(cfg, num_layers, step) if scales[l] > 0]
+    w = torch.tensor([scales[l] for l in layers])
+    return layers, w / w.sum()
+
+
+def early_exit_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted CE over exits: logits (n, B, T, V), targets (B, T), weights (n,).
+
+    Returns (weighted total, per-exit mean CE (n,)). One CE call covers every exit.
+    """
+    n, B, T, V = logits.shape
+    ce = F.cross_entropy(logits.reshape(n * B * T, V).float(),
+                         targets.reshape(1, B * T).expand(n, -1).reshape(-1),
+                         reduction="none")
+    per_exit = ce.view(n, B * T).mean(dim=1)
+    return (per_exit * weights.to(per_exit.device)).sum(), per_exit
+
+
+def distillation_loss(logits: torch.Tensor, weights: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Weighted KL(p_final || p_exit) of every exit but the last (the last is the teacher).
+
+    logits (n, B, T, V) with the final layer last; the teacher is detached; the usual T^2
+    factor keeps gradient magnitudes independent of the temperature.
+    """
+    if logits.shape[0] < 2:
+        return logits.new_zeros(())
+    t = temperature
+    teacher = F.log_softmax(logits[-1].detach().float() / t, dim=-1)        # (B, T, V)
+    student = F.log_softmax(logits[:-1].float() / t, dim=-1)               # (n-1, B, T, V)
+    kl = (teacher.exp() * (teacher - student)).sum(-1).mean(dim=(1, 2))    # (n-1,)
+    w = weights[:-1].to(kl.device)
+    return (kl * w).sum() / w.sum().clamp_min(1e-12) * t * t
+
+
+def cosine_lr(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+    cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)

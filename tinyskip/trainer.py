@@ -1,0 +1,202 @@
+"""The training loop: LayerDrop, early-exit losses, evaluation, checkpoints, DDP.
+
+Data order and LayerDrop draws are functions of (seed, step, rank), so a resumed run
+replays exactly what the uninterrupted run would have done, with no RNG state to save.
+Data-parallel runs (``torchrun``) split each global batch of ``train.batch_size`` rows
+between the ranks, so the loss curve matches one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import (CHECKPOINT, CheckpointError, load_model, load_model_config,
+                         load_train_state, resolve_checkpoint, save_checkpoint, write_json_atomic)
+from .config import ConfigError, TrainConfig
+from .data import get_batch, prepare_corpus
+from .jobs import TrainJob
+from .losses import cosine_lr, distillation_loss, early_exit_loss, exit_weights, layerdrop_probs
+from .model import Transformer
+from .perplexity import autocast, exit_perplexities
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)      # train loss of every step run
+    last_eval: dict = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but CUDA is not available (use auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    # Weight decay on matrices only (not on norms), as in nanoGPT.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+
+
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop evaluations after ``step`` (they will be redone by the resumed run)."""
+    if path.exists():
+        keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in keep))
+
+
+def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
+    """Model, optimizer state and start step: fresh, or resumed from the run's checkpoint."""
+    tc = job.train
+    if tc.resume:
+        ckpt = resolve_checkpoint(run_dir)
+        corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
+        saved = load_model_config(ckpt)
+        wanted = dataclasses.replace(job.model, vocab_size=saved.vocab_size,
+                                     bos_token_id=saved.bos_token_id,
+                                     eos_token_id=saved.eos_token_id)
+        if wanted != saved:
+            diff = [f.name for f in dataclasses.fields(saved)
+                    if getattr(saved, f.name) != getattr(wanted, f.name)]
+            raise CheckpointError(f"train.resume=true with a model config that differs from "
+                                  f"the checkpoint in {run_dir} (fields {diff})")
+        model, _ = load_model(ckpt)
+        state = load_train_state(ckpt)
+        return model, corpus, state
+    if (run_dir / CHECKPOINT).exists() and not tc.overwrite:
+        raise CheckpointError(f"run folder {run_dir} already holds a checkpoint: pass "
+                              "train.resume=true to continue it, train.overwrite=true to "
+                              "start over, or another run=<name>")
+    corpus = prepare_corpus(job.data)
+    cfg = dataclasses.replace(job.model, vocab_size=corpus.vocab_size,
+                              bos_token_id=corpus.bos_id, eos_token_id=corpus.eos_id)
+    torch.manual_seed(tc.seed)          # the same initial weights on every rank
+    if rank == 0 and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+    return Transformer(cfg), corpus, None
+
+
+def train(job: TrainJob, progress: bool = True) -> TrainResult:
+    tc = job.train
+    rank, world = _init_distributed()
+    if tc.batch_size % world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                          f"{world} data-parallel processes")
+    device = pick_device(tc.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    run_dir = Path(job.checkpoint_root) / job.run_name
+    model, corpus, state = _prepare_run(job, run_dir, rank)
+    model.to(device).train()
+    L = model.num_layers
+    optimizer = make_optimizer(model, tc)
+    start = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    metrics_path = run_dir / "metrics.jsonl"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
+        _truncate_metrics(metrics_path, start)
+    step_model = model
+    if world > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=tc.layerdrop_p_max > 0)
+    if tc.compile:
+        step_model = torch.compile(step_model, dynamic=True)
+
+    result = TrainResult(run_dir, start)
+    rows = slice(rank, None, world)
+    seen_tokens = state["tokens_seen"] if state else 0
+    train_time, train_tokens, window_losses = 0.0, 0, []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.max_steps, initial=start, desc=f"train {job.run_name}",
+                   dynamic_ncols=True)
+    for step in range(start, tc.max_steps):
+        t0 = time.perf_counter()
+        lr = cosine_lr(tc, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        layers, weights = exit_weights(tc, L, step)
+        # LayerDrop draws depend only on (seed, step, rank): resumable without RNG state.
+        torch.manual_seed(tc.seed * 7919 + step * 131 + rank)
+        x, y = get_batch(corpus.tokens["train"], tc.batch_size, tc.seq_len, tc.seed, step, rows)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, tc.bf16):
+            logits = step_model(x, layers, layerdrop_probs(tc, L, step))
+            loss, per_exit = early_exit_loss(logits, y, weights)
+            if tc.distill_weight > 0:
+                loss = loss + tc.distill_weight * distillation_loss(logits, weights,
+                                                                    tc.distill_temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        loss_value = loss.item()
+        train_time += time.perf_counter() - t0
+        train_tokens += x.numel() * world
+        seen_tokens += x.numel() * world
+        result.losses.append(loss_value)
+        window_losses.append(per_exit[-1].item())
+        result.step = step + 1
+        if bar is not None:
+            bar.update(1)
+            if step % tc.log_every == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{train_tokens / train_time:.0f}")
+        last = step + 1 == tc.max_steps
+        if (step + 1) % tc.eval_every == 0 or last:
+            # Rank means of equal-sized shards average to the global batch's mean.
+            window = torch.tensor(sum(window_losses) / len(window_losses), dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(window)
+                window /= world
+            if rank == 0:
+                ev = exit_perplexities(model, corpus.tokens["validation"], corpus.words["validation"],
+                                       tc.seq_len, tc.batch_size, tc.eval_batches, tc.bf16)
+                result.last_eval = {
+                    "step": step + 1, "tokens": seen_tokens, "lr": lr,
+                    "train_loss": window.item(),
+                    "tokens_per_s": train_tokens / train_time,
+                    "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"]}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(result.last_eval) + "\n")
+                if bar is not None:
+                    bar.write(f"step {step + 1}: val loss by exit "
+                              + " ".join(f"{v:.2f}" for v in ev["loss"])
+                              + f" | word ppl (last) {ev['word_ppl'][-1]:.1f}")
+            window_losses = []
+            model.train()
+        if ((step + 1) % tc.save_every == 0 or last) and rank == 0:
+            save_checkpoint(run_dir, model, corpus.tokenizer_file,
+                            {"step": step + 1, "tokens_seen": seen_tokens,
+                             "optimizer": optimizer.state_dict()})
+        if world > 1 and ((step + 1) % tc.eval_every == 0 or last):
+            dist.barrier()
+    if bar is not None:
+        bar.close()
+    return result
