@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyskip.config import ConfigError, TrainConfig
-from tinyskip.losses import (cosine_lr, curriculum_exits, distillation_loss, early_exit_loss,
+from tinyskip.losses import (ChunkedCrossEntropy, cosine_lr, curriculum_exits, distillation_loss, early_exit_loss,
                              exit_scales, exit_weights, layerdrop_probs)
 
 
@@ -118,3 +118,20 @@ def test_cosine_schedule():
 def test_unknown_schedules_are_refused_with_the_field_name(field, value):
     with pytest.raises(ConfigError, match=f"TrainConfig.{field}='{value}': must be one of"):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_torch_in_value_and_gradient(dtype):
+    torch.manual_seed(1)
+    logits = (torch.randn(300, 50) * 3).to(dtype)          # 300 rows: chunks and a tail
+    y = torch.randint(0, 50, (300,))
+    g = torch.rand(300)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    nll = ChunkedCrossEntropy.apply(a, y)
+    ref = F.cross_entropy(b.float(), y, reduction="none")
+    torch.testing.assert_close(nll, ref)
+    (nll * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    assert torch.equal(a.detach(), logits)                # inputs are not modified

