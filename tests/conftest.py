@@ -51,3 +51,21 @@ def tiny_train_overrides(wikitext_path: str, data_cache: str, root, run: str, **
              "model.intermediate_size=64", "model.max_position_embeddings=128",
              f"checkpoint_root={root}", f"run={run}"]
             + [f"train.{k}={v}" for k, v in base.items()])
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(wikitext_path, data_cache, tmp_path_factory):
+    """A tiny layerskip-trained checkpoint (seconds of training): (model, corpus, run dir)."""
+    from tinyskip.checkpoint import load_model
+    from tinyskip.cli import compose_job
+    from tinyskip.data import prepare_corpus
+    from tinyskip.trainer import train
+
+    root = tmp_path_factory.mktemp("trained")
+    job = compose_job("train", tiny_train_overrides(wikitext_path, data_cache, root, "tiny",
+                                                    max_steps=150, eval_every=150)
+                      + ["train=layerskip"])
+    train(job, progress=False)
+    model, ckpt = load_model(root / "tiny")
+    corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
+    return model, corpus, root / "tiny"

@@ -13,7 +13,9 @@ GROUP_OPTIONS = [(group.name, option.stem) for group in sorted(CONF_DIR.iterdir(
 
 
 # Values an entry point needs before it composes (there is no sensible default).
-REQUIRED = {"evaluate": ["run=some-run"]}
+REQUIRED = {"evaluate": ["run=some-run"], "bench": ["run=some-run"],
+            "export": ["run=some-run", "out=somewhere"],
+            "infer": ["run=some-run", "prompt=hello"]}
 
 
 def compose(entry, overrides=()):
@@ -37,7 +39,8 @@ def test_every_group_option_composes_with_every_primary(entry, group, option):
         pytest.skip(f"{entry} has no {group} group")
     if group == "experiment" and entry != "train":
         pytest.skip("experiments overlay the training config")
-    compose(entry, [f"{group}={option}"])
+    extra = ["model.path=some/folder", "run=null"] if option == "hf_llama" else []
+    compose(entry, [f"{group}={option}"] + extra)
 
 
 def test_model_presets_load_as_typed_dataclasses():

@@ -81,6 +81,9 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     initializer_range: float = 0.02
+    # A Hugging Face Llama folder or Hub id: its config.json and weights replace the
+    # fields above (``model=hf_llama model.path=...``).
+    path: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):

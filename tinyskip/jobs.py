@@ -6,6 +6,17 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from .modes import MODES
+
+
+def check_source(job) -> None:
+    """A decoding job loads a checkpoint (run= / checkpoint=) or a Hugging Face model."""
+    hf = getattr(job, "model", None) is not None and job.model.path
+    if hf and (job.run or job.checkpoint):
+        raise ConfigError("give either run=/checkpoint= or model=hf_llama model.path=..., not both")
+    if not hf and job.run is None and job.checkpoint is None:
+        raise ConfigError("give run=<name> (a folder under checkpoint_root), checkpoint=<path>, "
+                          "or model=hf_llama model.path=<folder or Hub id>")
 
 
 @dataclass
@@ -46,4 +57,95 @@ class EvaluateJob:
                               "checkpoint=<path>")
 
 
-SCHEMAS: dict[str, type] = {"train": TrainJob, "evaluate": EvaluateJob}
+@dataclass
+class InferJob:
+    """``python -m tinyskip.infer mode=full|static|ssd run=NAME prompt="..."``."""
+
+    mode: str = "full"
+    run: Optional[str] = None
+    checkpoint: Optional[str] = None          # an explicit checkpoint or run folder
+    checkpoint_root: str = "checkpoints"
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None        # one prompt per line
+    max_new_tokens: int = 64
+    temperature: float = 0.0                  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    exit_layer: Optional[int] = None          # mode=static: blocks to run (1..L)
+    draft_layer: Optional[int] = None         # mode=ssd: E, blocks the draft runs (1..L)
+    k: int = 4                                # mode=ssd: drafts per round
+    adaptive_threshold: float = 0.0           # mode=ssd: stop drafting below this confidence
+    draft_vocab: int = 0                      # mode=ssd: N most frequent tokens (needs data)
+    stop_at_eos: bool = True
+    out: Optional[str] = None                 # JSON with ids, text and statistics per prompt
+    device: str = "auto"
+    dtype: str = "float32"
+    model: Optional[ModelConfig] = None       # model=hf_llama model.path=...
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}: must be one of {', '.join(MODES)}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.mode == "static" and self.exit_layer is None:
+            raise ConfigError("mode=static needs exit_layer=<1..L>")
+        if self.mode == "ssd" and self.draft_layer is None:
+            raise ConfigError("mode=ssd needs draft_layer=<1..L> (and k=<drafts per round>)")
+        if (self.prompt is None) == (self.prompts_file is None):
+            raise ConfigError('give exactly one of prompt="..." or prompts_file=<file>')
+        check_source(self)
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}: must be one of float32, bfloat16, float16")
+
+
+@dataclass
+class BenchJob:
+    """``python -m tinyskip.bench run=NAME``: decoding modes side by side (see bench.py)."""
+
+    run: Optional[str] = None
+    checkpoint: Optional[str] = None
+    checkpoint_root: str = "checkpoints"
+    n_prompts: int = 8
+    prompt_len: int = 64
+    max_new_tokens: int = 64
+    static_layers: list[int] = field(default_factory=lambda: [3])
+    ssd_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+    ssd_k: list[int] = field(default_factory=lambda: [2, 4, 6])
+    draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
+    adaptive_threshold: float = 0.0           # > 0: also every ssd row with adaptive drafting
+    threads: int = 0                          # 0 = torch's default
+    device: str = "auto"
+    dtype: str = "float32"
+    out: Optional[str] = None
+    model: Optional[ModelConfig] = None       # model=hf_llama model.path=...
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        check_source(self)
+        for name in ("n_prompts", "prompt_len", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+
+
+@dataclass
+class ExportJob:
+    """``python -m tinyskip.export run=NAME out=FOLDER``: a Hugging Face Llama folder."""
+
+    out: str = "???"
+    run: Optional[str] = None
+    checkpoint: Optional[str] = None
+    checkpoint_root: str = "checkpoints"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.run is None and self.checkpoint is None:
+            raise ConfigError("give run=<name> (a folder under checkpoint_root) or "
+                              "checkpoint=<path>")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}: must be one of float32, bfloat16, float16")
+
+
+SCHEMAS: dict[str, type] = {"export": ExportJob, "train": TrainJob, "evaluate": EvaluateJob, "infer": InferJob,
+                            "bench": BenchJob}

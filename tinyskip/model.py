@@ -177,12 +177,15 @@ class Transformer(nn.Module):
         return self.embed_tokens(input_ids)
 
     def context(self, input_pos: torch.Tensor, cache: Optional[KVCache] = None,
-                batch_size: int = 1) -> AttnContext:
-        """Shared attention state for a call at absolute positions ``input_pos`` (T,)."""
+                batch_size: int = 1, end: Optional[int] = None) -> AttnContext:
+        """Shared attention state for a call at absolute positions ``input_pos`` (T,).
+
+        ``end`` (last position + 1) saves reading it from the device when the caller knows it.
+        """
         ctx = AttnContext(self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, cache)
         if cache is not None:
             T = input_pos.shape[0]
-            ctx.end = int(input_pos[-1]) + 1
+            ctx.end = int(input_pos[-1]) + 1 if end is None else end
             cache.check(ctx.end, batch_size)
             if T > 1:
                 # Causal by absolute position; entries past the query (stale drafts) are masked.
@@ -192,18 +195,18 @@ class Transformer(nn.Module):
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: Optional[KVCache] = None,
                    input_pos: Optional[torch.Tensor] = None,
-                   ctx: Optional[AttnContext] = None) -> torch.Tensor:
+                   pos_end: Optional[int] = None) -> torch.Tensor:
         """Run blocks [start, end) on h (B, T, d) at absolute positions ``input_pos`` (T,).
 
-        Without a cache the call is a plain causal pass over positions 0..T-1.
+        Without a cache the call is a plain causal pass over positions 0..T-1. ``pos_end``
+        (the last position + 1) may be given to spare a device sync.
         """
         self.check_range(start, end)
-        if ctx is None:
-            if input_pos is None:
-                input_pos = torch.arange(h.shape[1], device=h.device)
-            ctx = self.context(input_pos, cache, h.shape[0])
-        for layer in self.layers[start:end]:
-            h = layer(h, ctx)
+        if input_pos is None:
+            input_pos = torch.arange(h.shape[1], device=h.device)
+        ctx = self.context(input_pos, cache, h.shape[0], pos_end)
+        for i in range(start, end):       # (slicing a ModuleList builds a new one: slow)
+            h = self.layers[i](h, ctx)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

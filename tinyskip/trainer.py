@@ -99,6 +99,9 @@ def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
 
 def train(job: TrainJob, progress: bool = True) -> TrainResult:
     tc = job.train
+    if job.model.path:
+        raise ConfigError("training from Hugging Face weights (model.path) is not supported "
+                          "yet: train a tinyskip model, or decode the Llama with tinyskip.infer")
     rank, world = _init_distributed()
     if tc.batch_size % world:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "

@@ -1,0 +1,86 @@
+"""Speculative sampling must leave the full model's output distribution unchanged."""
+
+import math
+
+import pytest
+import torch
+
+from tinyskip.generate import SamplingConfig, generate, logits_to_probs
+from tinyskip.model import Transformer
+from tinyskip.ssd import SSDConfig, ssd_generate
+
+from conftest import tiny_config
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of chi-square with df degrees of freedom (Wilson-Hilferty)."""
+    a = 2.0 / (9 * df)
+    return df * (1 - a + z * math.sqrt(a)) ** 3
+
+
+def chi2_statistic(samples: list[int], expected: torch.Tensor) -> tuple[float, int]:
+    """Pearson chi-square of samples against expected probabilities, pooling bins under 5."""
+    n = len(samples)
+    counts = torch.bincount(torch.tensor(samples), minlength=expected.numel()).double()
+    exp = expected.double() * n
+    big = exp >= 5
+    obs_b = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp_b = torch.cat([exp[big], exp[~big].sum()[None]])
+    keep = exp_b > 0
+    stat = float(((obs_b[keep] - exp_b[keep]) ** 2 / exp_b[keep]).sum())
+    return stat, int(keep.sum()) - 1
+
+
+@torch.no_grad()
+def exact_two_token_marginals(model, prompt, s: SamplingConfig):
+    """Distribution of the 1st and of the 2nd generated token under full sampling."""
+    p1 = logits_to_probs(model(prompt)[0][0, -1], s)                          # (V,)
+    V = p1.numel()
+    seqs = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], dim=1)  # every 1st token
+    p2_given = logits_to_probs(model(seqs)[0][:, -1], s)                       # (V, V)
+    return p1, p1 @ p2_given
+
+
+@pytest.fixture(scope="module")
+def peaked_model():
+    """A random tiny model with large weights: peaked next-token distributions whose early
+    exits differ strongly from the last (TV about 0.5 at exit 0), so drafts are often
+    rejected and a wrong acceptance rule would show."""
+    torch.manual_seed(0)
+    return Transformer(tiny_config(vocab_size=50, initializer_range=0.2)).eval()
+
+
+@pytest.mark.parametrize("sampling,draft_layer", [
+    (SamplingConfig(temperature=1.0), 1),
+    (SamplingConfig(temperature=0.8, top_k=20, top_p=0.9), 2),
+])
+def test_ssd_sampling_matches_the_full_models_distribution(peaked_model, sampling, draft_layer):
+    model = peaked_model
+    prompt = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(1))
+    p1, p2 = exact_two_token_marginals(model, prompt, sampling)
+    n = 1000
+
+    def samples(decode):
+        firsts, seconds = [], []
+        for seed in range(n):
+            toks = decode(torch.Generator().manual_seed(seed)).tokens[0]
+            firsts.append(toks[0])
+            seconds.append(toks[1])
+        return firsts, seconds
+
+    cfg = SSDConfig(draft_layer, 3)
+    ssd = samples(lambda g: ssd_generate(model, prompt, 2, cfg, sampling, generator=g))
+    for got, expected in zip(ssd, (p1, p2)):
+        stat, df = chi2_statistic(got, expected)
+        assert stat < chi2_critical(df), (stat, df)
+    # The test has power: sampling from the draft alone (what accepting every draft
+    # would give) is told apart from the full model.
+    draft = samples(lambda g: generate(model, prompt, 2, draft_layer, sampling, generator=g))
+    stat, df = chi2_statistic(draft[1], p2)
+    assert stat > chi2_critical(df), (stat, df)
+
+
+def test_chi2_helpers():
+    expected = torch.tensor([0.5, 0.3, 0.2])
+    assert chi2_statistic([0] * 50 + [1] * 30 + [2] * 20, expected)[0] == pytest.approx(0.0)
+    assert chi2_critical(10) == pytest.approx(29.59, rel=0.01)

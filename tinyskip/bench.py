@@ -1,0 +1,179 @@
+"""``python -m tinyskip.bench run=NAME``: decoding modes side by side, one process, same prompts.
+
+Prints per mode: tokens/s, speedup over ``full`` measured in the same run, layer and
+head evaluations per token, acceptance, token agreement with full greedy decoding, and
+the efficiency = measured speedup / speedup predicted from the counted evaluations,
+with the cost of one block and of the head on one token measured in the same run.
+Modes run interleaved prompt by prompt, so drift in machine speed hits all alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .cache import KVCache
+from .checkpoint import write_json_atomic
+from .cli import entry_point
+from .data import load_lines
+from .infer import draft_vocabulary
+from .jobs import BenchJob
+from .loading import load_source
+from .model import Transformer
+from .modes import ModeSpec, decode
+from .ssd import SSDConfig
+from .trainer import pick_device
+
+
+@torch.no_grad()
+def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) -> dict:
+    """Median seconds of one block call and one head call on 1..max_width positions, and
+    of a whole one-token full step (embed + L blocks + head + argmax)."""
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    L = model.num_layers
+    cache = KVCache(model.config, 1, pos + max_width, dev, dtype)
+    x = torch.zeros(1, 1, dtype=torch.long, device=dev)
+
+    def timed(fn) -> float:
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    costs = {}
+    for w in range(1, max_width + 1):
+        h = model.embed(torch.zeros(1, w, dtype=torch.long, device=dev))
+        p = torch.arange(pos, pos + w, device=dev)
+        ctx = model.context(p, cache, 1, pos + w)
+        # The block alone: context set-up, embedding and Python around it are overhead.
+        costs[f"layer:{w}"] = timed(lambda: model.layers[0](h, ctx))
+        costs[f"head:{w}"] = timed(lambda: model.head(h))
+    p = torch.tensor([pos], device=dev)
+    step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, p, pos + 1)
+                                    [:, -1]).argmax(-1))
+    costs["step"] = step
+    costs["overhead"] = (step - L * costs["layer:1"] - costs["head:1"]) / step
+    return costs
+
+
+def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
+    specs = [ModeSpec("full")]
+    specs += [ModeSpec("static", exit_layer=e) for e in job.static_layers if 1 <= e <= L]
+    for e in job.ssd_layers:
+        for k in job.ssd_k:
+            specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k)))
+            if job.draft_vocab:
+                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, draft_vocab=job.draft_vocab)))
+            if job.adaptive_threshold:
+                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, job.adaptive_threshold)))
+    for s in specs:
+        if s.ssd is not None:
+            s.ssd.validate(L)
+    return specs
+
+
+def test_prompts(job: BenchJob, tokenizer, device) -> list[torch.Tensor]:
+    """``n_prompts`` windows of ``prompt_len`` tokens spread over the test split."""
+    text = " ".join(line.strip() for line in load_lines(job.data)[0]["test"] if line.strip())
+    ids = tokenizer.encode(text)
+    stride = (len(ids) - job.prompt_len) // job.n_prompts
+    return [torch.tensor([ids[i * stride:i * stride + job.prompt_len]], device=device)
+            for i in range(job.n_prompts)]
+
+
+def benchmark(job: BenchJob) -> dict:
+    device = pick_device(job.device)
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype)
+    model = loaded.model
+    prompts = test_prompts(job, loaded.tokenizer, device)
+    L = model.num_layers
+    specs = bench_specs(job, L)
+    vocab_spec = next((s for s in specs if s.ssd is not None and s.ssd.draft_vocab), None)
+    draft_ids = draft_vocabulary(loaded, vocab_spec, job.data) if vocab_spec else None
+    run = lambda spec, prompt: decode(model, prompt, job.max_new_tokens, spec, draft_ids=(
+        draft_ids if spec.ssd is not None and spec.ssd.draft_vocab else None))
+    for spec in specs:                                    # warm-up
+        run(spec, prompts[0])
+    totals = {s.label: {"tokens": 0, "time": 0.0, "layers": 0, "heads": 0.0, "drafted": 0,
+                        "accepted": 0, "agree": 0, "prefill_s": 0.0, "calls": {}}
+              for s in specs}
+    for prompt in prompts:
+        reference = None
+        for spec in specs:
+            g = run(spec, prompt)
+            t, st = totals[spec.label], g.stats
+            if spec.mode == "full":
+                reference = g.tokens[0]
+            t["tokens"] += st.new_tokens
+            t["time"] += st.decode_s
+            t["prefill_s"] += st.prefill_s
+            for key, count in st.calls.items():
+                t["calls"][key] = t["calls"].get(key, 0) + count
+            t["layers"] += st.layer_evals
+            t["heads"] += st.head_evals
+            t["drafted"] += st.drafted
+            t["accepted"] += st.accepted
+            t["agree"] += sum(a == b for a, b in zip(g.tokens[0], reference))
+    costs = unit_costs(model, job.prompt_len + job.max_new_tokens // 2, max(job.ssd_k) + 1)
+    rows = []
+    for spec in specs:
+        t = totals[spec.label]
+        n = t["tokens"]
+        # Predicted seconds per token: every counted call at its measured unit cost.
+        cost = sum(count * costs[key] for key, count in t["calls"].items()) / n
+        rows.append({"mode": spec.label, "tokens_per_s": n / t["time"],
+                     "layers_per_token": t["layers"] / n, "heads_per_token": t["heads"] / n,
+                     "acceptance": t["accepted"] / t["drafted"] if t["drafted"] else None,
+                     "agreement": t["agree"] / n, "cost_s": cost,
+                     "prefill_ms": t["prefill_s"] / len(prompts) * 1e3})
+    full = rows[0]
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
+        r["predicted"] = full["cost_s"] / r["cost_s"]
+        r["efficiency"] = r["speedup"] / r["predicted"]
+    return {"checkpoint": loaded.source, "device": str(device), "threads": torch.get_num_threads(),
+            "prompts": len(prompts), "prompt_len": job.prompt_len,
+            "max_new_tokens": job.max_new_tokens, "costs": costs, "rows": rows}
+
+
+def format_table(res: dict) -> str:
+    c = res["costs"]
+    head = (f"{res['checkpoint']}: {res['prompts']} prompts of {res['prompt_len']} tokens from the "
+            f"test split, {res['max_new_tokens']} new tokens, greedy, {res['device']}, "
+            f"{res['threads']} threads\n"
+            f"one block {c['layer:1'] * 1e6:.0f} us, head {c['head:1'] * 1e6:.0f} us, full step "
+            f"{c['step'] * 1e6:.0f} us: overhead outside blocks and head "
+            f"{c['overhead'] * 100:.1f}% of a full step\n")
+    cols = f"{'mode':<24}{'tok/s':>8}{'speedup':>9}{'layers/t':>9}{'heads/t':>8}" \
+           f"{'accept':>8}{'agree':>7}{'predicted':>10}{'effic.':>8}"
+    lines = [head + cols, "-" * len(cols)]
+    for r in res["rows"]:
+        acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
+        lines.append(f"{r['mode']:<24}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
+                     f"{r['layers_per_token']:>9.2f}{r['heads_per_token']:>8.2f}{acc:>8}"
+                     f"{r['agreement']:>7.2f}{r['predicted']:>9.2f}x{r['efficiency']:>8.2f}")
+    return "\n".join(lines)
+
+
+@entry_point("bench")
+def main(job: BenchJob) -> None:
+    res = benchmark(job)
+    print(format_table(res))
+    if job.out:
+        write_json_atomic(Path(job.out).resolve(), res)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""``python -m tinyskip.export run=NAME out=FOLDER``: a tinyskip checkpoint as a Hugging Face
+Llama folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import load_model, resolve_checkpoint
+from .cli import entry_point
+from .hf_llama import export_hf
+from .loading import DTYPES
+from .jobs import ExportJob
+
+
+def export_run(path: Path | str, out: Path | str, dtype: str = "float32") -> Path:
+    ckpt = resolve_checkpoint(path)
+    model, _ = load_model(ckpt)
+    return export_hf(model, ckpt / "tokenizer.model", Path(out), DTYPES[dtype])
+
+
+@entry_point("export")
+def main(job: ExportJob) -> None:
+    out = export_run(job.checkpoint or Path(job.checkpoint_root) / job.run, job.out, job.dtype)
+    print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+if __name__ == "__main__":
+    main()
