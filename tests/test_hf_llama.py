@@ -66,7 +66,7 @@ def test_cached_decoding_and_exits_work_on_an_imported_model(tmp_path):
     ids = torch.randint(0, 120, (1, 12))
     cache = KVCache(model.config)
     steps = [model.head(model.run_layers(model.embed(ids[:, t:t + 1]), 0, 2, cache,
-                                         torch.tensor([t]))) for t in range(12)]
+                                         t)) for t in range(12)]
     torch.testing.assert_close(torch.cat(steps, 1), model(ids, exit_layers=[1])[0],
                                atol=1e-5, rtol=1e-5)
 

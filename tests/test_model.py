@@ -12,7 +12,7 @@ def decode_token_by_token(model, ids, depth):
     out = []
     for t in range(ids.shape[1]):
         h = model.embed(ids[:, t:t + 1])
-        h = model.run_layers(h, 0, depth, cache=cache, input_pos=torch.tensor([t]))
+        h = model.run_layers(h, 0, depth, cache=cache, pos=t)
         out.append(model.head(h))
     return torch.cat(out, dim=1)
 
@@ -28,9 +28,9 @@ def test_cached_decoding_equals_uncached_forward(tiny_model, depth):
 def test_chunked_prefill_then_decode_equals_uncached(tiny_model):
     ids = torch.randint(0, 97, (1, 16))
     cache = KVCache(tiny_model.config)
-    h = tiny_model.run_layers(tiny_model.embed(ids[:, :9]), 0, 4, cache, torch.arange(9))
+    h = tiny_model.run_layers(tiny_model.embed(ids[:, :9]), 0, 4, cache, 0)
     first = tiny_model.head(h)
-    h = tiny_model.run_layers(tiny_model.embed(ids[:, 9:]), 0, 4, cache, torch.arange(9, 16))
+    h = tiny_model.run_layers(tiny_model.embed(ids[:, 9:]), 0, 4, cache, 9)
     chunked = torch.cat([first, tiny_model.head(h)], dim=1)
     torch.testing.assert_close(chunked, tiny_model(ids)[0], atol=1e-5, rtol=1e-5)
 
@@ -40,9 +40,9 @@ def test_stale_cache_entries_past_the_query_are_masked(tiny_model):
     # position 10 must not see them (no cropping).
     ids = torch.randint(0, 97, (1, 14))
     cache = KVCache(tiny_model.config)
-    tiny_model.run_layers(tiny_model.embed(ids), 0, 4, cache, torch.arange(14))
+    tiny_model.run_layers(tiny_model.embed(ids), 0, 4, cache, 0)
     other = torch.randint(0, 97, (1, 3))
-    h = tiny_model.run_layers(tiny_model.embed(other), 0, 4, cache, torch.arange(10, 13))
+    h = tiny_model.run_layers(tiny_model.embed(other), 0, 4, cache, 10)
     reference = tiny_model(torch.cat([ids[:, :10], other], dim=1))[0][:, 10:]
     torch.testing.assert_close(tiny_model.head(h), reference, atol=1e-5, rtol=1e-5)
 
@@ -115,7 +115,7 @@ def test_cache_rejects_positions_beyond_its_size(tiny_model):
     cache = KVCache(tiny_model.config, max_seq_len=8)
     h = tiny_model.embed(torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(CacheError, match="position 8 is beyond the cache size 8"):
-        tiny_model.run_layers(h, 0, 4, cache, torch.tensor([8]))
+        tiny_model.run_layers(h, 0, 4, cache, 8)
     with pytest.raises(CacheError, match="exceeds the model's context"):
         KVCache(tiny_model.config, max_seq_len=65)
 

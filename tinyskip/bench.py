@@ -53,14 +53,13 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
     costs = {}
     for w in range(1, max_width + 1):
         h = model.embed(torch.zeros(1, w, dtype=torch.long, device=dev))
-        p = torch.arange(pos, pos + w, device=dev)
-        ctx = model.context(p, cache, 1, pos + w)
-        # The block alone: context set-up, embedding and Python around it are overhead.
-        costs[f"layer:{w}"] = timed(lambda: model.layers[0](h, ctx))
+        ctx = model.context(pos, w, cache, 1)
+        # Blocks alone, cycling through all L so that weights stream as in a real step;
+        # context set-up, embedding and the Python around them count as overhead.
+        costs[f"layer:{w}"] = timed(lambda: [layer(h, ctx) for layer in model.layers]) / L
         costs[f"head:{w}"] = timed(lambda: model.head(h))
-    p = torch.tensor([pos], device=dev)
-    step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, p, pos + 1)
-                                    [:, -1]).argmax(-1))
+    step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, pos)[:, -1])
+                 .argmax(-1))
     costs["step"] = step
     costs["overhead"] = (step - L * costs["layer:1"] - costs["head:1"]) / step
     return costs

@@ -1,8 +1,9 @@
 """A static KV cache indexed by absolute position (the gpt-fast design).
 
 Every layer owns preallocated key/value buffers of shape (B, n_kv_heads, S, head_dim).
-New entries are written at their absolute positions and attention reads the prefix
-``[0, end)``, with a causal mask by position. Because nothing is ever appended or
+New entries are written at their absolute positions (a call covers consecutive
+positions pos..pos+T-1) and attention reads the prefix ``[0, pos+T)``, with a causal
+mask by position. Because nothing is ever appended or
 cropped, a speculative rollback costs nothing (entries past the accepted prefix are
 masked out and later overwritten) and a decoder can fill the entries of layers that a
 token skipped at any time.
@@ -45,10 +46,11 @@ class KVCache:
             raise CacheError(f"batch of {batch_size} rows given to a cache built for "
                              f"{self.batch_size}")
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at ``input_pos`` (T,) and return the prefix [0, end)."""
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at positions pos..pos+T-1; return the prefix [0, pos+T)."""
+        end = pos + k.shape[2]
         k_buf, v_buf = self.k[layer], self.v[layer]
-        k_buf[:, :, input_pos] = k
-        v_buf[:, :, input_pos] = v
+        k_buf[:, :, pos:end] = k
+        v_buf[:, :, pos:end] = v
         return k_buf[:, :, :end], v_buf[:, :, :end]

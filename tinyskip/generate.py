@@ -146,8 +146,7 @@ def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, end_layer:
     """Run blocks [0, end_layer) over the prompt; returns the exit logits (B, V) of its last token."""
     t0 = time.perf_counter()
     T = prompt.shape[1]
-    h = model.run_layers(model.embed(prompt), 0, end_layer, cache,
-                         torch.arange(T, device=prompt.device))
+    h = model.run_layers(model.embed(prompt), 0, end_layer, cache, 0)
     logits = model.head(h[:, -1])
     sync(prompt.device)
     stats.prompt_tokens = T
@@ -184,7 +183,6 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     cache = KVCache(model.config, B, T + steps, prompt.device, dtype)
     stats = DecodeStats()
     logits = prefill(model, prompt, cache, E, stats)
-    positions = torch.arange(T + steps, device=prompt.device)
     out = torch.empty(B, steps, dtype=torch.long, device=prompt.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     t0 = time.perf_counter()
@@ -200,7 +198,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
                 break
         if n == steps:
             break
-        h = model.run_layers(model.embed(tok[:, None]), 0, E, cache, positions[T + n - 1:T + n])
+        h = model.run_layers(model.embed(tok[:, None]), 0, E, cache, T + n - 1)
         logits = model.head(h[:, -1])
     sync(prompt.device)
     stats.decode_s = time.perf_counter() - t0

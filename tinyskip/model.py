@@ -6,7 +6,8 @@ Llama shim is a rename.
 
 Exit l is the shared head (final ``norm`` + ``lm_head``) applied to the *output* of
 block l; the exit at the last block is the model's normal output. Decoders drive the
-model through three calls: ``embed``, ``run_layers(h, start, end, ...)`` and ``head``.
+model through three calls: ``embed``, ``run_layers(h, start, end, cache, pos)`` and
+``head``.
 """
 
 from __future__ import annotations
@@ -77,12 +78,11 @@ class RMSNorm(nn.Module):
 class AttnContext:
     """What every layer of one ``run_layers`` call shares: positions, RoPE rows, mask."""
 
-    cos: torch.Tensor                     # (T, hd)
+    cos: torch.Tensor                     # (T, hd) rows of positions pos..pos+T-1
     sin: torch.Tensor                     # (T, hd)
-    input_pos: torch.Tensor               # (T,) absolute positions, increasing
+    pos: int = 0                          # absolute position of the first of the T tokens
     cache: Optional[KVCache] = None
-    end: int = 0                          # cache prefix [0, end) visible to this call
-    mask: Optional[torch.Tensor] = None   # (T, end) bool, True = may attend
+    mask: Optional[torch.Tensor] = None   # (T, pos+T) bool, True = may attend
 
 
 class Attention(nn.Module):
@@ -106,7 +106,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, ctx.input_pos, k, v, ctx.end)
+            k, v = ctx.cache.update(self.layer_idx, ctx.pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
                                                enable_gqa=self.n_kv != self.n_heads)
         else:
@@ -176,35 +176,29 @@ class Transformer(nn.Module):
         """(B, T) token ids -> (B, T, d) residual stream."""
         return self.embed_tokens(input_ids)
 
-    def context(self, input_pos: torch.Tensor, cache: Optional[KVCache] = None,
-                batch_size: int = 1, end: Optional[int] = None) -> AttnContext:
-        """Shared attention state for a call at absolute positions ``input_pos`` (T,).
-
-        ``end`` (last position + 1) saves reading it from the device when the caller knows it.
-        """
-        ctx = AttnContext(self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, cache)
+    def context(self, pos: int, T: int, cache: Optional[KVCache] = None,
+                batch_size: int = 1) -> AttnContext:
+        """Shared attention state for T tokens at absolute positions pos..pos+T-1."""
+        ctx = AttnContext(self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T], pos, cache)
         if cache is not None:
-            T = input_pos.shape[0]
-            ctx.end = int(input_pos[-1]) + 1 if end is None else end
-            cache.check(ctx.end, batch_size)
+            cache.check(pos + T, batch_size)
             if T > 1:
                 # Causal by absolute position; entries past the query (stale drafts) are masked.
-                keys = torch.arange(ctx.end, device=input_pos.device)
-                ctx.mask = keys[None, :] <= input_pos[:, None]          # (T, end)
+                keys = torch.arange(pos + T, device=ctx.cos.device)
+                queries = torch.arange(pos, pos + T, device=ctx.cos.device)
+                ctx.mask = keys[None, :] <= queries[:, None]            # (T, pos+T)
         return ctx
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: Optional[KVCache] = None,
-                   input_pos: Optional[torch.Tensor] = None,
-                   pos_end: Optional[int] = None) -> torch.Tensor:
-        """Run blocks [start, end) on h (B, T, d) at absolute positions ``input_pos`` (T,).
+                   pos: int = 0) -> torch.Tensor:
+        """Run blocks [start, end) on h (B, T, d) at absolute positions pos..pos+T-1.
 
-        Without a cache the call is a plain causal pass over positions 0..T-1. ``pos_end``
-        (the last position + 1) may be given to spare a device sync.
+        Without a cache the call is a plain causal pass over positions 0..T-1. A single
+        token (T = 1) attends to every cached position before it, so callers decode at
+        consecutive positions.
         """
         self.check_range(start, end)
-        if input_pos is None:
-            input_pos = torch.arange(h.shape[1], device=h.device)
-        ctx = self.context(input_pos, cache, h.shape[0], pos_end)
+        ctx = self.context(pos, h.shape[1], cache, h.shape[0])
         for i in range(start, end):       # (slicing a ModuleList builds a new one: slow)
             h = self.layers[i](h, ctx)
         return h
@@ -235,7 +229,7 @@ class Transformer(nn.Module):
         if layer_drop is not None and len(layer_drop) != L:
             raise ValueError(f"layer_drop has {len(layer_drop)} probabilities for {L} blocks")
         h = self.embed(input_ids)
-        ctx = self.context(torch.arange(input_ids.shape[1], device=input_ids.device))
+        ctx = self.context(0, input_ids.shape[1])
         exits, wanted = [], set(exit_layers)
         for i, layer in enumerate(self.layers[: exit_layers[-1] + 1]):
             p = layer_drop[i] if (layer_drop is not None and self.training) else 0.0

@@ -123,7 +123,6 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     out = [int(choose(logits, sampling, generator))]
     stats.add_layers(L)
     stats.add_head()
-    positions = torch.arange(T + steps, device=dev)
     h_exit = torch.empty(1, cfg.k + 1, model.config.hidden_size, device=dev, dtype=dtype)
     finished = eos_id is not None and out[-1] == eos_id
     while len(out) < steps and not finished:
@@ -132,7 +131,7 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         cur = torch.tensor([[out[-1]]], device=dev)
         drafts, q, have = [], [], 0                 # have: exit states computed so far
         for j in range(k):
-            h = model.run_layers(model.embed(cur), 0, E, cache, positions[p + j:p + j + 1], p + j + 1)
+            h = model.run_layers(model.embed(cur), 0, E, cache, p + j)
             h_exit[:, j] = h[:, 0]
             have = j + 1
             dl = draft.logits(h[0, -1])                                  # (N,)
@@ -153,10 +152,10 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             drafts.append(cur)
         m = len(drafts)
         if have < m + 1:    # the last draft (or t itself when m = 0) has no exit state yet
-            h = model.run_layers(model.embed(cur), 0, E, cache, positions[p + m:p + m + 1], p + m + 1)
+            h = model.run_layers(model.embed(cur), 0, E, cache, p + m)
             h_exit[:, m] = h[:, 0]
             stats.add_layers(E)
-        hv = model.run_layers(h_exit[:, :m + 1], E, L, cache, positions[p:p + m + 1], p + m + 1)
+        hv = model.run_layers(h_exit[:, :m + 1], E, L, cache, p)
         verify = model.head(hv[0])                                       # (m+1, V)
         stats.add_layers(L - E, width=m + 1)
         stats.add_head(width=m + 1)
