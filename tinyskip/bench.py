@@ -31,7 +31,14 @@ from .trainer import pick_device
 @torch.no_grad()
 def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) -> dict:
     """Median seconds of one block call and one head call on 1..max_width positions, and
-    of a whole one-token full step (embed + L blocks + head + argmax)."""
+    of a whole one-token full step through the decoders' API.
+
+    Blocks are timed cycling through all L (so weights stream from memory as in a real
+    step) and the head right after them: ``head:w`` is (L blocks + head) - (L blocks),
+    which charges the head with the cache misses its weight causes. What a full step
+    costs beyond L blocks and the head (embedding, attention set-up, argmax, Python)
+    is the bookkeeping overhead.
+    """
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     L = model.num_layers
@@ -50,14 +57,18 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    def blocks(h, ctx):
+        for layer in model.layers:
+            h = layer(h, ctx)
+        return h
+
     costs = {}
     for w in range(1, max_width + 1):
-        h = model.embed(torch.zeros(1, w, dtype=torch.long, device=dev))
+        h0 = model.embed(torch.zeros(1, w, dtype=torch.long, device=dev))
         ctx = model.context(pos, w, cache, 1)
-        # Blocks alone, cycling through all L so that weights stream as in a real step;
-        # context set-up, embedding and the Python around them count as overhead.
-        costs[f"layer:{w}"] = timed(lambda: [layer(h, ctx) for layer in model.layers]) / L
-        costs[f"head:{w}"] = timed(lambda: model.head(h))
+        t_blocks = timed(lambda: blocks(h0, ctx))
+        costs[f"layer:{w}"] = t_blocks / L
+        costs[f"head:{w}"] = max(timed(lambda: model.head(blocks(h0, ctx))) - t_blocks, 0.0)
     step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, pos)[:, -1])
                  .argmax(-1))
     costs["step"] = step
