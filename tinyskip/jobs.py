@@ -10,13 +10,29 @@ from .modes import MODES
 
 
 def check_source(job) -> None:
-    """A decoding job loads a checkpoint (run= / checkpoint=) or a Hugging Face model."""
-    hf = getattr(job, "model", None) is not None and job.model.path
+    """A job loads a checkpoint (run= / checkpoint=) or, where it has a ``model`` field,
+    a Hugging Face model (model=hf_llama model.path=...)."""
+    hf_ok = hasattr(job, "model")
+    hf = hf_ok and job.model is not None and job.model.path
     if hf and (job.run or job.checkpoint):
         raise ConfigError("give either run=/checkpoint= or model=hf_llama model.path=..., not both")
     if not hf and job.run is None and job.checkpoint is None:
-        raise ConfigError("give run=<name> (a folder under checkpoint_root), checkpoint=<path>, "
-                          "or model=hf_llama model.path=<folder or Hub id>")
+        raise ConfigError("give run=<name> (a folder under checkpoint_root) or checkpoint=<path>"
+                          + (", or model=hf_llama model.path=<folder or Hub id>" if hf_ok else ""))
+
+
+def check_dtype(job) -> None:
+    if job.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={job.dtype!r}: must be one of float32, bfloat16, float16")
+
+
+@dataclass
+class CheckpointSource:
+    """Where a job finds its checkpoint: ``run=NAME`` under ``checkpoint_root``, or a path."""
+
+    run: Optional[str] = None
+    checkpoint: Optional[str] = None          # an explicit checkpoint or run folder
+    checkpoint_root: str = "checkpoints"
 
 
 @dataclass
@@ -35,12 +51,9 @@ class TrainJob:
 
 
 @dataclass
-class EvaluateJob:
+class EvaluateJob(CheckpointSource):
     """``python -m tinyskip.evaluate run=NAME split=test [out=FILE.json]``."""
 
-    run: Optional[str] = None
-    checkpoint: Optional[str] = None          # an explicit checkpoint or run folder
-    checkpoint_root: str = "checkpoints"
     split: str = "test"
     out: Optional[str] = None
     seq_len: Optional[int] = None             # None: the run's training seq_len
@@ -52,19 +65,14 @@ class EvaluateJob:
     def __post_init__(self) -> None:
         if self.split not in ("train", "validation", "test"):
             raise ConfigError(f"split={self.split!r}: must be one of train, validation, test")
-        if self.run is None and self.checkpoint is None:
-            raise ConfigError("give run=<name> (a folder under checkpoint_root) or "
-                              "checkpoint=<path>")
+        check_source(self)
 
 
 @dataclass
-class InferJob:
+class InferJob(CheckpointSource):
     """``python -m tinyskip.infer mode=full|static|ssd run=NAME prompt="..."``."""
 
     mode: str = "full"
-    run: Optional[str] = None
-    checkpoint: Optional[str] = None          # an explicit checkpoint or run folder
-    checkpoint_root: str = "checkpoints"
     prompt: Optional[str] = None
     prompts_file: Optional[str] = None        # one prompt per line
     max_new_tokens: int = 64
@@ -96,17 +104,13 @@ class InferJob:
         if (self.prompt is None) == (self.prompts_file is None):
             raise ConfigError('give exactly one of prompt="..." or prompts_file=<file>')
         check_source(self)
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype={self.dtype!r}: must be one of float32, bfloat16, float16")
+        check_dtype(self)
 
 
 @dataclass
-class BenchJob:
+class BenchJob(CheckpointSource):
     """``python -m tinyskip.bench run=NAME``: decoding modes side by side (see bench.py)."""
 
-    run: Optional[str] = None
-    checkpoint: Optional[str] = None
-    checkpoint_root: str = "checkpoints"
     n_prompts: int = 8
     prompt_len: int = 64
     max_new_tokens: int = 64
@@ -124,27 +128,22 @@ class BenchJob:
 
     def __post_init__(self) -> None:
         check_source(self)
+        check_dtype(self)
         for name in ("n_prompts", "prompt_len", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
 
 
 @dataclass
-class ExportJob:
+class ExportJob(CheckpointSource):
     """``python -m tinyskip.export run=NAME out=FOLDER``: a Hugging Face Llama folder."""
 
     out: str = "???"
-    run: Optional[str] = None
-    checkpoint: Optional[str] = None
-    checkpoint_root: str = "checkpoints"
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.run is None and self.checkpoint is None:
-            raise ConfigError("give run=<name> (a folder under checkpoint_root) or "
-                              "checkpoint=<path>")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype={self.dtype!r}: must be one of float32, bfloat16, float16")
+        check_source(self)
+        check_dtype(self)
 
 
 SCHEMAS: dict[str, type] = {"export": ExportJob, "train": TrainJob, "evaluate": EvaluateJob, "infer": InferJob,
