@@ -127,3 +127,35 @@ def test_missing_folder_and_weights_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_model().config.to_dict()))
     with pytest.raises(HFConfigError, match="holds no model.safetensors"):
         load_hf_llama(str(tmp_path))
+
+
+def test_hub_ids_go_through_snapshot_download(tmp_path, monkeypatch):
+    # The download itself needs the network; everything up to it runs for real, and the
+    # folder it returns is loaded through the same path as a local one.
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    hf_model().save_pretrained(tmp_path)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, folder = load_hf_llama("meta-llama/Llama-3.2-1B")
+    assert folder == tmp_path and calls[0][0] == "meta-llama/Llama-3.2-1B"
+    assert "*.safetensors" in calls[0][1] and not any(p.endswith(".bin") for p in calls[0][1])
+    assert model.num_layers == 3
+
+
+def test_pickled_bin_weights_load_only_as_tensors(tmp_path):
+    ref = hf_model()
+    ref.config.save_pretrained(tmp_path)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    model, _ = load_hf_llama(str(tmp_path))
+    ids = torch.randint(0, 120, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], ref(ids).logits, atol=1e-5, rtol=1e-5)
+    # A pickle carrying anything but tensors is refused by weights_only=True.
+    torch.save({"model.norm.weight": torch.ones(64), "evil": print}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(HFConfigError, match="pytorch_model.bin was refused: it holds more than"):
+        load_hf_llama(str(tmp_path))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -134,7 +135,12 @@ def weight_files(folder: Path) -> list[Path]:
 def _tensors(file: Path):
     """(name, tensor) pairs of one shard, read lazily from safetensors."""
     if file.suffix == ".bin":   # pickles: tensors only, never arbitrary objects
-        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise HFConfigError(f"{file.name} was refused: it holds more than tensors and is "
+                                f"only read with weights_only=True ({str(e).splitlines()[0]})")
+        yield from state.items()
         return
     with safe_open(str(file), framework="pt") as f:
         for key in f.keys():
