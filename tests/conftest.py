@@ -11,7 +11,9 @@ from tinyskip.model import Transformer
 WIKITEXT = Path(os.environ.get("TINYSKIP_WIKITEXT",
                                Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny tensors gain nothing from threads, and one thread per test process keeps the
+# suite fast when other work (or the DDP test's two ranks) shares the cores.
+torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> ModelConfig:

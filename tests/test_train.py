@@ -67,7 +67,7 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(overrides, tmp_path):
                              "train=layerskip"], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     state = tmp_path / "killed" / "checkpoint" / "train_state.pt"
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
