@@ -49,6 +49,7 @@ def save_checkpoint(run_dir: Path, model: Transformer, tokenizer_file: Path,
     run_dir.mkdir(parents=True, exist_ok=True)
     final, old = run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}-old"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{CHECKPOINT}-tmp-"))
+    tmp.chmod(0o755)                 # mkdtemp makes it private; a checkpoint is shareable
     (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
