@@ -41,6 +41,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    os.chmod(tmp, 0o644)             # mkstemp makes it private; results are shareable
     os.replace(tmp, path)
 
 
@@ -48,6 +49,8 @@ def save_checkpoint(run_dir: Path, model: Transformer, tokenizer_file: Path,
                     train_state: Optional[dict] = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     final, old = run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}-old"
+    for stale in run_dir.glob(f".{CHECKPOINT}-tmp-*"):     # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{CHECKPOINT}-tmp-"))
     tmp.chmod(0o755)                 # mkdtemp makes it private; a checkpoint is shareable
     (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
@@ -59,9 +62,10 @@ def save_checkpoint(run_dir: Path, model: Transformer, tokenizer_file: Path,
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
     # Swap: final -> old, tmp -> final, drop old. A crash between the renames leaves
-    # `old` complete, and resolve_checkpoint falls back to it.
-    shutil.rmtree(old, ignore_errors=True)
+    # `old` complete, and resolve_checkpoint falls back to it; so `old` is only dropped
+    # while a complete `final` exists.
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)

@@ -63,7 +63,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop evaluations after ``step`` (they will be redone by the resumed run)."""
     if path.exists():
         keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in keep))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, path)        # a crash here keeps the old file whole
 
 
 def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
