@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from tinyskip.config import UserError
-from tinyskip.generate import SamplingConfig, generate
-from tinyskip.ssd import SSDConfig, frequent_tokens, ssd_generate
+from tinyskip.decode import SamplingConfig, generate
+from tinyskip.config import SSDConfig
+from tinyskip.decode import ssd_generate
+from tinyskip.exits import frequent_tokens
 
 
 def naive_greedy(model, prompt, n, exit_layer=None):

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from tinyskip.generate import generate
+from tinyskip.decode import generate
 from tinyskip.model import Transformer
-from tinyskip.ssd import SSDConfig, ssd_generate
+from tinyskip.config import SSDConfig
+from tinyskip.decode import ssd_generate
 
 from conftest import tiny_config
 

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from tinyskip.cache import KVCache
 from tinyskip.checkpoint import load_model, save_checkpoint
-from tinyskip.generate import generate
+from tinyskip.decode import generate
 from tinyskip.hf_llama import (HFConfigError, config_from_hf, config_to_hf, export_hf,
                                load_hf_llama)
 

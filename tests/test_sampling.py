@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from tinyskip.generate import SamplingConfig, generate, logits_to_probs
+from tinyskip.decode import SamplingConfig, generate
+from tinyskip.decode.sampling import logits_to_probs
 from tinyskip.model import Transformer
-from tinyskip.ssd import SSDConfig, ssd_generate
+from tinyskip.config import SSDConfig
+from tinyskip.decode import ssd_generate
 
 from conftest import tiny_config
 

@@ -19,13 +19,11 @@ from .cache import KVCache
 from .checkpoint import write_json_atomic
 from .cli import entry_point
 from .data import load_lines
-from .infer import draft_vocabulary
+from .config import DEEConfig, SSDConfig
+from .decode import DecodeStats, ModeSpec, decode
 from .jobs import BenchJob
-from .loading import load_source
+from .loading import draft_vocabulary, load_source, pick_device
 from .model import Transformer
-from .modes import ModeSpec, decode
-from .ssd import SSDConfig
-from .trainer import pick_device
 
 
 @torch.no_grad()
@@ -69,6 +67,8 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
         t_blocks = timed(lambda: blocks(h0, ctx))
         costs[f"layer:{w}"] = t_blocks / L
         costs[f"head:{w}"] = max(timed(lambda: model.head(blocks(h0, ctx))) - t_blocks, 0.0)
+    h1 = model.embed(x)
+    costs["kv:1"] = timed(lambda: model.propagate_kv(h1, 0, L, cache, pos)) / L
     step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, pos)[:, -1])
                  .argmax(-1))
     costs["step"] = step
@@ -78,7 +78,7 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
 
 def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
     specs = [ModeSpec("full")]
-    specs += [ModeSpec("static", exit_layer=e) for e in job.static_layers if 1 <= e <= L]
+    specs += [ModeSpec("static", exit_layer=e) for e in job.static_layers]
     for e in job.ssd_layers:
         for k in job.ssd_k:
             specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k)))
@@ -86,9 +86,13 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, draft_vocab=job.draft_vocab)))
             if job.adaptive_threshold:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, job.adaptive_threshold)))
-    for s in specs:
-        if s.ssd is not None:
-            s.ssd.validate(L)
+    for measure in job.dee_measures:
+        for lam in job.dee_thresholds:
+            for cache in job.dee_caches:
+                specs.append(ModeSpec("dee", dee=DEEConfig(measure, [lam], cache=cache,
+                                                           check_every=job.dee_check_every)))
+    for s in specs:                       # every option checked before anything runs
+        s.validate(L)
     return specs
 
 
@@ -116,38 +120,31 @@ def benchmark(job: BenchJob) -> dict:
         draft_ids if spec.ssd is not None and spec.ssd.draft_vocab else None))
     for spec in specs:                                    # warm-up
         run(spec, prompts[0])
-    totals = {s.label: {"tokens": 0, "time": 0.0, "layers": 0, "heads": 0.0, "drafted": 0,
-                        "accepted": 0, "agree": 0, "prefill_s": 0.0, "calls": {}}
-              for s in specs}
+    totals = {s.label: {"stats": DecodeStats(), "agree": 0, "exact": 0} for s in specs}
     for prompt in prompts:
         reference = None
         for spec in specs:
             g = run(spec, prompt)
-            t, st = totals[spec.label], g.stats
+            t = totals[spec.label]
             if spec.mode == "full":
                 reference = g.tokens[0]
-            t["tokens"] += st.new_tokens
-            t["time"] += st.decode_s
-            t["prefill_s"] += st.prefill_s
-            for key, count in st.calls.items():
-                t["calls"][key] = t["calls"].get(key, 0) + count
-            t["layers"] += st.layer_evals
-            t["heads"] += st.head_evals
-            t["drafted"] += st.drafted
-            t["accepted"] += st.accepted
+            t["stats"] = t["stats"] + g.stats
             t["agree"] += sum(a == b for a, b in zip(g.tokens[0], reference))
-    costs = unit_costs(model, job.prompt_len + job.max_new_tokens // 2, max(job.ssd_k) + 1)
+            t["exact"] += g.tokens[0] == reference
+    widths = [int(k.split(":")[1]) for t in totals.values() for k in t["stats"].calls]
+    costs = unit_costs(model, job.prompt_len + job.max_new_tokens // 2, max(widths))
     rows = []
     for spec in specs:
         t = totals[spec.label]
-        n = t["tokens"]
+        st, n = t["stats"], t["stats"].new_tokens
         # Predicted seconds per token: every counted call at its measured unit cost.
-        cost = sum(count * costs[key] for key, count in t["calls"].items()) / n
-        rows.append({"mode": spec.label, "tokens_per_s": n / t["time"],
-                     "layers_per_token": t["layers"] / n, "heads_per_token": t["heads"] / n,
-                     "acceptance": t["accepted"] / t["drafted"] if t["drafted"] else None,
-                     "agreement": t["agree"] / n, "cost_s": cost,
-                     "prefill_ms": t["prefill_s"] / len(prompts) * 1e3})
+        cost = sum(count * costs[key] for key, count in st.calls.items()) / n
+        rows.append({"mode": spec.label, "tokens_per_s": st.tokens_per_s,
+                     "layers_per_token": st.layer_evals / n, "heads_per_token": st.head_evals / n,
+                     "acceptance": st.accepted / st.drafted if st.drafted else None,
+                     "mean_exit": st.mean_exit, "exit_hist": st.exit_hist,
+                     "agreement": t["agree"] / n, "exact_match": t["exact"] / len(prompts),
+                     "cost_s": cost, "prefill_ms": st.prefill_s / len(prompts) * 1e3})
     full = rows[0]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
@@ -166,14 +163,16 @@ def format_table(res: dict) -> str:
             f"one block {c['layer:1'] * 1e6:.0f} us, head {c['head:1'] * 1e6:.0f} us, full step "
             f"{c['step'] * 1e6:.0f} us: overhead outside blocks and head "
             f"{c['overhead'] * 100:.1f}% of a full step\n")
-    cols = f"{'mode':<24}{'tok/s':>8}{'speedup':>9}{'layers/t':>9}{'heads/t':>8}" \
-           f"{'accept':>8}{'agree':>7}{'predicted':>10}{'effic.':>8}"
+    cols = f"{'mode':<34}{'tok/s':>8}{'speedup':>9}{'layers/t':>9}{'heads/t':>8}" \
+           f"{'accept':>8}{'exit':>6}{'agree':>7}{'exact':>6}{'predicted':>10}{'effic.':>8}"
     lines = [head + cols, "-" * len(cols)]
     for r in res["rows"]:
         acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
-        lines.append(f"{r['mode']:<24}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
-                     f"{r['layers_per_token']:>9.2f}{r['heads_per_token']:>8.2f}{acc:>8}"
-                     f"{r['agreement']:>7.2f}{r['predicted']:>9.2f}x{r['efficiency']:>8.2f}")
+        ex = f"{r['mean_exit']:.2f}" if r["mean_exit"] is not None else "-"
+        lines.append(f"{r['mode']:<34}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
+                     f"{r['layers_per_token']:>9.2f}{r['heads_per_token']:>8.2f}{acc:>8}{ex:>6}"
+                     f"{r['agreement']:>7.2f}{r['exact_match']:>6.2f}{r['predicted']:>9.2f}x"
+                     f"{r['efficiency']:>8.2f}")
     return "\n".join(lines)
 
 

@@ -54,3 +54,10 @@ class KVCache:
         k_buf[:, :, pos:end] = k
         v_buf[:, :, pos:end] = v
         return k_buf[:, :, :end], v_buf[:, :, :end]
+
+    def copy_up(self, src: int, dst: range, pos: int) -> None:
+        """Copy layer ``src``'s entries at ``pos`` into layers ``dst`` (the known-bad baseline
+        of dynamic early exit: deeper layers then attend to a shallow layer's keys)."""
+        for layer in dst:
+            self.k[layer][:, :, pos] = self.k[src][:, :, pos]
+            self.v[layer][:, :, pos] = self.v[src][:, :, pos]

@@ -16,6 +16,7 @@ with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -83,6 +84,15 @@ def resolve_checkpoint(path: Path | str) -> Path:
             return candidate
     raise CheckpointError(f"no checkpoint at {path} (expected {path}/{CHECKPOINT}/config.json; "
                           "train one with python -m tinyskip.train run=<name>)")
+
+
+def weights_hash(ckpt: Path) -> str:
+    """sha256 of a checkpoint's weights file: what results made with it are keyed by."""
+    h = hashlib.sha256()
+    with open(ckpt / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_model_config(ckpt: Path) -> ModelConfig:

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 
+# The run ``python -m tinyskip.train`` writes by default (conf/train.yaml picks model
+# l6_d128, and a run is named after its model): later commands load it when no run is given.
+DEFAULT_RUN = "l6_d128"
+
+
 class UserError(Exception):
     """Bad input from a user: entry points print its message as one line and exit 2."""
 
@@ -193,3 +198,87 @@ class TrainConfig:
         _choice(self, "exit_scale", ("none", "uniform", "linear", "calm", "sum_l", "layerskip"))
         _choice(self, "curriculum", ("none", "rotational", "gradual"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
+
+
+# -- decoding modes -----------------------------------------------------------------------
+# Exits are numbered by blocks run: exit E (1..L) is the head on the output of block E-1.
+
+MODES = ("full", "static", "ssd", "dee")
+
+
+@dataclass
+class SSDConfig:
+    """``mode=ssd``: draft with exit ``draft_layer`` (blocks [0, E)), verify with the rest."""
+
+    draft_layer: int                 # E: the draft runs blocks [0, E), 1 <= E <= L
+    k: int = 4                       # drafts per round (at most)
+    adaptive_threshold: float = 0.0  # stop drafting when the draft's top-1 prob falls below
+    draft_vocab: int = 0             # score drafts over the N most frequent tokens (0 = all)
+
+    def validate(self, num_layers: int) -> None:
+        if not 1 <= self.draft_layer <= num_layers:
+            raise UserError(f"draft_layer={self.draft_layer}: must be in 1..{num_layers} for "
+                            f"this {num_layers}-layer model (E = L drafts with the full model)")
+        if self.k < 1:
+            raise UserError(f"k={self.k}: must be >= 1 (draft tokens per round)")
+        if not 0.0 <= self.adaptive_threshold < 1.0:
+            raise UserError(f"adaptive_threshold={self.adaptive_threshold}: must be in [0, 1)")
+        if self.draft_vocab < 0:
+            raise UserError(f"draft_vocab={self.draft_vocab}: must be >= 0 (0 = full vocabulary)")
+
+
+# Confidence measures of dynamic early exit and the range of each (higher = more
+# confident); a threshold outside its measure's range is refused, except +inf = never exit.
+MEASURE_RANGES: dict[str, tuple[float, float]] = {
+    "softmax": (0.0, 1.0),       # top-1 probability
+    "margin": (0.0, 1.0),        # top-1 minus top-2 probability
+    "entropy": (0.0, 1.0),       # 1 - H(p) / ln V
+    "saturation": (-1.0, 1.0),   # cosine of the hidden states at consecutive checked exits
+    "repeat": (0.0, 1.0),        # 1 when the argmax equals the previous checked exit's
+    "convergence": (0.0, 1.0),   # 1 - |change of the top-1 probability| since the previous one
+}
+CACHE_STRATEGIES = ("propagate", "recompute", "copy")
+
+
+@dataclass
+class DEEConfig:
+    """``mode=dee``: each token leaves at the first checked exit whose confidence reaches
+    that exit's threshold, else runs all L blocks."""
+
+    measure: str = "softmax"
+    threshold: list[float] = dataclasses.field(default_factory=list)  # one, or one per exit
+    exits: list[int] = dataclasses.field(default_factory=list)        # [] = every check_every-th
+    check_every: int = 1
+    cache: str = "propagate"         # how skipped layers get their K/V (see decode/dee.py)
+    decay_tau: float = 0.0           # CALM's decaying threshold over the step (0 = constant)
+
+    def checked_exits(self, num_layers: int) -> list[int]:
+        if self.exits:
+            return sorted(self.exits)
+        return list(range(self.check_every, num_layers, self.check_every))
+
+    def validate(self, num_layers: int) -> list[float]:
+        """Check against an L-layer model; returns one threshold per checked exit."""
+        _choice(self, "measure", tuple(MEASURE_RANGES))
+        _choice(self, "cache", CACHE_STRATEGIES)
+        if self.check_every < 1:
+            raise UserError(f"check_every={self.check_every}: must be >= 1")
+        if self.decay_tau < 0:
+            raise UserError(f"decay_tau={self.decay_tau}: must be >= 0 (0 = constant threshold)")
+        bad = [e for e in self.exits if not 1 <= e < num_layers]
+        if bad or len(set(self.exits)) != len(self.exits):
+            raise UserError(f"exits={self.exits}: checked exits must be distinct and in "
+                            f"1..{num_layers - 1} (exit {num_layers} is the full model)")
+        exits = self.checked_exits(num_layers)
+        if not self.threshold:
+            raise UserError("mode=dee needs threshold=<value or one per checked exit> or a "
+                            "calibration file (python -m tinyskip.calibrate)")
+        if len(self.threshold) not in (1, len(exits)):
+            raise UserError(f"threshold={self.threshold}: give one value or one per checked "
+                            f"exit {exits}")
+        lo, hi = MEASURE_RANGES[self.measure]
+        for t in self.threshold:
+            if t != float("inf") and not lo <= t <= hi:
+                raise UserError(f"threshold={t}: outside the range [{lo}, {hi}] of measure="
+                                f"{self.measure} (inf = never exit)")
+        return list(self.threshold) * len(exits) if len(self.threshold) == 1 else list(self.threshold)

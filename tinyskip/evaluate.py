@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import load_model, resolve_checkpoint, write_json_atomic
+from .checkpoint import load_model, write_json_atomic
 from .cli import entry_point
 from .data import prepare_corpus
 from .jobs import EvaluateJob
 from .perplexity import exit_perplexities
-from .trainer import pick_device
+from .loading import checkpoint_path, pick_device, run_data_config
 
 
 def evaluate(job: EvaluateJob) -> dict:
-    ckpt = resolve_checkpoint(job.checkpoint or Path(job.checkpoint_root) / job.run)
+    ckpt = checkpoint_path(job.run, job.checkpoint, job.checkpoint_root)
     device = pick_device(job.device)
     model, _ = load_model(ckpt, device)
     seq_len = job.seq_len
@@ -22,7 +22,7 @@ def evaluate(job: EvaluateJob) -> dict:
         saved_job = ckpt.parent / "job.json"
         seq_len = (json.loads(saved_job.read_text())["train"]["seq_len"] if saved_job.is_file()
                    else model.config.max_position_embeddings)
-    corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
+    corpus = prepare_corpus(run_data_config(ckpt, job.data), ckpt / "tokenizer.model")
     ev = exit_perplexities(model, corpus.tokens[job.split], corpus.words[job.split], seq_len,
                            job.batch_size, job.max_batches, progress=True)
     return {"checkpoint": str(ckpt), "split": job.split, "seq_len": seq_len,
@@ -36,8 +36,9 @@ def main(job: EvaluateJob) -> None:
     print(f"{result['checkpoint']} on {result['split']} ({result['tokens']} tokens, "
           f"{result['words']} words, windows of {result['seq_len']})")
     print(f"{'exit':>4} {'loss/token':>10} {'word ppl':>10}")
-    for layer, (loss, ppl) in enumerate(zip(result["loss"], result["word_ppl"])):
-        print(f"{layer:>4} {loss:>10.4f} {ppl:>10.2f}")
+    # Exit E = the head after E blocks (1..L), as in every decoding option.
+    for exit, (loss, ppl) in enumerate(zip(result["loss"], result["word_ppl"]), start=1):
+        print(f"{exit:>4} {loss:>10.4f} {ppl:>10.2f}")
     if job.out:
         write_json_atomic(Path(job.out).resolve(), result)
 

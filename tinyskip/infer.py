@@ -1,44 +1,105 @@
-"""``python -m tinyskip.infer mode=ssd draft_layer=3 k=4 run=NAME prompt="..."``.
+"""``python -m tinyskip.infer mode=full|static|ssd|dee [run=NAME] [prompt="..."]``.
 
-The model is rebuilt from the checkpoint's own config (not from conf/model/).
+The model is rebuilt from the checkpoint's own config (not from conf/model/), the data
+settings come from the run unless given, and without ``prompt=`` / ``prompts_file=``
+prompts are read from standard input (one per line; interactive on a terminal).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator
 
 import torch
 
-from .checkpoint import write_json_atomic
+from .checkpoint import weights_hash, write_json_atomic
 from .cli import entry_point
-from .config import UserError
-from .data import prepare_corpus
-from .generate import SamplingConfig
+from .config import DEEConfig, SSDConfig, UserError
+from .decode import ModeSpec, SamplingConfig, decode
 from .jobs import InferJob
-from .loading import Loaded, load_source
-from .modes import ModeSpec, decode
-from .ssd import SSDConfig, frequent_tokens
-from .trainer import pick_device
+from .loading import Loaded, draft_vocabulary, load_source, pick_device
 
 
-def mode_spec(job) -> ModeSpec:
-    """The decoding mode a job (infer or bench) asks for."""
+def read_calibration(path: Path, loaded: Loaded) -> dict:
+    """A calibration file, refused when it was made for other weights."""
+    try:
+        cal = json.loads(path.read_text(encoding="utf-8"))
+        measure, exits, lam, whash = (cal["measure"], cal["exits"], cal["threshold"],
+                                      cal["weights_hash"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"calibration={str(path)!r} is not a calibration file ({e})")
+    ckpt = Path(loaded.source)
+    if not (ckpt / "model.safetensors").is_file() or weights_hash(ckpt) != whash:
+        raise UserError(f"calibration={str(path)!r} was made for other weights (hash "
+                        f"{whash[:12]}...) than {loaded.source}: run python -m tinyskip.calibrate")
+    return {"measure": measure, "exits": exits, "threshold": [math.inf if lam is None else lam]}
+
+
+def dee_config(job, loaded: Loaded) -> DEEConfig:
+    """``threshold=`` given, else the calibration file (``calibration=`` or the run's own)."""
+    cal = None
+    if job.calibration or not job.threshold:
+        path = Path(job.calibration) if job.calibration else Path(loaded.source).parent / "calibration.json"
+        if not path.is_file():
+            raise UserError(f"mode=dee needs threshold=<value> or a calibration file; "
+                            f"{str(path)!r} does not exist (python -m tinyskip.calibrate writes it)")
+        cal = read_calibration(path, loaded)
+        if job.measure is not None and job.measure != cal["measure"]:
+            raise UserError(f"measure={job.measure!r}: the calibration file {str(path)!r} holds a "
+                            f"threshold for measure={cal['measure']!r}")
+    if cal is not None:
+        return DEEConfig(cal["measure"], cal["threshold"], cal["exits"], cache=job.cache,
+                         decay_tau=job.decay_tau)
+    return DEEConfig(job.measure or "softmax", list(job.threshold), list(job.exits),
+                     job.check_every, job.cache, job.decay_tau)
+
+
+def mode_spec(job, loaded: Loaded) -> ModeSpec:
+    """The decoding mode a job asks for, validated against the loaded model."""
     ssd = (SSDConfig(job.draft_layer, job.k, job.adaptive_threshold, job.draft_vocab)
            if job.mode == "ssd" else None)
-    return ModeSpec(job.mode, job.exit_layer, ssd)
+    dee = dee_config(job, loaded) if job.mode == "dee" else None
+    spec = ModeSpec(job.mode, job.exit_layer, ssd, dee)
+    spec.validate(loaded.model.num_layers)
+    return spec
 
 
-def read_prompts(job: InferJob) -> list[str]:
+def read_prompts(job: InferJob) -> Iterator[str]:
     if job.prompt is not None:
-        return [job.prompt]
+        yield job.prompt
+        return
+    if job.prompts_file is None:
+        yield from _stdin_prompts()
+        return
     path = Path(job.prompts_file)
     if not path.is_file():
         raise UserError(f"prompts_file={job.prompts_file!r}: no such file")
-    prompts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompts_file={job.prompts_file!r} is not UTF-8 text ({e.reason} at "
+                        f"byte {e.start})")
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts_file={job.prompts_file!r} holds no prompt")
-    return prompts
+    yield from prompts
+
+
+def _stdin_prompts() -> Iterator[str]:
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
 
 
 def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
@@ -48,37 +109,27 @@ def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
     return text[len(tok.decode(prompt_ids)):] + eos
 
 
-def draft_vocabulary(loaded: Loaded, spec: ModeSpec, data) -> Optional[torch.Tensor]:
-    """The N most frequent training tokens, for ``draft_vocab=N`` (None when off)."""
-    if spec.ssd is None or not spec.ssd.draft_vocab:
-        return None
-    if loaded.tokenizer_file is None:
-        raise UserError("draft_vocab needs token frequencies of the training data, known only "
-                        "for tinyskip checkpoints")
-    train_tokens = prepare_corpus(data, loaded.tokenizer_file).tokens["train"]
-    return frequent_tokens(train_tokens, loaded.model.config.vocab_size, spec.ssd.draft_vocab)
-
-
-def infer(job: InferJob) -> list[dict]:
-    spec = mode_spec(job)
+def generations(job: InferJob) -> Iterator[dict]:
+    """Decode every prompt as it comes (standard input is read lazily)."""
     sampling = SamplingConfig(job.temperature, job.top_k, job.top_p)
     device = pick_device(job.device)
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype)
     model, tok = loaded.model, loaded.tokenizer
-    if spec.ssd is not None:
-        spec.ssd.validate(model.num_layers)
+    spec = mode_spec(job, loaded)
     draft_ids = draft_vocabulary(loaded, spec, job.data)
     eos = tok.eos_id() if job.stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(job.seed)
-    results = []
     for text in read_prompts(job):
         ids = tok.encode(text)
         prompt = torch.tensor([ids], dtype=torch.long, device=device)
         gen = decode(model, prompt, job.max_new_tokens, spec, sampling, eos, generator, draft_ids)
         tokens = gen.tokens[0]
-        results.append({"prompt": text, "mode": spec.label, "prompt_ids": ids, "ids": tokens,
-                        "text": continuation(tok, ids, tokens), "stats": gen.stats.as_dict()})
-    return results
+        yield {"prompt": text, "mode": spec.label, "prompt_ids": ids, "ids": tokens,
+               "text": continuation(tok, ids, tokens), "stats": gen.stats.as_dict()}
+
+
+def infer(job: InferJob) -> list[dict]:
+    return list(generations(job))
 
 
 def stats_line(s: dict) -> str:
@@ -87,15 +138,18 @@ def stats_line(s: dict) -> str:
             f"{s['layers_per_token']:.2f} layers/token, {s['heads_per_token']:.2f} heads/token")
     if "acceptance" in s:
         line += f", acceptance {s['acceptance']:.2f}, mean accepted {s['mean_accepted']:.2f}"
+    if s.get("mean_exit") is not None:
+        line += f", mean exit {s['mean_exit']:.2f}"
     return line + "]"
 
 
 @entry_point("infer")
 def main(job: InferJob) -> None:
-    results = infer(job)
-    for r in results:
+    results = []
+    for r in generations(job):
         print(r['prompt'] + r['text'])
-        print(f"{r['mode']} {stats_line(r['stats'])}")
+        print(f"{r['mode']} {stats_line(r['stats'])}", flush=True)
+        results.append(r)
     if job.out:
         write_json_atomic(Path(job.out).resolve(), results)
 

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from .config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from .modes import MODES
+from .config import (CACHE_STRATEGIES, MEASURE_RANGES, MODES, ConfigError, DataConfig,
+                     ModelConfig, TrainConfig)
 
 
 def check_source(job) -> None:
-    """A job loads a checkpoint (run= / checkpoint=) or, where it has a ``model`` field,
-    a Hugging Face model (model=hf_llama model.path=...)."""
-    hf_ok = hasattr(job, "model")
-    hf = hf_ok and job.model is not None and job.model.path
+    """A job loads a checkpoint (run= / checkpoint=, default run=l6_d128) or, where it has
+    a ``model`` field, a Hugging Face model (model=hf_llama model.path=...)."""
+    hf = getattr(job, "model", None) is not None and job.model.path
     if hf and (job.run or job.checkpoint):
         raise ConfigError("give either run=/checkpoint= or model=hf_llama model.path=..., not both")
-    if not hf and job.run is None and job.checkpoint is None:
-        raise ConfigError("give run=<name> (a folder under checkpoint_root) or checkpoint=<path>"
-                          + (", or model=hf_llama model.path=<folder or Hub id>" if hf_ok else ""))
 
 
 def check_dtype(job) -> None:
@@ -30,7 +26,7 @@ def check_dtype(job) -> None:
 class CheckpointSource:
     """Where a job finds its checkpoint: ``run=NAME`` under ``checkpoint_root``, or a path."""
 
-    run: Optional[str] = None
+    run: Optional[str] = None                 # None: DEFAULT_RUN
     checkpoint: Optional[str] = None          # an explicit checkpoint or run folder
     checkpoint_root: str = "checkpoints"
 
@@ -68,9 +64,23 @@ class EvaluateJob(CheckpointSource):
         check_source(self)
 
 
+def dee_threshold(value: Any) -> list[float]:
+    """``threshold=0.9`` or ``threshold=[0.9,0.8]`` (one per checked exit) as a list."""
+    if value is None:
+        return []
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold={value!r}: must be a number or a list of numbers")
+
+
 @dataclass
 class InferJob(CheckpointSource):
-    """``python -m tinyskip.infer mode=full|static|ssd run=NAME prompt="..."``."""
+    """``python -m tinyskip.infer mode=full|static|ssd|dee [run=NAME] [prompt="..."]``.
+
+    Without prompt= or prompts_file=, prompts are read from standard input, one per line.
+    """
 
     mode: str = "full"
     prompt: Optional[str] = None
@@ -80,11 +90,20 @@ class InferJob(CheckpointSource):
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    exit_layer: Optional[int] = None          # mode=static: blocks to run (1..L)
-    draft_layer: Optional[int] = None         # mode=ssd: E, blocks the draft runs (1..L)
+    exit_layer: Optional[int] = None          # mode=static: exit (blocks to run, 1..L)
+    draft_layer: Optional[int] = None         # mode=ssd: E, the draft's exit (1..L)
     k: int = 4                                # mode=ssd: drafts per round
     adaptive_threshold: float = 0.0           # mode=ssd: stop drafting below this confidence
     draft_vocab: int = 0                      # mode=ssd: N most frequent tokens (needs data)
+    measure: Optional[str] = None             # mode=dee: confidence measure (default: softmax,
+                                              # or the calibration file's)
+    threshold: Any = None                     # mode=dee: a value or one per checked exit
+    calibration: Optional[str] = None         # mode=dee: a calibration file (default: the
+                                              # run's calibration.json when no threshold)
+    exits: list[int] = field(default_factory=list)   # mode=dee: checked exits ([] = all)
+    check_every: int = 1                      # mode=dee: check every n-th exit
+    cache: str = "propagate"                  # mode=dee: propagate | recompute | copy
+    decay_tau: float = 0.0                    # mode=dee: CALM's decaying threshold (0 = off)
     stop_at_eos: bool = True
     out: Optional[str] = None                 # JSON with ids, text and statistics per prompt
     device: str = "auto"
@@ -101,8 +120,14 @@ class InferJob(CheckpointSource):
             raise ConfigError("mode=static needs exit_layer=<1..L>")
         if self.mode == "ssd" and self.draft_layer is None:
             raise ConfigError("mode=ssd needs draft_layer=<1..L> (and k=<drafts per round>)")
-        if (self.prompt is None) == (self.prompts_file is None):
-            raise ConfigError('give exactly one of prompt="..." or prompts_file=<file>')
+        if self.prompt is not None and self.prompts_file is not None:
+            raise ConfigError('give prompt="..." or prompts_file=<file>, not both')
+        if self.measure is not None and self.measure not in MEASURE_RANGES:
+            raise ConfigError(f"measure={self.measure!r}: must be one of "
+                              f"{', '.join(MEASURE_RANGES)}")
+        if self.cache not in CACHE_STRATEGIES:
+            raise ConfigError(f"cache={self.cache!r}: must be one of {', '.join(CACHE_STRATEGIES)}")
+        self.threshold = dee_threshold(self.threshold)
         check_source(self)
         check_dtype(self)
 
@@ -119,6 +144,10 @@ class BenchJob(CheckpointSource):
     ssd_k: list[int] = field(default_factory=lambda: [2, 4, 6])
     draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
     adaptive_threshold: float = 0.0           # > 0: also every ssd row with adaptive drafting
+    dee_measures: list[str] = field(default_factory=list)      # dee rows: measures x thresholds
+    dee_thresholds: list[float] = field(default_factory=list)  #   x cache strategies
+    dee_caches: list[str] = field(default_factory=lambda: ["propagate"])
+    dee_check_every: int = 1
     threads: int = 0                          # 0 = torch's default
     device: str = "auto"
     dtype: str = "float32"
@@ -132,6 +161,8 @@ class BenchJob(CheckpointSource):
         for name in ("n_prompts", "prompt_len", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.ssd_layers and not self.ssd_k:
+            raise ConfigError("ssd_k=[]: give at least one k for the ssd_layers rows (or ssd_layers=[])")
 
 
 @dataclass
@@ -146,5 +177,58 @@ class ExportJob(CheckpointSource):
         check_dtype(self)
 
 
-SCHEMAS: dict[str, type] = {"export": ExportJob, "train": TrainJob, "evaluate": EvaluateJob, "infer": InferJob,
-                            "bench": BenchJob}
+@dataclass
+class CalibrateJob(CheckpointSource):
+    """``python -m tinyskip.calibrate [run=NAME] [measure=softmax] [delta=0.1] [epsilon=0.05]``:
+    a DEE threshold with CALM's guarantee, written to ``<run>/calibration.json``."""
+
+    measure: str = "softmax"
+    delta: float = 0.1                        # tolerance on the expected consistency loss
+    epsilon: float = 0.05                     # failure probability of the guarantee
+    loss: str = "f1"                          # f1 (1 - token F1 with full) | mismatch | risk
+    n_examples: int = 100                     # calibration prompts from split
+    split: str = "validation"                 # the test split is refused for calibration
+    test_split: Optional[str] = "test"        # measure the calibrated threshold here (None = skip)
+    n_test: int = 100
+    prompt_len: int = 32
+    max_new_tokens: int = 32
+    grid: int = 20                            # thresholds from the measure's top down
+    exits: list[int] = field(default_factory=list)   # checked exits ([] = every check_every-th)
+    check_every: int = 1
+    cache: str = "propagate"
+    quality: float = 0.95                     # the naive baseline: keep >= this of full quality
+    accuracy: float = 0.9                     # DSSD's per-exit accuracy-level thresholds
+    check_splits: int = 0                     # > 0: the guarantee's frequency over random splits
+    out: Optional[str] = None                 # default <run>/calibration.json
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURE_RANGES:
+            raise ConfigError(f"measure={self.measure!r}: must be one of "
+                              f"{', '.join(MEASURE_RANGES)}")
+        if self.cache not in CACHE_STRATEGIES:
+            raise ConfigError(f"cache={self.cache!r}: must be one of {', '.join(CACHE_STRATEGIES)}")
+        for name in ("delta", "epsilon"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ConfigError(f"{name}={value}: must be in (0, 1)")
+        if self.loss not in ("f1", "mismatch", "risk"):
+            raise ConfigError(f"loss={self.loss!r}: must be one of f1, mismatch, risk")
+        if self.split not in ("train", "validation"):
+            raise ConfigError(f"split={self.split!r}: calibrate on train or validation (the test "
+                              "split is kept for checking the guarantee)")
+        if self.test_split not in (None, "test", "validation") or self.test_split == self.split:
+            raise ConfigError(f"test_split={self.test_split!r}: must be test or validation, and "
+                              f"not the calibration split {self.split!r}")
+        for name in ("n_examples", "prompt_len", "max_new_tokens", "grid", "n_test"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not 0 < self.quality <= 1 or not 0 < self.accuracy <= 1:
+            raise ConfigError(f"quality={self.quality}, accuracy={self.accuracy}: must be in (0, 1]")
+        check_source(self)
+
+
+SCHEMAS: dict[str, type] = {"export": ExportJob, "train": TrainJob, "evaluate": EvaluateJob,
+                            "infer": InferJob, "bench": BenchJob, "calibrate": CalibrateJob}

@@ -7,6 +7,8 @@ the same model class. Both come with a tokenizer exposing encode / decode / eos_
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,11 +16,46 @@ from typing import Optional
 import torch
 
 from .checkpoint import load_model, resolve_checkpoint
-from .config import ModelConfig
-from .data import load_tokenizer
+from .config import DEFAULT_RUN, ConfigError, DataConfig, ModelConfig, UserError
+from .data import load_tokenizer, prepare_corpus
+from .exits import frequent_tokens
 from .model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but CUDA is not available (use auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def checkpoint_path(run: Optional[str], checkpoint: Optional[str], checkpoint_root: str) -> Path:
+    """The checkpoint folder a job names (``checkpoint=``, else ``run=``, else the default run)."""
+    return resolve_checkpoint(checkpoint or Path(checkpoint_root) / (run or DEFAULT_RUN))
+
+
+def run_data_config(ckpt: Path, given: DataConfig) -> DataConfig:
+    """The data a run was trained on (its job.json), overridden by every field the user set.
+
+    A field still at its default is taken from the run, so ``infer`` and ``calibrate``
+    find the offline copy training used without being told again.
+    """
+    saved = ckpt.parent / "job.json"
+    if not saved.is_file():
+        return given
+    try:
+        trained = json.loads(saved.read_text(encoding="utf-8")).get("data", {})
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return given
+    default = DataConfig()
+    fields = {f.name: getattr(given, f.name) for f in dataclasses.fields(DataConfig)}
+    for name, value in fields.items():
+        if value == getattr(default, name) and name in trained:
+            fields[name] = trained[name]
+    return DataConfig(**fields)
 
 
 class SentencePieceTokenizer:
@@ -53,7 +90,19 @@ def load_source(run: Optional[str], checkpoint: Optional[str], checkpoint_root: 
         from .hf_llama import HFTokenizer, load_hf_llama
         model, folder = load_hf_llama(model_cfg.path, device, DTYPES[dtype])
         return Loaded(model, HFTokenizer(folder, model.config), str(folder), None)
-    ckpt = resolve_checkpoint(checkpoint or Path(checkpoint_root) / run)
+    ckpt = checkpoint_path(run, checkpoint, checkpoint_root)
     model, _ = load_model(ckpt, device, DTYPES[dtype])
     tok = ckpt / "tokenizer.model"
     return Loaded(model, SentencePieceTokenizer(tok), str(ckpt), tok)
+
+
+def draft_vocabulary(loaded: Loaded, spec, data) -> Optional[torch.Tensor]:
+    """The N most frequent training tokens, for ``draft_vocab=N`` (None when off)."""
+    if spec.ssd is None or not spec.ssd.draft_vocab:
+        return None
+    if loaded.tokenizer_file is None:
+        raise UserError("draft_vocab needs token frequencies of the training data, known only "
+                        "for tinyskip checkpoints")
+    data = run_data_config(Path(loaded.source), data)
+    train_tokens = prepare_corpus(data, loaded.tokenizer_file).tokens["train"]
+    return frequent_tokens(train_tokens, loaded.model.config.vocab_size, spec.ssd.draft_vocab)

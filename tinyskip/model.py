@@ -96,15 +96,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def kv(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values (B, n_kv, T, hd) of x (B, T, d)."""
         B, T, _ = x.shape
-        # (B, T, H*hd) -> (B, H, T, hd)
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        # (B, T, n_kv*hd) -> (B, n_kv, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = ctx.cos.to(k.dtype), ctx.sin.to(k.dtype)
+        return k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        k, v = self.kv(x, ctx)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, ctx.pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
@@ -203,6 +209,18 @@ class Transformer(nn.Module):
             h = self.layers[i](h, ctx)
         return h
 
+    def propagate_kv(self, h: torch.Tensor, start: int, end: int, cache: KVCache,
+                     pos: int) -> None:
+        """Fill blocks [start, end)'s cache at positions pos.. from the hidden state h
+        (B, T, d) that left earlier (CALM's state propagation): each block projects its own
+        keys and values from h, as if h were its input."""
+        self.check_range(start, end)
+        ctx = self.context(pos, h.shape[1], cache, h.shape[0])
+        for i in range(start, end):
+            layer = self.layers[i]
+            k, v = layer.self_attn.kv(layer.input_layernorm(h), ctx)
+            cache.update(i, pos, k, v)
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The shared exit head: (..., d) hidden states -> (..., V) logits."""
         return self.lm_head(self.norm(h))
@@ -214,12 +232,15 @@ class Transformer(nn.Module):
 
     # -- training ---------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, exit_layers: Optional[Sequence[int]] = None,
-                layer_drop: Optional[Sequence[float]] = None) -> torch.Tensor:
+                layer_drop: Optional[Sequence[float]] = None,
+                drop_draws: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (n_exits, B, T, V) of the exits at ``exit_layers`` (default: the last block).
 
         ``layer_drop`` gives one drop probability per block; in training each row of the
         batch skips block l with that probability (identity for that row, no rescaling),
-        and the block runs on the kept rows only, so dropping saves compute.
+        and the block runs on the kept rows only, so dropping saves compute. Row b drops
+        block l when ``drop_draws[b, l]`` (uniforms (B, L), default fresh ones) < p_l: the
+        trainer passes draws of the global batch so data-parallel ranks drop as one process.
         """
         L = self.num_layers
         exit_layers = sorted(set(exit_layers)) if exit_layers is not None else [L - 1]
@@ -236,7 +257,9 @@ class Transformer(nn.Module):
             if p <= 0.0:
                 h = layer(h, ctx)
             else:
-                keep = (torch.rand(h.shape[0], device=h.device) >= p).nonzero().squeeze(1)
+                u = drop_draws[:, i].to(h.device) if drop_draws is not None else \
+                    torch.rand(h.shape[0], device=h.device)
+                keep = (u >= p).nonzero().squeeze(1)
                 if keep.numel() == h.shape[0]:
                     h = layer(h, ctx)
                 elif keep.numel() > 0:

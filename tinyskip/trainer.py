@@ -23,6 +23,7 @@ from .checkpoint import (CHECKPOINT, CheckpointError, load_model, load_model_con
 from .config import ConfigError, TrainConfig
 from .data import get_batch, prepare_corpus
 from .jobs import TrainJob
+from .loading import pick_device
 from .losses import cosine_lr, distillation_loss, early_exit_loss, exit_weights, layerdrop_probs
 from .model import Transformer
 from .perplexity import autocast, exit_perplexities
@@ -34,14 +35,6 @@ class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)      # train loss of every step run
     last_eval: dict = field(default_factory=dict)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device='cuda' but CUDA is not available (use auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
@@ -147,12 +140,14 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         layers, weights = exit_weights(tc, L, step)
-        # LayerDrop draws depend only on (seed, step, rank): resumable without RNG state.
-        torch.manual_seed(tc.seed * 7919 + step * 131 + rank)
         x, y = get_batch(corpus.tokens["train"], tc.batch_size, tc.seq_len, tc.seed, step, rows)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # LayerDrop draws of the global batch depend only on (seed, step): resumable without
+        # RNG state, and each rank takes its rows' draws, so DDP drops as one process does.
+        g = torch.Generator().manual_seed(tc.seed * 7919 + step * 131)
+        draws = torch.rand(tc.batch_size, L, generator=g)[rows]
         with autocast(device, tc.bf16):
-            logits = step_model(x, layers, layerdrop_probs(tc, L, step))
+            logits = step_model(x, layers, layerdrop_probs(tc, L, step), draws)
             loss, per_exit = early_exit_loss(logits, y, weights)
             if tc.distill_weight > 0:
                 loss = loss + tc.distill_weight * distillation_loss(logits, weights,

@@ -1,0 +1,151 @@
+"""``python -m tinyskip.calibrate [run=NAME] [measure=softmax] [delta=0.1] [epsilon=0.05]``.
+
+Calibrates the DEE threshold of a run with CALM's guarantee (see calibration.py), checks
+it on a held-out split, and writes ``<run>/calibration.json``, which ``infer mode=dee``
+then uses by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from . import ltt
+from .calibration import (Example, dee_losses, decode_full, exit_confidences, sample_windows,
+                          threshold_grid, walk_grid)
+from .checkpoint import load_model, weights_hash, write_json_atomic
+from .cli import entry_point
+from .config import DEEConfig, UserError
+from .data import prepare_corpus
+from .jobs import CalibrateJob
+from .loading import checkpoint_path, pick_device, run_data_config
+
+
+def _bar(desc: str):
+    from tqdm import tqdm
+    return lambda it, **kw: tqdm(it, desc=desc, leave=False, disable=not sys.stderr.isatty(), **kw)
+
+
+def cached_examples(model, ckpt: Path, key: dict, windows, max_new_tokens: int, eos: int
+                    ) -> tuple[list[Example], float]:
+    """The full model's greedy outputs (and their tokens/s), decoded once per checkpoint
+    and settings and kept in ``<run>/.calibration-cache/``."""
+    folder = ckpt.parent / ".calibration-cache"
+    name = json.dumps(key, sort_keys=True)
+    path = folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == name:
+            return [Example(**e) for e in saved["examples"]], saved["tokens_per_s"]
+    t0 = time.perf_counter()
+    examples = decode_full(model, _bar("full outputs")(windows), max_new_tokens, eos)
+    tps = sum(len(e.full) for e in examples) / (time.perf_counter() - t0)
+    folder.mkdir(exist_ok=True)
+    write_json_atomic(path, {"key": name, "tokens_per_s": tps,
+                             "examples": [dataclasses.asdict(e) for e in examples]})
+    return examples, tps
+
+
+def calibrate(job: CalibrateJob) -> dict:
+    device = pick_device(job.device)
+    ckpt = checkpoint_path(job.run, job.checkpoint, job.checkpoint_root)
+    out = Path(job.out) if job.out else ckpt.parent / "calibration.json"
+    model, _ = load_model(ckpt, device)
+    L = model.num_layers
+    base = DEEConfig(job.measure, [math.inf], list(job.exits), job.check_every, job.cache)
+    base.validate(L)
+    need = ltt.min_examples(job.delta, job.epsilon)
+    if job.n_examples < need:
+        raise UserError(f"n_examples={job.n_examples}: too few calibration examples for any "
+                        f"guarantee at delta={job.delta}, epsilon={job.epsilon}: need at least {need}")
+    corpus = prepare_corpus(run_data_config(ckpt, job.data), ckpt / "tokenizer.model")
+    eos, whash = corpus.eos_id, weights_hash(ckpt)
+
+    def examples_of(split: str, n: int, seed: int):
+        windows = sample_windows(corpus.tokens[split], n, job.prompt_len, job.max_new_tokens, seed)
+        key = {"weights": whash, "split": split, "n": n, "prompt_len": job.prompt_len,
+               "max_new_tokens": job.max_new_tokens, "seed": seed}
+        return cached_examples(model, ckpt, key, windows, job.max_new_tokens, eos)
+
+    cal, _ = examples_of(job.split, job.n_examples, job.seed)
+    grid = threshold_grid(job.measure, job.grid)
+    walked = walk_grid(model, cal, base, grid, job.max_new_tokens, eos, job.loss, job.delta,
+                       job.epsilon, job.quality, full_grid=job.check_splits > 0,
+                       progress=_bar(f"thresholds ({job.measure})"))
+    res = ltt.calibrate_threshold(walked["thresholds"], walked["losses"], job.delta, job.epsilon)
+    naive = ltt.naive_threshold(walked["thresholds"], walked["losses"], job.quality)
+    exits = base.checked_exits(L)
+    conf, agree = exit_confidences(model, cal, job.measure, exits)
+    result = {
+        "measure": job.measure, "exits": exits, "cache": job.cache,
+        "threshold": res["threshold"],           # None = never exit
+        "delta": job.delta, "epsilon": job.epsilon, "loss": job.loss, "split": job.split,
+        "n": job.n_examples, "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
+        "seed": job.seed, "weights_hash": whash, "checkpoint": str(ckpt),
+        "grid": walked["thresholds"], "risks": res["risks"], "pvalues": res["pvalues"],
+        "losses": walked["losses"].tolist(),
+        "naive": {"quality": job.quality, "threshold": naive},
+        "dssd": {"accuracy": job.accuracy,
+                 "thresholds": ltt.accuracy_level_thresholds(conf, agree, job.accuracy)},
+    }
+    if job.test_split:
+        result["test"] = check_on(model, job, examples_of(job.test_split, job.n_test, job.seed + 1),
+                                  base, {"ltt": res["threshold"], "naive": naive}, eos)
+    if job.check_splits:
+        result["splits"] = ltt.split_frequency(walked["thresholds"], walked["losses"],
+                                               job.delta, job.epsilon, job.check_splits, job.seed)
+    write_json_atomic(out, result)
+    result["path"] = str(out)
+    return result
+
+
+def check_on(model, job: CalibrateJob, examples, base: DEEConfig, thresholds: dict,
+             eos: int) -> dict:
+    """Loss, exits and speed of each calibrated threshold on a held-out split."""
+    held_out, full_tps = examples
+    report = {"split": job.test_split, "n": len(held_out), "full_tokens_per_s": full_tps}
+    for name, lam in thresholds.items():
+        cfg = dataclasses.replace(base, threshold=[math.inf if lam is None else lam])
+        losses, st = dee_losses(model, held_out, cfg, job.max_new_tokens, eos, job.loss)
+        report[name] = {"threshold": lam, "loss": float(losses.mean()),
+                        "loss_std": float(losses.std()), "mean_exit": st.mean_exit,
+                        "exit_hist": st.exit_hist,
+                        "heads_per_token": st.head_evals / max(st.new_tokens, 1),
+                        "tokens_per_s": st.tokens_per_s, "speedup": st.tokens_per_s / full_tps}
+    return report
+
+
+@entry_point("calibrate")
+def main(job: CalibrateJob) -> None:
+    r = calibrate(job)
+    lam = "never exit" if r["threshold"] is None else f"{r['threshold']:.3f}"
+    print(f"{r['measure']} threshold {lam} on {r['n']} {r['split']} prompts: expected "
+          f"{r['loss']} loss <= {r['delta']} with probability >= {1 - r['epsilon']:.2f} "
+          f"(exits {r['exits']}, cache={r['cache']})")
+    naive = r["naive"]["threshold"]
+    print(f"naive baseline (keep >= {r['naive']['quality']:.0%} of full quality): "
+          f"{'never exit' if naive is None else f'{naive:.3f}'} (no guarantee)")
+    dssd = ", ".join("-" if t is None else f"{t:.3f}" for t in r["dssd"]["thresholds"])
+    print(f"DSSD per-exit thresholds at accuracy {r['dssd']['accuracy']}: [{dssd}]")
+    if "test" in r:
+        t = r["test"]
+        for name in ("ltt", "naive"):
+            row = t[name]
+            exit_ = "-" if row["mean_exit"] is None else f"{row['mean_exit']:.2f}"
+            print(f"  {name:<5} on {t['n']} {t['split']} prompts: loss {row['loss']:.3f} "
+                  f"(delta {r['delta']}), mean exit {exit_}, {row['heads_per_token']:.2f} "
+                  f"heads/token, {row['speedup']:.2f}x full tokens/s")
+    if "splits" in r:
+        s = r["splits"]
+        print(f"  guarantee over {s['n_splits']} random splits: test loss > delta in "
+              f"{s['violation_rate']:.3f} of them (epsilon {r['epsilon']})")
+    print(f"wrote {r['path']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Calibrating dynamic early exit (CALM with Learn-then-Test) on a trained model.
+
+For a descending grid of thresholds lambda_1 > lambda_2 > ..., each calibration prompt
+is decoded with DEE at lambda_j and compared with the full model's greedy output (decoded
+once). The per-example losses go to the statistics of ``ltt.py``: fixed-sequence testing
+with Hoeffding-Bentkus p-values returns the lowest threshold whose expected loss is
+<= delta with probability >= 1 - epsilon. Every threshold is decoded for real (no
+teacher-forced shortcut, which would not carry the guarantee), and the walk down the
+grid stops once both the test and the naive baseline have failed, so the cost is the
+thresholds that pass plus one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import ltt
+from .config import MEASURE_RANGES, DEEConfig
+from .decode import dee_generate, generate
+from .decode.confidence import TokenConfidence
+from .decode.stats import DecodeStats
+from .exits import ExitHead
+from .model import Transformer
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    reference: list[int]        # the data's own continuation
+    full: list[int]             # the full model's greedy continuation
+
+
+def sample_windows(tokens: np.ndarray, n: int, prompt_len: int, new_tokens: int,
+                   seed: int) -> list[tuple[list[int], list[int]]]:
+    """n (prompt, reference) windows at random places of a token array, drawn by seed."""
+    span = prompt_len + new_tokens
+    if tokens.size <= span:
+        raise ValueError(f"the split holds {tokens.size} tokens, fewer than one window of {span}")
+    g = np.random.default_rng(seed)
+    starts = g.choice(tokens.size - span, size=n, replace=n > tokens.size - span)
+    return [(tokens[s:s + prompt_len].astype(np.int64).tolist(),
+             tokens[s + prompt_len:s + span].astype(np.int64).tolist()) for s in starts]
+
+
+def decode_full(model: Transformer, windows, max_new_tokens: int, eos_id) -> list[Example]:
+    dev = next(model.parameters()).device
+    out = []
+    for prompt, ref in windows:
+        g = generate(model, torch.tensor([prompt], device=dev), max_new_tokens, eos_id=eos_id)
+        out.append(Example(prompt, ref, g.tokens[0]))
+    return out
+
+
+def example_loss(kind: str, early: list[int], ex: Example) -> float:
+    """Textual consistency with the full output (f1, mismatch) or risk consistency
+    against the reference (risk = 1 - token F1 with the data's continuation)."""
+    if kind == "f1":
+        return ltt.f1_loss(early, ex.full)
+    if kind == "mismatch":
+        return ltt.mismatch_loss(early, ex.full)
+    return ltt.risk_consistency_loss(ltt.f1_loss(early, ex.reference),
+                                     ltt.f1_loss(ex.full, ex.reference))
+
+
+def threshold_grid(measure: str, n: int) -> list[float]:
+    """n thresholds from the top of the measure's range down (descending, fixed in advance)."""
+    lo, hi = MEASURE_RANGES[measure]
+    return [float(v) for v in np.linspace(hi, lo, n + 1)[:n]]
+
+
+def dee_losses(model: Transformer, examples: list[Example], cfg: DEEConfig, max_new_tokens: int,
+               eos_id, kind: str) -> tuple[np.ndarray, DecodeStats]:
+    """Per-example losses of DEE under ``cfg`` and the summed decoding statistics."""
+    dev = next(model.parameters()).device
+    losses, stats = [], DecodeStats()
+    for ex in examples:
+        g = dee_generate(model, torch.tensor([ex.prompt], device=dev), max_new_tokens, cfg,
+                         eos_id=eos_id)
+        losses.append(example_loss(kind, g.tokens[0], ex))
+        stats = stats + g.stats
+    return np.asarray(losses), stats
+
+
+def walk_grid(model: Transformer, examples: list[Example], base: DEEConfig, grid: list[float],
+              max_new_tokens: int, eos_id, kind: str, delta: float, epsilon: float,
+              quality: float, full_grid: bool = False,
+              progress: Optional[Callable] = None) -> dict:
+    """Losses (rows = thresholds walked, in grid order) until LTT and the naive baseline
+    have both failed (or over the whole grid with ``full_grid``)."""
+    rows, stats = [], []
+    ltt_ok = naive_ok = True
+    n = len(examples)
+    for lam in (progress(grid) if progress else grid):
+        cfg = dataclasses.replace(base, threshold=[lam])
+        losses, st = dee_losses(model, examples, cfg, max_new_tokens, eos_id, kind)
+        rows.append(losses)
+        stats.append(st)
+        risk = float(losses.mean())
+        ltt_ok = ltt_ok and ltt.hb_pvalue(risk, n, delta) <= epsilon
+        naive_ok = naive_ok and risk <= 1 - quality
+        if not (ltt_ok or naive_ok or full_grid):
+            break
+    return {"thresholds": grid[:len(rows)], "losses": np.stack(rows), "stats": stats}
+
+
+@torch.no_grad()
+def exit_confidences(model: Transformer, examples: list[Example], measure: str,
+                     exits: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced confidences (n_exits, N) at the checked exits over the full model's
+    outputs, and whether each exit's argmax equals the last exit's (n_exits, N)."""
+    dev = next(model.parameters()).device
+    head, L = ExitHead(model), model.num_layers
+    conf, agree = [], []
+    for ex in examples:
+        if not ex.full:
+            continue
+        ids = torch.tensor([ex.prompt + ex.full[:-1]], device=dev)
+        h = model.embed(ids)
+        states = {}
+        for layer in range(L):
+            h = model.run_layers(h, layer, layer + 1)
+            if layer + 1 in exits or layer + 1 == L:
+                states[layer + 1] = h[0, len(ex.prompt) - 1:]          # (new, d)
+        final = head.logits(states[L]).argmax(-1)
+        for t in range(final.shape[0]):
+            tc = TokenConfidence(measure)
+            c, a = [], []
+            for e in exits:
+                logits = head.logits(states[e][t])
+                c.append(tc.check(states[e][t], lambda: logits)[0])
+                a.append(float(logits.argmax() == final[t]))
+            conf.append(c)
+            agree.append(a)
+    return np.asarray(conf).T, np.asarray(agree).T

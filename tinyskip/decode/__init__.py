@@ -1,0 +1,81 @@
+"""Decoding: the modes users pick by name (``mode=full|static|ssd|dee``) and their loops.
+
+    sampling.py    temperature / top-k / top-p, the next-token choice, speculative acceptance
+    stats.py       DecodeStats (summable with +) and Generation
+    steps.py       input checks, cache, prefill, a token's pass through a range of blocks
+    confidence.py  the confidence measures (DEE and SSD's adaptive drafting)
+    full.py        full and static-exit decoding
+    ssd.py         self-speculative decoding
+    dee.py         dynamic early exit
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import MODES, DEEConfig, SSDConfig, UserError
+from ..model import Transformer
+from .dee import dee_generate
+from .full import generate
+from .sampling import SamplingConfig
+from .ssd import ssd_generate
+from .stats import DecodeStats, Generation
+from .steps import StopIds
+
+
+@dataclass
+class ModeSpec:
+    mode: str = "full"
+    exit_layer: Optional[int] = None        # static
+    ssd: Optional[SSDConfig] = None         # ssd
+    dee: Optional[DEEConfig] = None         # dee
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"mode={self.mode!r}: must be one of {', '.join(MODES)}")
+
+    def validate(self, num_layers: int) -> None:
+        """Check the mode's options against the model, once per generation run."""
+        if self.mode == "static" and not 1 <= (self.exit_layer or 0) <= num_layers:
+            raise UserError(f"exit_layer={self.exit_layer}: must be in 1..{num_layers} (the "
+                            "number of blocks to run)")
+        if self.ssd is not None:
+            self.ssd.validate(num_layers)
+        if self.dee is not None:
+            self.dee.validate(num_layers)
+
+    @property
+    def label(self) -> str:
+        if self.mode == "static":
+            return f"static E={self.exit_layer}"
+        if self.mode == "ssd":
+            s = self.ssd
+            extra = (f" vocab={s.draft_vocab}" if s.draft_vocab else "") + \
+                    (f" adapt={s.adaptive_threshold}" if s.adaptive_threshold else "")
+            return f"ssd E={s.draft_layer} k={s.k}{extra}"
+        if self.mode == "dee":
+            d = self.dee
+            thr = ",".join(f"{t:g}" for t in d.threshold)
+            return f"dee {d.measure}>={thr} {d.cache}" + (f" tau={d.decay_tau:g}" if d.decay_tau else "")
+        return "full"
+
+
+def decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, spec: ModeSpec,
+           sampling: SamplingConfig = SamplingConfig(), eos_id: StopIds = None,
+           generator: Optional[torch.Generator] = None,
+           draft_ids: Optional[torch.Tensor] = None) -> Generation:
+    if spec.mode == "full":
+        return generate(model, prompt, max_new_tokens, None, sampling, eos_id, generator)
+    if spec.mode == "static":
+        return generate(model, prompt, max_new_tokens, spec.exit_layer, sampling, eos_id, generator)
+    if spec.mode == "dee":
+        return dee_generate(model, prompt, max_new_tokens, spec.dee, sampling, eos_id, generator)
+    return ssd_generate(model, prompt, max_new_tokens, spec.ssd, sampling, eos_id, generator,
+                        draft_ids)
+
+
+__all__ = ["MODES", "ModeSpec", "decode", "generate", "ssd_generate", "dee_generate",
+           "SamplingConfig", "DecodeStats", "Generation"]

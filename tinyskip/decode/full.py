@@ -1,0 +1,65 @@
+"""Full and static-exit decoding with the static KV cache.
+
+``mode=full`` is static exit at the last exit: both run blocks [0, exit_layer) for
+every token, so a static exit never touches the deeper layers' cache.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from ..config import UserError
+from ..model import Transformer
+from .sampling import SamplingConfig, choose
+from .stats import DecodeStats, Generation
+from .steps import StopIds, budget, new_cache, prefill, stop_set, sync, token_pass, truncate_at_eos
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
+             exit_layer: Optional[int] = None, sampling: SamplingConfig = SamplingConfig(),
+             eos_id: StopIds = None, generator: Optional[torch.Generator] = None,
+             ) -> Generation:
+    """Full (exit_layer = L, the default) or static-exit decoding of prompt (B, T).
+
+    Rows of a batch share positions, so their prompts must have equal lengths. Stops
+    when every row has produced a stop token, after ``max_new_tokens``, or at the
+    context's end.
+    """
+    L = model.num_layers
+    E = L if exit_layer is None else exit_layer
+    if not 1 <= E <= L:
+        raise UserError(f"exit_layer={E}: must be in 1..{L} (the number of blocks to run)")
+    steps = budget(model, prompt, max_new_tokens)
+    B, T = prompt.shape
+    cache = new_cache(model, prompt, steps)
+    stats = DecodeStats()
+    logits = prefill(model, prompt, cache, E, stats)
+    out = torch.empty(B, steps, dtype=torch.long, device=prompt.device)
+    stops = torch.tensor(sorted(stop_set(eos_id)), dtype=torch.long, device=prompt.device)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    t0 = time.perf_counter()
+    n = 0
+    for n in range(1, steps + 1):
+        tok = choose(logits, sampling, generator)                       # (B,)
+        out[:, n - 1] = tok
+        stats.add_layers(E)             # the token's own pass (the first one's is in prefill)
+        stats.add_head()
+        if stops.numel():
+            done |= torch.isin(tok, stops)
+            if bool(done.all()):
+                break
+        if n == steps:
+            break
+        logits = model.head(token_pass(model, tok, 0, E, cache, T + n - 1))
+    sync(prompt.device)
+    stats.decode_s = time.perf_counter() - t0
+    rows = [truncate_at_eos(r, eos_id)[0] for r in out[:, :n].tolist()]
+    stats.new_tokens = sum(len(r) for r in rows)
+    stats.add_exit(E, stats.new_tokens)
+    if B > 1:     # every row ran every step: a batched call counts once per row
+        stats.calls = {k: v * B for k, v in stats.calls.items()}
+    return Generation(rows, stats)

@@ -1,0 +1,111 @@
+"""Self-speculative decoding: draft with blocks [0, E) + the shared head, verify with the rest.
+
+One round, with the last committed token t at position p (not yet run by any block):
+
+    draft   for j in 0..m-1: blocks [0, E) on the token at p+j (t, then each draft),
+            keep its exit hidden state h[j], and the head proposes draft d_{j+1}
+    verify  blocks [0, E) on the last draft d_m alone (position p+m), then blocks
+            [E, L) over the m+1 positions p..p+m starting from the kept exit states
+            h[0..m], and the head on all of them: the full model's next-token logits
+
+Nothing is computed twice: every block runs once per position. The KV cache is indexed
+by absolute position, so entries of rejected drafts need no cropping: they lie past the
+next round's queries (masked) and are overwritten. Greedy acceptance keeps the longest
+prefix of drafts equal to the full model's argmax plus the full model's own next token,
+so the output equals greedy full decoding token for token. Sampling uses the
+speculative-sampling rule, so the output distribution equals the full model's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from ..config import SSDConfig, UserError
+from ..exits import ExitHead
+from ..model import Transformer
+from .confidence import max_prob
+from .sampling import SamplingConfig, accept_sampled, choose, logits_to_probs
+from .stats import DecodeStats, Generation
+from .steps import StopIds, budget, new_cache, prefill, sync, token_pass, truncate_at_eos
+
+
+@torch.no_grad()
+def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cfg: SSDConfig,
+                 sampling: SamplingConfig = SamplingConfig(), eos_id: StopIds = None,
+                 generator: Optional[torch.Generator] = None,
+                 draft_ids: Optional[torch.Tensor] = None) -> Generation:
+    """Self-speculative decoding of one prompt (1, T)."""
+    L, E = model.num_layers, cfg.draft_layer
+    cfg.validate(L)
+    steps = budget(model, prompt, max_new_tokens)
+    if prompt.shape[0] != 1:
+        raise UserError(f"mode=ssd decodes one prompt at a time (got a batch of {prompt.shape[0]})")
+    T, dev = prompt.shape[1], prompt.device
+    cache = new_cache(model, prompt, steps)
+    draft, verifier = ExitHead(model, draft_ids), ExitHead(model)
+    stats = DecodeStats()
+    logits = prefill(model, prompt, cache, L, stats)
+    t0 = time.perf_counter()
+    out = [int(choose(logits, sampling, generator))]
+    stats.add_layers(L)
+    stats.add_head()
+    # Exit states of one round: at most k drafts plus the last committed token (the
+    # buffer never exceeds what the budget can use, whatever k asks for).
+    width = min(cfg.k, steps) + 1
+    h_exit = torch.empty(1, width, model.config.hidden_size, device=dev, dtype=logits.dtype)
+    _, finished = truncate_at_eos(out, eos_id)
+    while len(out) < steps and not finished:
+        p = T + len(out) - 1                        # position of the last committed token
+        k = min(cfg.k, steps - len(out) - 1)        # never draft past what is still needed
+        cur = torch.tensor([out[-1]], device=dev)   # (1,)
+        drafts, q, have = [], [], 0                 # have: exit states computed so far
+        for j in range(k):
+            h_exit[:, j] = token_pass(model, cur, 0, E, cache, p + j)
+            have = j + 1
+            dl = draft.logits(h_exit[0, j], E)                            # (N,)
+            stats.add_layers(E)
+            stats.add_head(cost=draft.cost)
+            if sampling.greedy:
+                idx = dl.argmax()
+                conf = max_prob(torch.softmax(dl.float(), -1)) if cfg.adaptive_threshold else 1.0
+            else:
+                probs = logits_to_probs(dl, sampling)
+                idx = torch.multinomial(probs, 1, generator=generator)[0]
+                conf = max_prob(probs) if cfg.adaptive_threshold else 1.0
+            if conf < cfg.adaptive_threshold:
+                break                       # an unconfident draft is dropped, not verified
+            if not sampling.greedy:
+                q.append(draft.full_probs(probs))
+            cur = draft.to_vocab(idx).view(1)
+            drafts.append(cur)
+        m = len(drafts)
+        if have < m + 1:    # the last draft (or t itself when m = 0) has no exit state yet
+            h_exit[:, m] = token_pass(model, cur, 0, E, cache, p + m)
+            stats.add_layers(E)
+        hv = model.run_layers(h_exit[:, :m + 1], E, L, cache, p)
+        verify = verifier.logits(hv[0], L)                                # (m+1, V)
+        stats.add_layers(L - E, width=m + 1)
+        stats.add_head(width=m + 1)
+        drafted = torch.cat(drafts).tolist() if drafts else []
+        if sampling.greedy:
+            target = verify.argmax(-1).tolist()
+            a = 0
+            while a < m and drafted[a] == target[a]:
+                a += 1
+            nxt = target[a]
+        else:
+            a, nxt = accept_sampled(drafted, q, logits_to_probs(verify, sampling), generator)
+        out.extend(drafted[:a] + [nxt])
+        out, finished = truncate_at_eos(out, eos_id)
+        stats.rounds += 1
+        stats.drafted += m
+        stats.accepted += a
+        stats.accept_hist += [0] * (a + 1 - len(stats.accept_hist))
+        stats.accept_hist[a] += 1
+    sync(dev)
+    stats.decode_s = time.perf_counter() - t0
+    stats.new_tokens = len(out)
+    return Generation([out], stats)
