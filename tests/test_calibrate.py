@@ -1,0 +1,98 @@
+"""Calibration end to end: the file it writes, DEE reading it, and the commands chained as
+users type them (run and data taken from the default run)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinyskip.calibrate import calibrate
+from tinyskip.cli import compose_job
+from tinyskip.config import UserError
+from tinyskip.infer import infer
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["n_examples=8", "grid=4", "prompt_len=8", "max_new_tokens=6", "n_test=4",
+         "delta=0.3", "epsilon=0.3"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained_tiny, tmp_path_factory):
+    """A copy of the tiny run, so calibration files do not leak into other tests."""
+    dst = tmp_path_factory.mktemp("cal") / "tiny"
+    shutil.copytree(trained_tiny[2], dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def calibrated(run_dir):
+    # No data options: calibrate reads the run's own data settings from its job.json.
+    return calibrate(compose_job("calibrate", [f"checkpoint={run_dir}"] + SMALL))
+
+
+def test_calibration_file_holds_the_threshold_losses_and_weights_hash(calibrated, run_dir):
+    saved = json.loads((run_dir / "calibration.json").read_text())
+    assert saved["measure"] == "softmax" and saved["exits"] == [1, 2, 3]
+    assert saved["delta"] == 0.3 and saved["epsilon"] == 0.3 and saved["split"] == "validation"
+    assert saved["threshold"] is None or saved["threshold"] in saved["grid"]
+    assert len(saved["losses"]) == len(saved["grid"]) and len(saved["losses"][0]) == 8
+    assert saved["grid"] == sorted(saved["grid"], reverse=True) and saved["grid"][0] == 1.0
+    assert len(saved["weights_hash"]) == 64
+    assert saved["test"]["split"] == "test" and saved["test"]["n"] == 4
+    assert len(saved["dssd"]["thresholds"]) == 3
+
+
+def test_dee_uses_the_run_calibration_by_default_and_refuses_other_weights(calibrated, run_dir,
+                                                                            tmp_path):
+    [r] = infer(compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game",
+                                      "max_new_tokens=5"]))
+    lam = calibrated["threshold"]
+    assert r["mode"].startswith(f"dee softmax>={'inf' if lam is None else f'{lam:g}'}")
+    other = json.loads((run_dir / "calibration.json").read_text())
+    other["weights_hash"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match="was made for other weights"):
+        infer(compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game",
+                                    f"calibration={tmp_path / 'other.json'}"]))
+    with pytest.raises(UserError, match="holds a threshold for measure='softmax'"):
+        infer(compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game",
+                                    "measure=margin"]))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["split=test"], "split='test': calibrate on train or validation"),
+    (["n_examples=3"], "n_examples=3: too few calibration examples .* need at least 4"),
+    (["delta=1.5"], r"delta=1.5: must be in \(0, 1\)"),
+    (["measure=bogus"], "measure='bogus': must be one of softmax"),
+    (["cache=share"], "cache='share': must be one of propagate, recompute, copy"),
+])
+def test_bad_calibration_input_is_refused_and_writes_nothing(run_dir, tmp_path, args, message):
+    out = tmp_path / "cal.json"
+    with pytest.raises(UserError, match=message):
+        calibrate(compose_job("calibrate", [f"checkpoint={run_dir}", f"out={out}"] + SMALL + args))
+    assert not out.exists()
+
+
+def cli(cwd, *args, stdin=None):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, input=stdin)
+
+
+@pytest.mark.slow
+def test_the_commands_chain_as_written_on_the_default_run(trained_tiny, tmp_path):
+    """calibrate, infer mode=dee and infer mode=ssd draft_layer=3 k=4 with no run, data or
+    prompt option: the default run, its data settings, prompts on standard input."""
+    shutil.copytree(trained_tiny[2], tmp_path / "checkpoints" / "l6_d128")
+    done = cli(tmp_path, "tinyskip.calibrate", *SMALL)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert (tmp_path / "checkpoints" / "l6_d128" / "calibration.json").is_file()
+    for args in (["mode=dee"], ["mode=ssd", "draft_layer=3", "k=4"]):
+        done = cli(tmp_path, "tinyskip.infer", *args, "max_new_tokens=8",
+                   stdin="The game was\n\nIn 1994 , the band\n")
+        assert done.returncode == 0, done.stderr[-1500:]
+        lines = done.stdout.strip().splitlines()
+        assert lines[0].startswith("The game was") and lines[2].startswith("In 1994 , the band")
+        assert "tok/s" in lines[1] and "tok/s" in lines[3]

@@ -1,0 +1,154 @@
+"""Dynamic early exit: equivalences with full and static decoding, and what each cache
+strategy leaves in the deeper layers."""
+
+import math
+
+import pytest
+import torch
+
+from tinyskip.cache import KVCache
+from tinyskip.config import MEASURE_RANGES, DEEConfig, UserError
+from tinyskip.decode import dee_generate, generate
+from tinyskip.decode.confidence import decayed_threshold, entropy_confidence, margin
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts(trained_tiny):
+    model, corpus, _ = trained_tiny
+    test = torch.from_numpy(corpus.tokens["test"][:3000].astype("int64"))
+    prompts = [test[s:s + n][None] for s, n in [(0, 12), (700, 3), (1500, 20)]]
+    return model, prompts, corpus.eos_id
+
+
+@pytest.mark.parametrize("cache", ["propagate", "recompute", "copy"])
+@pytest.mark.parametrize("measure", sorted(MEASURE_RANGES))
+def test_infinite_threshold_is_full_decoding(model_and_prompts, measure, cache):
+    model, prompts, eos = model_and_prompts
+    cfg = DEEConfig(measure, [math.inf], cache=cache)
+    for prompt in prompts:
+        full = generate(model, prompt, 20, eos_id=eos)
+        dee = dee_generate(model, prompt, 20, cfg, eos_id=eos)
+        assert dee.tokens == full.tokens
+        assert dee.stats.mean_exit == model.num_layers
+
+
+@pytest.mark.parametrize("measure", ["softmax", "margin", "entropy"])
+def test_a_threshold_every_token_passes_exits_at_the_first_checked_exit(model_and_prompts, measure):
+    model, prompts, _ = model_and_prompts
+    cfg = DEEConfig(measure, [0.0], exits=[2, 3])
+    for prompt in prompts:
+        dee = dee_generate(model, prompt, 15, cfg)
+        # Every token but the first (from prefill) leaves at exit 2: that is static exit 2,
+        # whose first token also comes from the full model's prefill.
+        assert dee.stats.exit_hist[2] == 14 and dee.stats.exit_hist[4] == 1
+        static_from_second = generate(model, torch.cat([prompt, torch.tensor(
+            [dee.tokens[0][:1]])], 1), 14, exit_layer=2).tokens[0]
+        assert dee.tokens[0][1:] == static_from_second
+
+
+def test_relative_measures_cannot_exit_at_the_first_checked_exit(model_and_prompts):
+    model, prompts, _ = model_and_prompts
+    for measure in ("repeat", "convergence", "saturation"):
+        lo = MEASURE_RANGES[measure][0]
+        dee = dee_generate(model, prompts[0], 10, DEEConfig(measure, [lo], exits=[1, 2]))
+        assert dee.stats.exit_hist[1:3] == [0, 9], measure
+
+
+def _full_pass_kv(model, ids):
+    """Keys and values of every layer from one uncached-equivalent pass over ids (1, S)."""
+    cache = KVCache(model.config, 1, ids.shape[1])
+    model.run_layers(model.embed(ids), 0, model.num_layers, cache, 0)
+    return cache
+
+
+def _dee_with_cache(model, prompt, n, cfg):
+    cache = KVCache(model.config, 1, prompt.shape[1] + n)
+    g = dee_generate(model, prompt, n, cfg, cache=cache)
+    return g.tokens[0], cache
+
+
+def test_propagate_fills_deeper_layers_from_the_exit_state(model_and_prompts):
+    model, prompts, _ = model_and_prompts
+    prompt = prompts[2]
+    T, L = prompt.shape[1], model.num_layers
+    tokens, cache = _dee_with_cache(model, prompt, 12, DEEConfig("softmax", [0.0], exits=[2]))
+    # Token j (j >= 1) sits at position T+j-1 and left after 2 blocks: blocks 2, 3 hold keys
+    # projected from its exit state h_2, which blocks [0, 2) of a full pass reproduce.
+    ids = torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)
+    with torch.no_grad():
+        h2 = model.run_layers(model.embed(ids), 0, 2, KVCache(model.config, 1, ids.shape[1]), 0)
+        ref = KVCache(model.config, 1, ids.shape[1])
+        model.propagate_kv(h2, 2, L, ref, 0)
+    sl = slice(T, T + len(tokens) - 1)       # positions of the exited tokens that ran blocks
+    for layer in (2, 3):
+        torch.testing.assert_close(cache.k[layer][:, :, sl], ref.k[layer][:, :, sl])
+        torch.testing.assert_close(cache.v[layer][:, :, sl], ref.v[layer][:, :, sl])
+        assert cache.k[layer][:, :, sl].abs().sum() > 0
+
+
+def test_recompute_gives_deeper_layers_the_keys_of_a_full_pass(model_and_prompts):
+    model, prompts, _ = model_and_prompts
+    prompt = prompts[0]
+    T, L = prompt.shape[1], model.num_layers
+    # A rule some tokens pass and others do not (exit 2 when its argmax repeats exit 1's),
+    # so runs of exited tokens are caught up by a later token that goes deeper.
+    cfg = DEEConfig("repeat", [1.0], exits=[1, 2], cache="recompute")
+    g = dee_generate(model, prompt, 30, cfg)
+    assert 0 < sum(g.stats.exit_hist[1:L]) < 29, g.stats.exit_hist
+    assert any(k.startswith("layer:") and k != "layer:1" for k in g.stats.calls), g.stats.calls
+    tokens, cache = _dee_with_cache(model, prompt, 30, cfg)
+    ids = torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)
+    ref = _full_pass_kv(model, ids)
+    S = ids.shape[1]
+    filled = 0
+    for layer in range(L):
+        for p in range(S):
+            got = cache.k[layer][0, :, p]
+            if got.abs().sum() == 0:          # still waiting at the end of the generation
+                assert p >= T
+                continue
+            filled += 1
+            torch.testing.assert_close(got, ref.k[layer][0, :, p], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(cache.v[layer][0, :, p], ref.v[layer][0, :, p],
+                                       atol=1e-5, rtol=1e-4)
+    assert filled > L * (S - 4)              # all but a short waiting suffix
+
+
+def test_recompute_keeps_greedy_output_closer_to_full_than_copy(model_and_prompts):
+    model, prompts, _ = model_and_prompts
+    full = generate(model, prompts[0], 30).tokens[0]
+    agree = {}
+    for cache in ("recompute", "copy"):
+        out = dee_generate(model, prompts[0], 30, DEEConfig("repeat", [1.0], exits=[1, 2],
+                                                           cache=cache)).tokens[0]
+        agree[cache] = sum(a == b for a, b in zip(out, full))
+    assert agree["recompute"] >= agree["copy"]
+
+
+def test_decaying_threshold_decays_with_the_step():
+    values = [decayed_threshold(0.9, t, 64, 4.0) for t in range(0, 65, 8)]
+    assert values[0] == pytest.approx(0.9)
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(0.9 * (0.9 + 0.1 * math.exp(-4)))
+    assert decayed_threshold(0.9, 30, 64, 0.0) == 0.9
+
+
+def test_confidence_measures_on_known_distributions():
+    p = torch.tensor([0.7, 0.2, 0.1, 0.0])
+    assert margin(p) == pytest.approx(0.5)
+    assert entropy_confidence(torch.full((8,), 1 / 8)) == pytest.approx(0.0, abs=1e-6)
+    assert entropy_confidence(torch.tensor([1.0, 0, 0, 0])) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (DEEConfig("softmax", [1.5]), r"threshold=1.5: outside the range \[0.0, 1.0\] of measure=softmax"),
+    (DEEConfig("entropy", [-0.1]), "outside the range"),
+    (DEEConfig("bogus", [0.5]), "DEEConfig.measure='bogus': must be one of softmax"),
+    (DEEConfig("softmax", [0.5], cache="share"), "DEEConfig.cache='share'"),
+    (DEEConfig("softmax", [0.5], exits=[4]), r"exits=\[4\]: checked exits must be distinct and in 1..3"),
+    (DEEConfig("softmax", [0.5, 0.4]), "give one value or one per checked exit"),
+    (DEEConfig("softmax", []), "mode=dee needs threshold="),
+])
+def test_bad_dee_options_are_refused(tiny_model, cfg, message):
+    with pytest.raises(UserError, match=message):
+        dee_generate(tiny_model, torch.tensor([[1, 2, 3]]), 4, cfg)
