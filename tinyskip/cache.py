@@ -1,9 +1,9 @@
 """A static KV cache indexed by absolute position (the gpt-fast design).
 
 Every layer owns preallocated key/value buffers of shape (B, n_kv_heads, S, head_dim).
-New entries are written at their absolute positions (a call covers consecutive
-positions pos..pos+T-1) and attention reads the prefix ``[0, pos+T)``, with a causal
-mask by position. Because nothing is ever appended or
+New entries are written at their absolute positions and attention reads the whole
+buffer under a causal mask by position, so every shape is static as the sequence grows
+(what ``torch.compile`` needs to trace a step once). Because nothing is ever appended or
 cropped, a speculative rollback costs nothing (entries past the accepted prefix are
 masked out and later overwritten) and a decoder can fill the entries of layers that a
 token skipped at any time.
@@ -34,6 +34,7 @@ class KVCache:
                   for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype)
                   for _ in range(cfg.num_hidden_layers)]
+        self.positions = torch.arange(max_seq_len, device=device)      # (S,) for masks
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
 
@@ -46,14 +47,13 @@ class KVCache:
             raise CacheError(f"batch of {batch_size} rows given to a cache built for "
                              f"{self.batch_size}")
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at positions pos..pos+T-1; return the prefix [0, pos+T)."""
-        end = pos + k.shape[2]
+        """Write k, v (B, n_kv, T, hd) at positions input_pos (T,); return the full buffers."""
         k_buf, v_buf = self.k[layer], self.v[layer]
-        k_buf[:, :, pos:end] = k
-        v_buf[:, :, pos:end] = v
-        return k_buf[:, :, :end], v_buf[:, :, :end]
+        k_buf.index_copy_(2, input_pos, k)
+        v_buf.index_copy_(2, input_pos, v)
+        return k_buf, v_buf
 
     def copy_up(self, src: int, dst: range, pos: int) -> None:
         """Copy layer ``src``'s entries at ``pos`` into layers ``dst`` (the known-bad baseline

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +78,11 @@ class RMSNorm(nn.Module):
 class AttnContext:
     """What every layer of one ``run_layers`` call shares: positions, RoPE rows, mask."""
 
-    cos: torch.Tensor                     # (T, hd) rows of positions pos..pos+T-1
+    cos: torch.Tensor                     # (T, hd) RoPE rows of the T positions
     sin: torch.Tensor                     # (T, hd)
-    pos: int = 0                          # absolute position of the first of the T tokens
+    input_pos: torch.Tensor               # (T,) absolute positions of the tokens
     cache: Optional[KVCache] = None
-    mask: Optional[torch.Tensor] = None   # (T, pos+T) bool, True = may attend
+    mask: Optional[torch.Tensor] = None   # (T, S) bool over the whole cache, True = may attend
 
 
 class Attention(nn.Module):
@@ -112,7 +112,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k, v = self.kv(x, ctx)
         if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, ctx.pos, k, v)
+            k, v = ctx.cache.update(self.layer_idx, ctx.input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
                                                enable_gqa=self.n_kv != self.n_heads)
         else:
@@ -182,25 +182,34 @@ class Transformer(nn.Module):
         """(B, T) token ids -> (B, T, d) residual stream."""
         return self.embed_tokens(input_ids)
 
-    def context(self, pos: int, T: int, cache: Optional[KVCache] = None,
+    def context(self, pos: Union[int, torch.Tensor], T: int, cache: Optional[KVCache] = None,
                 batch_size: int = 1) -> AttnContext:
-        """Shared attention state for T tokens at absolute positions pos..pos+T-1."""
-        ctx = AttnContext(self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T], pos, cache)
+        """Shared attention state for T tokens at absolute positions pos..pos+T-1.
+
+        ``pos`` is the first position (an int: checked against the cache) or the (T,)
+        positions themselves (a tensor: compiled steps pass positions as data, so that a
+        growing sequence never changes a traced constant). With a cache, attention reads
+        the cache's full preallocated buffers under a mask by position: shapes stay static
+        as the sequence grows, and stale entries past the query (rejected drafts) are masked.
+        """
+        if isinstance(pos, int):
+            if cache is not None:
+                cache.check(pos + T, batch_size)
+            input_pos = torch.arange(pos, pos + T, device=self.rope_cos.device)
+        else:
+            input_pos = pos
+        ctx = AttnContext(self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, cache)
         if cache is not None:
-            cache.check(pos + T, batch_size)
-            if T > 1:
-                # Causal by absolute position; entries past the query (stale drafts) are masked.
-                keys = torch.arange(pos + T, device=ctx.cos.device)
-                queries = torch.arange(pos, pos + T, device=ctx.cos.device)
-                ctx.mask = keys[None, :] <= queries[:, None]            # (T, pos+T)
+            ctx.mask = cache.positions[None, :] <= input_pos[:, None]    # (T, S)
         return ctx
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: Optional[KVCache] = None,
-                   pos: int = 0) -> torch.Tensor:
-        """Run blocks [start, end) on h (B, T, d) at absolute positions pos..pos+T-1.
+                   pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+        """Run blocks [start, end) on h (B, T, d) at absolute positions pos..pos+T-1
+        (``pos``: see ``context``).
 
-        Without a cache the call is a plain causal pass over positions 0..T-1. A single
-        token (T = 1) attends to every cached position before it, so callers decode at
+        Without a cache the call is a plain causal pass over positions 0..T-1. With one,
+        each token attends to every cached position up to its own, so callers decode at
         consecutive positions.
         """
         self.check_range(start, end)
@@ -219,7 +228,7 @@ class Transformer(nn.Module):
         for i in range(start, end):
             layer = self.layers[i]
             k, v = layer.self_attn.kv(layer.input_layernorm(h), ctx)
-            cache.update(i, pos, k, v)
+            cache.update(i, ctx.input_pos, k, v)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The shared exit head: (..., d) hidden states -> (..., V) logits."""

@@ -2,7 +2,7 @@
 
     sampling.py    temperature / top-k / top-p, the next-token choice, speculative acceptance
     stats.py       DecodeStats (summable with +) and Generation
-    steps.py       input checks, cache, prefill, a token's pass through a range of blocks
+    steps.py       input checks, cache, prefill, and the per-token steps (eager or compiled)
     confidence.py  the confidence measures (DEE and SSD's adaptive drafting)
     full.py        full and static-exit decoding
     ssd.py         self-speculative decoding
@@ -23,7 +23,7 @@ from .full import generate
 from .sampling import SamplingConfig
 from .ssd import ssd_generate
 from .stats import DecodeStats, Generation
-from .steps import StopIds
+from .steps import Steps, StopIds
 
 
 @dataclass
@@ -66,16 +66,19 @@ class ModeSpec:
 def decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, spec: ModeSpec,
            sampling: SamplingConfig = SamplingConfig(), eos_id: StopIds = None,
            generator: Optional[torch.Generator] = None,
-           draft_ids: Optional[torch.Tensor] = None) -> Generation:
+           draft_ids: Optional[torch.Tensor] = None, steps: Optional[Steps] = None) -> Generation:
+    """One generation in the mode ``spec`` names; ``steps`` (compiled or not) is shared by
+    the calls of a session so that compiled graphs are reused."""
     if spec.mode == "full":
-        return generate(model, prompt, max_new_tokens, None, sampling, eos_id, generator)
+        return generate(model, prompt, max_new_tokens, None, sampling, eos_id, generator, steps)
     if spec.mode == "static":
-        return generate(model, prompt, max_new_tokens, spec.exit_layer, sampling, eos_id, generator)
+        return generate(model, prompt, max_new_tokens, spec.exit_layer, sampling, eos_id,
+                        generator, steps)
     if spec.mode == "dee":
         return dee_generate(model, prompt, max_new_tokens, spec.dee, sampling, eos_id, generator)
     return ssd_generate(model, prompt, max_new_tokens, spec.ssd, sampling, eos_id, generator,
-                        draft_ids)
+                        draft_ids, steps)
 
 
 __all__ = ["MODES", "ModeSpec", "decode", "generate", "ssd_generate", "dee_generate",
-           "SamplingConfig", "DecodeStats", "Generation"]
+           "SamplingConfig", "DecodeStats", "Generation", "Steps"]

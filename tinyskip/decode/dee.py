@@ -65,11 +65,11 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     lets a caller inspect the keys and values the strategy left behind."""
     L = model.num_layers
     thresholds = dict(zip(cfg.checked_exits(L), cfg.validate(L)))
-    steps = budget(model, prompt, max_new_tokens)
+    n_new = budget(model, prompt, max_new_tokens)
     if prompt.shape[0] != 1:
         raise UserError(f"mode=dee decodes one prompt at a time (got a batch of {prompt.shape[0]})")
     T, dev = prompt.shape[1], prompt.device
-    cache = cache if cache is not None else new_cache(model, prompt, steps)
+    cache = cache if cache is not None else new_cache(model, prompt, n_new)
     head = ExitHead(model)
     stats = DecodeStats()
     logits = prefill(model, prompt, cache, L, stats)
@@ -80,7 +80,7 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     stats.add_exit(L)
     waiting = _Waiting()
     _, finished = truncate_at_eos(out, eos_id)
-    while len(out) < steps and not finished:
+    while len(out) < n_new and not finished:
         pos = T + len(out) - 1                     # the last token's position
         h = model.embed(torch.tensor([[out[-1]]], device=dev))           # (1, 1, d)
         conf = TokenConfidence(cfg.measure)
@@ -103,7 +103,7 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             c, logits = conf.check(h[0, 0], lambda: head.logits(h[0, 0], e))
             if cfg.measure not in HEAD_FREE:
                 stats.add_head()
-            if c >= decayed_threshold(thresholds[e], len(out), steps, cfg.decay_tau):
+            if c >= decayed_threshold(thresholds[e], len(out), n_new, cfg.decay_tau):
                 exit_at = e
                 break
         if logits is None or exit_at == L or cfg.measure in HEAD_FREE:

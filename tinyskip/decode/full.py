@@ -12,17 +12,19 @@ from typing import Optional
 import torch
 
 from ..config import UserError
+from ..exits import ExitHead
 from ..model import Transformer
 from .sampling import SamplingConfig, choose
 from .stats import DecodeStats, Generation
-from .steps import StopIds, budget, new_cache, prefill, stop_set, sync, token_pass, truncate_at_eos
+from .steps import (Steps, StopIds, budget, new_cache, positions, prefill, stop_set, sync,
+                    truncate_at_eos)
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
              exit_layer: Optional[int] = None, sampling: SamplingConfig = SamplingConfig(),
              eos_id: StopIds = None, generator: Optional[torch.Generator] = None,
-             ) -> Generation:
+             steps: Optional[Steps] = None) -> Generation:
     """Full (exit_layer = L, the default) or static-exit decoding of prompt (B, T).
 
     Rows of a batch share positions, so their prompts must have equal lengths. Stops
@@ -33,17 +35,19 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     E = L if exit_layer is None else exit_layer
     if not 1 <= E <= L:
         raise UserError(f"exit_layer={E}: must be in 1..{L} (the number of blocks to run)")
-    steps = budget(model, prompt, max_new_tokens)
+    n_new = budget(model, prompt, max_new_tokens)
+    step = steps or Steps(model)
+    head = ExitHead(model)
     B, T = prompt.shape
-    cache = new_cache(model, prompt, steps)
+    cache = new_cache(model, prompt, n_new)
     stats = DecodeStats()
     logits = prefill(model, prompt, cache, E, stats)
-    out = torch.empty(B, steps, dtype=torch.long, device=prompt.device)
+    out = torch.empty(B, n_new, dtype=torch.long, device=prompt.device)
     stops = torch.tensor(sorted(stop_set(eos_id)), dtype=torch.long, device=prompt.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     t0 = time.perf_counter()
     n = 0
-    for n in range(1, steps + 1):
+    for n in range(1, n_new + 1):
         tok = choose(logits, sampling, generator)                       # (B,)
         out[:, n - 1] = tok
         stats.add_layers(E)             # the token's own pass (the first one's is in prefill)
@@ -52,9 +56,10 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
             done |= torch.isin(tok, stops)
             if bool(done.all()):
                 break
-        if n == steps:
+        if n == n_new:
             break
-        logits = model.head(token_pass(model, tok, 0, E, cache, T + n - 1))
+        logits = step.token(tok[:, None], E, cache, positions(T + n - 1, 1, prompt.device),
+                            head)[1][:, -1]
     sync(prompt.device)
     stats.decode_s = time.perf_counter() - t0
     rows = [truncate_at_eos(r, eos_id)[0] for r in out[:, :n].tolist()]

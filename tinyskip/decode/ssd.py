@@ -29,22 +29,24 @@ from ..model import Transformer
 from .confidence import max_prob
 from .sampling import SamplingConfig, accept_sampled, choose, logits_to_probs
 from .stats import DecodeStats, Generation
-from .steps import StopIds, budget, new_cache, prefill, sync, token_pass, truncate_at_eos
+from .steps import Steps, StopIds, budget, new_cache, positions, prefill, sync, truncate_at_eos
 
 
 @torch.no_grad()
 def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cfg: SSDConfig,
                  sampling: SamplingConfig = SamplingConfig(), eos_id: StopIds = None,
                  generator: Optional[torch.Generator] = None,
-                 draft_ids: Optional[torch.Tensor] = None) -> Generation:
+                 draft_ids: Optional[torch.Tensor] = None,
+                 steps: Optional[Steps] = None) -> Generation:
     """Self-speculative decoding of one prompt (1, T)."""
     L, E = model.num_layers, cfg.draft_layer
     cfg.validate(L)
-    steps = budget(model, prompt, max_new_tokens)
+    n_new = budget(model, prompt, max_new_tokens)
+    step = steps or Steps(model)
     if prompt.shape[0] != 1:
         raise UserError(f"mode=ssd decodes one prompt at a time (got a batch of {prompt.shape[0]})")
     T, dev = prompt.shape[1], prompt.device
-    cache = new_cache(model, prompt, steps)
+    cache = new_cache(model, prompt, n_new)
     draft, verifier = ExitHead(model, draft_ids), ExitHead(model)
     stats = DecodeStats()
     logits = prefill(model, prompt, cache, L, stats)
@@ -54,18 +56,19 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     stats.add_head()
     # Exit states of one round: at most k drafts plus the last committed token (the
     # buffer never exceeds what the budget can use, whatever k asks for).
-    width = min(cfg.k, steps) + 1
+    width = min(cfg.k, n_new) + 1
     h_exit = torch.empty(1, width, model.config.hidden_size, device=dev, dtype=logits.dtype)
     _, finished = truncate_at_eos(out, eos_id)
-    while len(out) < steps and not finished:
+    while len(out) < n_new and not finished:
         p = T + len(out) - 1                        # position of the last committed token
-        k = min(cfg.k, steps - len(out) - 1)        # never draft past what is still needed
+        k = min(cfg.k, n_new - len(out) - 1)        # never draft past what is still needed
         cur = torch.tensor([out[-1]], device=dev)   # (1,)
         drafts, q, have = [], [], 0                 # have: exit states computed so far
         for j in range(k):
-            h_exit[:, j] = token_pass(model, cur, 0, E, cache, p + j)
+            h, dls = step.token(cur[None], E, cache, positions(p + j, 1, dev), draft)
+            h_exit[:, j] = h[:, 0]
             have = j + 1
-            dl = draft.logits(h_exit[0, j], E)                            # (N,)
+            dl = dls[0, 0]                                                # (N,)
             stats.add_layers(E)
             stats.add_head(cost=draft.cost)
             if sampling.greedy:
@@ -83,10 +86,12 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             drafts.append(cur)
         m = len(drafts)
         if have < m + 1:    # the last draft (or t itself when m = 0) has no exit state yet
-            h_exit[:, m] = token_pass(model, cur, 0, E, cache, p + m)
+            # Blocks only: the draft head's proposal after the last draft is not needed.
+            h_exit[:, m] = model.run_layers(model.embed(cur[None]), 0, E, cache,
+                                            positions(p + m, 1, dev))[:, 0]
             stats.add_layers(E)
-        hv = model.run_layers(h_exit[:, :m + 1], E, L, cache, p)
-        verify = verifier.logits(hv[0], L)                                # (m+1, V)
+        verify = step.states(h_exit[:, :m + 1], E, L, cache, positions(p, m + 1, dev),
+                             verifier)[1][0]                              # (m+1, V)
         stats.add_layers(L - E, width=m + 1)
         stats.add_head(width=m + 1)
         drafted = torch.cat(drafts).tolist() if drafts else []

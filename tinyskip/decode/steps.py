@@ -4,12 +4,14 @@ token's pass through a range of blocks. Loops call these, never model internals.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Optional, Union
+import warnings
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
 from ..cache import KVCache
 from ..config import UserError
+from ..exits import ExitHead
 from ..model import Transformer
 from .stats import DecodeStats
 
@@ -45,8 +47,13 @@ def budget(model: Transformer, prompt: torch.Tensor, max_new_tokens: int) -> int
 
 
 def new_cache(model: Transformer, prompt: torch.Tensor, steps: int) -> KVCache:
+    """A cache for the prompt and ``steps`` new tokens, its length rounded up to a power of
+    two (at least 256, at most the context): generations of similar lengths then share
+    shapes, and so the compiled steps, at the price of attending over masked slots."""
+    needed = prompt.shape[1] + steps
+    size = min(model.config.max_position_embeddings, max(256, 1 << (needed - 1).bit_length()))
     dtype = next(model.parameters()).dtype
-    return KVCache(model.config, prompt.shape[0], prompt.shape[1] + steps, prompt.device, dtype)
+    return KVCache(model.config, prompt.shape[0], size, prompt.device, dtype)
 
 
 def sync(device: torch.device) -> None:
@@ -66,12 +73,57 @@ def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, end_layer:
     return logits
 
 
-def token_pass(model: Transformer, tok: torch.Tensor, start: int, end: int, cache: KVCache,
-               pos: int) -> torch.Tensor:
-    """Blocks [start, end) on tokens (B,) at position pos (start = 0: from their embedding,
-    else ``tok`` is already the (B, d) hidden state after ``start`` blocks) -> (B, d)."""
-    h = model.embed(tok[:, None]) if start == 0 else tok[:, None]      # (B, 1, d)
-    return model.run_layers(h, start, end, cache, pos)[:, 0]
+class Steps:
+    """The per-token model calls of the decoding loops, eager or compiled.
+
+    ``token`` runs tokens (B, T) through blocks [0, end) and a head; ``states`` runs
+    hidden states (B, T, d) after ``start`` blocks through blocks [start, end) and a head
+    (SSD's verify). Positions
+    are tensors and the cache hands attention its full buffers, so with ``compile=True``
+    each step is traced once per shape (``fullgraph``: no graph break) and never again as
+    the sequence grows. Prefill and the per-layer steps of DEE stay eager.
+    """
+
+    def __init__(self, model: Transformer, compile: bool = False):
+        self.model = model
+        self.compiled = compile
+        self.token = self._wrap(self._token) if compile else self._token
+        self.states = self._wrap(self._states) if compile else self._states
+
+    def _wrap(self, fn: Callable) -> Callable:
+        # One graph per (kind, blocks, width): SSD's verify alone has k + 1 widths.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        state = {"fn": compiled}
+
+        def call(*args):
+            try:
+                return state["fn"](*args)
+            except Exception as e:    # no C++ compiler, unsupported backend, ...
+                if state["fn"] is fn:
+                    raise
+                warnings.warn(f"torch.compile is unavailable here ({type(e).__name__}): "
+                              "decoding eagerly", stacklevel=2)
+                state["fn"] = fn
+                return fn(*args)
+        return call
+
+    def _token(self, tok: torch.Tensor, end: int, cache: KVCache, input_pos: torch.Tensor,
+               head: ExitHead) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, T) through blocks [0, end) -> states (B, T, d), logits (B, T, N)."""
+        h = self.model.run_layers(self.model.embed(tok), 0, end, cache, input_pos)
+        return h, head.logits(h, end)
+
+    def _states(self, h: torch.Tensor, start: int, end: int, cache: KVCache,
+                input_pos: torch.Tensor, head: ExitHead) -> tuple[torch.Tensor, torch.Tensor]:
+        """States (B, T, d) after ``start`` blocks through blocks [start, end) and a head."""
+        h = self.model.run_layers(h, start, end, cache, input_pos)
+        return h, head.logits(h, end)
+
+
+def positions(pos: int, T: int, device) -> torch.Tensor:
+    """(T,) absolute positions pos..pos+T-1: what compiled steps take instead of an int."""
+    return torch.arange(pos, pos + T, device=device)
 
 
 def truncate_at_eos(tokens: list[int], eos_id: StopIds) -> tuple[list[int], bool]:

@@ -1,0 +1,60 @@
+"""Compiled decoding steps: same tokens as eager, no graph break, no recompilation as the
+sequence grows. Compiling costs seconds per graph on this CPU, hence one module-wide model."""
+
+import pytest
+import torch
+
+from tinyskip.config import SSDConfig
+from tinyskip.decode import Steps, generate, ssd_generate
+from tinyskip.decode.steps import positions
+from tinyskip.cache import KVCache
+from tinyskip.exits import ExitHead
+from tinyskip.model import Transformer
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(tiny_config(max_position_embeddings=256)).eval()
+
+
+@pytest.fixture(scope="module")
+def compiled(model):
+    torch._dynamo.reset()
+    return Steps(model, compile=True)
+
+
+def test_compiled_steps_trace_without_graph_breaks(model):
+    steps = Steps(model)
+    cache = KVCache(model.config, 1, 32)
+    head = ExitHead(model)
+    tok = torch.tensor([[5]])
+    explain = torch._dynamo.explain(steps._token)(tok, 4, cache, positions(3, 1, "cpu"), head)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    h = torch.zeros(1, 3, model.config.hidden_size)
+    explain = torch._dynamo.explain(steps._states)(h, 2, 4, cache, positions(3, 3, "cpu"), head)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+
+
+def test_compiled_and_eager_give_the_same_greedy_tokens(model, compiled):
+    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(1))
+    for exit_layer in (None, 2):
+        eager = generate(model, prompt, 20, exit_layer=exit_layer).tokens
+        assert generate(model, prompt, 20, exit_layer=exit_layer, steps=compiled).tokens == eager
+    eager = ssd_generate(model, prompt, 20, SSDConfig(2, 2)).tokens
+    assert ssd_generate(model, prompt, 20, SSDConfig(2, 2), steps=compiled).tokens == eager
+
+
+def test_no_recompilation_as_the_sequence_grows(model, compiled):
+    from torch._dynamo.utils import counters
+
+    prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(2))
+    generate(model, prompt, 3, steps=compiled)                  # compiled (or reused) here
+    before = counters["stats"]["unique_graphs"]
+    out = generate(model, prompt, 200, steps=compiled)
+    assert len(out.tokens[0]) == 200
+    assert counters["stats"]["unique_graphs"] == before         # 200 steps, no new graph
