@@ -31,6 +31,23 @@ def tiny_model() -> Transformer:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A real SentencePiece model (60 pieces) that fits tiny_config's vocabulary of 97."""
+    import random
+
+    import sentencepiece as spm
+
+    words = "the a of and to in was game band first new season played team".split()
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    prefix = tmp_path_factory.mktemp("sp") / "tiny"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix),
+                                   vocab_size=60, model_type="bpe", unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, minloglevel=2)
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="session")
 def wikitext_path() -> str:
     if not (WIKITEXT / "wikitext-2-raw-v1").is_dir():
         pytest.skip(f"local WikiText-2 copy not found at {WIKITEXT} (set TINYSKIP_WIKITEXT)")

@@ -1,15 +1,18 @@
 """The entry points as users run them: outputs, files written, one-line errors."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tinyskip.bench import benchmark, format_table
 from tinyskip.cli import compose_job
 from tinyskip.config import UserError
+from tinyskip.decode import generate
 from tinyskip.evaluate import evaluate
 from tinyskip.infer import infer
 
@@ -40,16 +43,22 @@ def test_infer_writes_ids_text_and_statistics(run_args, tmp_path):
     assert result["text"] and "prefill_s" in result["stats"]
 
 
-def test_modes_agree_through_the_entry_point(run_args, tmp_path):
+def test_modes_agree_through_the_entry_point(run_args, trained_tiny, tmp_path):
+    model, corpus, _ = trained_tiny
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The game was\n\nIn 1994 , the band\n")
     base = run_args + [f"prompts_file={prompts}", "max_new_tokens=20"]
     full = infer(compose_job("infer", base))
     ssd = infer(compose_job("infer", base + ["mode=ssd", "draft_layer=3", "k=2",
                                              "draft_vocab=100"]))
-    static = infer(compose_job("infer", base + ["mode=static", "exit_layer=4"]))
+    static = infer(compose_job("infer", base + ["mode=static", "exit_layer=2"]))
     assert len(full) == 2
-    assert [r["ids"] for r in ssd] == [r["ids"] for r in full] == [r["ids"] for r in static]
+    assert [r["ids"] for r in ssd] == [r["ids"] for r in full]
+    # A real early exit (2 of 4 blocks): the exit-2 model's own greedy output, not full's.
+    exit2 = [generate(model, torch.tensor([r["prompt_ids"]]), 20, exit_layer=2,
+                      eos_id=corpus.eos_id).tokens[0] for r in full]
+    assert [r["ids"] for r in static] == exit2 != [r["ids"] for r in full]
+    assert all(r["stats"]["layers_per_token"] == 2 for r in static)
 
 
 def test_infer_on_the_exported_hugging_face_folder_matches(run_args, trained_tiny, tmp_path):
@@ -93,9 +102,16 @@ def test_corrupted_checkpoint_is_one_clear_error(trained_tiny, tmp_path):
         infer(compose_job("infer", [f"checkpoint={bad}", "prompt=hi"]))
 
 
-def test_evaluate_reports_every_exit(run_args, tmp_path):
+def test_evaluate_reports_every_exit(run_args, trained_tiny):
     res = evaluate(compose_job("evaluate", run_args + ["split=test", "max_batches=3"]))
     assert len(res["word_ppl"]) == 4 and res["loss"][-1] < res["loss"][0]
+    # 3 batches score a prefix of the split, so they stand for that share of its words:
+    # ppl = exp(total NLL / (words * scored / predictable tokens)).
+    predictable = trained_tiny[1].tokens["test"].size - 1
+    assert res["seq_len"] == 32 and res["tokens"] == 3 * 16 * 32 < predictable
+    share = res["words"] * res["tokens"] / predictable
+    for loss, ppl in zip(res["loss"], res["word_ppl"]):
+        assert ppl == pytest.approx(math.exp(loss * res["tokens"] / share), rel=1e-9)
 
 
 def test_bench_prints_a_table_with_speedups_measured_in_one_run(run_args):

@@ -1,11 +1,10 @@
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from tinyskip.cli import CONF_DIR, compose_job
-from tinyskip.config import ConfigError, ModelConfig
+from tinyskip.config import ConfigError, ModelConfig, UserError
 
 PRIMARY = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 
@@ -56,9 +55,35 @@ def test_model_presets_load_as_typed_dataclasses():
     assert (job.model.num_hidden_layers, job.model.hidden_size) == (12, 256)
 
 
-def test_misspelt_key_is_rejected():
-    with pytest.raises(ConfigCompositionException):
-        compose_job("train", ["model.hiden_size=64"])
+@pytest.mark.parametrize("entry,override,message", [
+    ("train", "model.hiden_size=64", "model.hiden_size: no such key (did you mean model.hidden_size?)"),
+    ("train", "trian.lr=1", "trian.lr: no such key (did you mean train.lr?)"),
+    ("train", "seed=3", "seed: no such key (did you mean train.seed?)"),
+    ("infer", "mdoe=ssd", "mdoe: no such key (did you mean mode?)"),
+    ("train", "model=l99", "model=l99: no such option (available: hf_llama, l12_d256, "
+                           "l12_d512, l4_d64, l6_d128)"),
+    ("train", "train.max_steps=abc", "train.max_steps='abc': Value 'abc' of type 'str' could "
+                                     "not be converted to Integer"),
+])
+def test_bad_overrides_are_one_line_naming_the_key(entry, override, message):
+    with pytest.raises(UserError) as e:
+        compose(entry, [override])
+    assert str(e.value) == message
+
+
+def test_a_missing_mandatory_value_is_one_line():
+    with pytest.raises(UserError, match=r"^out: a value is required \(give out=\.\.\.\)$"):
+        compose_job("export", ["run=r"])
+
+
+def test_eos_token_id_takes_one_id_or_a_list():
+    assert ModelConfig(eos_token_id=[128001, 128009]).stop_ids == [128001, 128009]
+    assert ModelConfig(eos_token_id=2).stop_ids == [2] and ModelConfig().stop_ids == []
+    with pytest.raises(ConfigError, match="eos_token_id=\\[\\]: must be a token id or a non-empty list"):
+        ModelConfig(eos_token_id=[])
+    job = compose_job("infer", ["run=r", "prompt=hi", "model=hf_llama", "model.path=x", "run=null",
+                                "model.eos_token_id=[3,4]"])
+    assert job.model.stop_ids == [3, 4]
 
 
 @pytest.mark.parametrize("override,field", [

@@ -108,7 +108,7 @@ def test_sampling_is_seeded(model_and_prompts):
     assert run(3) == run(3) and run(3) != run(4)
     runs = lambda seed: ssd_generate(model, prompts[0], 10, SSDConfig(2, 3), sampling=s,
                                      generator=torch.Generator().manual_seed(seed)).tokens
-    assert runs(3) == runs(3)
+    assert runs(3) == runs(3) and runs(3) != runs(4)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -1,6 +1,7 @@
 """The Llama shim against transformers' own LlamaForCausalLM (tiny, random, built here)."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -9,9 +10,11 @@ transformers = pytest.importorskip("transformers")
 
 from tinyskip.cache import KVCache
 from tinyskip.checkpoint import load_model, save_checkpoint
+from tinyskip.cli import compose_job
 from tinyskip.decode import generate
-from tinyskip.hf_llama import (HFConfigError, config_from_hf, config_to_hf, export_hf,
-                               load_hf_llama)
+from tinyskip.hf_llama import (HFConfigError, HFTokenizer, config_from_hf, config_to_hf,
+                               export_hf, load_hf_llama)
+from tinyskip.infer import infer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -159,3 +162,96 @@ def test_pickled_bin_weights_load_only_as_tensors(tmp_path):
     torch.save({"model.norm.weight": torch.ones(64), "evil": print}, tmp_path / "pytorch_model.bin")
     with pytest.raises(HFConfigError, match="pytorch_model.bin was refused: it holds more than"):
         load_hf_llama(str(tmp_path))
+
+
+def llama_tokenizer(bos_template: bool, vocab_size: int = 80):
+    """A Llama-style BPE tokenizer.json trained here: <unk> <s> </s> = 0 1 2, with or
+    without a post-processor that puts BOS in front."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    words = "the game was played in a new season by the band and the team won first".split()
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(200)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                       special_tokens=["<unk>", "<s>", "</s>"]))
+    if bos_template:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", 1)])
+    return tok
+
+
+def hf_folder(path, bos_template=False, tokenizer_class="LlamaTokenizer", eos=2, vocab_size=80):
+    """A Llama checkpoint folder whose tokenizer_config.json has no add_bos_token key."""
+    model = hf_model()
+    model.config.eos_token_id = eos
+    model.save_pretrained(path)
+    llama_tokenizer(bos_template, vocab_size).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))
+    return model
+
+
+@pytest.mark.parametrize("tokenizer_class", ["LlamaTokenizer", "PreTrainedTokenizerFast"])
+@pytest.mark.parametrize("bos_template", [False, True])
+def test_special_tokens_are_added_as_transformers_adds_them(tmp_path, bos_template,
+                                                            tokenizer_class):
+    hf_folder(tmp_path, bos_template, tokenizer_class)
+    ours = HFTokenizer(tmp_path, config_from_hf(json.loads((tmp_path / "config.json").read_text())))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("the game was", "a new  season by", " the band"):
+        ids = ours.encode(text)
+        assert ids == theirs(text)["input_ids"], text
+        assert (ids[0] == 1) == bos_template
+
+
+def test_every_eos_id_of_a_list_stops_decoding(tmp_path):
+    """Llama 3 instruct configs give several end ids: decoding stops at any of them."""
+    ref = hf_folder(tmp_path)
+    prompt_ids = HFTokenizer(tmp_path, config_from_hf(ref.config.to_dict())).encode("the game")
+    produced = generate(load_hf_llama(str(tmp_path))[0], torch.tensor([prompt_ids]), 20).tokens[0]
+    stop = next(t for i, t in enumerate(produced) if i >= 2 and t not in produced[:i])
+    hf_folder(tmp_path, eos=[2, stop])
+    assert config_from_hf(json.loads((tmp_path / "config.json").read_text())).eos_token_id == \
+        [2, stop]
+    [result] = infer(compose_job("infer", ["model=hf_llama", f"model.path={tmp_path}",
+                                           "prompt=the game", "max_new_tokens=20"]))
+    assert result["ids"] == produced[: produced.index(stop) + 1]
+    assert result["text"].endswith("\n")            # the end of the text, shown as a line end
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    hf_folder(tmp_path, vocab_size=150)                # the model has 120 embeddings
+    with pytest.raises(HFConfigError, match=r"the tokenizer has 150 tokens, more than the "
+                                            r"model's vocab_size=120"):
+        HFTokenizer(tmp_path, config_from_hf(json.loads((tmp_path / "config.json").read_text())))
+
+
+def test_the_exported_tokenizer_loads_with_autotokenizer_as_installed(tmp_path, trained_tiny):
+    """tokenizer.json is written: transformers would need protobuf to convert the
+    SentencePiece file itself. Its ids are tinyskip's, with no BOS added."""
+    from tinyskip.export import export_run
+    from tinyskip.loading import SentencePieceTokenizer
+    out = export_run(trained_tiny[2], tmp_path / "hf")
+    assert (out / "tokenizer.json").is_file()
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    ours = SentencePieceTokenizer(out / "tokenizer.model")
+    for text in ("The game was", "In 1994 , the band  released   it ", "x", "日本 😀 ok",
+                 "12,345.67 @-@ km"):
+        assert theirs(text)["input_ids"] == ours.encode(text), text
+        assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text))
+
+
+@pytest.mark.parametrize("drop,message", [
+    ("low_freq_factor", "config.json rope_scaling (llama3) has no 'low_freq_factor'"),
+    ("hidden_size", "config.json has no 'hidden_size'"),
+])
+def test_a_missing_config_key_is_one_line_naming_it(drop, message):
+    hf = config_to_hf(config_from_hf(hf_model(rope_scaling=LLAMA3_ROPE).config.to_dict()))
+    hf["rope_scaling"].pop(drop, None)
+    hf.pop(drop, None)
+    with pytest.raises(HFConfigError, match=f"^{message.replace('(', '.').replace(')', '.')}: "
+                                            "the Llama shim needs it$"):
+        config_from_hf(hf)

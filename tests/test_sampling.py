@@ -34,13 +34,16 @@ def chi2_statistic(samples: list[int], expected: torch.Tensor) -> tuple[float, i
 
 
 @torch.no_grad()
-def exact_two_token_marginals(model, prompt, s: SamplingConfig):
-    """Distribution of the 1st and of the 2nd generated token under full sampling."""
-    p1 = logits_to_probs(model(prompt)[0][0, -1], s)                          # (V,)
-    V = p1.numel()
-    seqs = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], dim=1)  # every 1st token
-    p2_given = logits_to_probs(model(seqs)[0][:, -1], s)                       # (V, V)
-    return p1, p1 @ p2_given
+def exact_marginals(model, prompt, s: SamplingConfig):
+    """Distributions of the 1st, 2nd and 3rd generated token under full sampling."""
+    V = model.config.vocab_size
+    p1 = logits_to_probs(model(prompt)[0][0, -1], s)                           # (V,)
+    firsts = torch.arange(V)[:, None]
+    p2_given = logits_to_probs(model(torch.cat([prompt.expand(V, -1), firsts], 1))[0][:, -1], s)
+    pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))             # (V*V, 2)
+    p3_given = logits_to_probs(model(torch.cat([prompt.expand(V * V, -1), pairs], 1))[0][:, -1], s)
+    joint12 = p1[:, None] * p2_given                                           # (V, V)
+    return p1, joint12.sum(0), joint12.flatten() @ p3_given
 
 
 @pytest.fixture(scope="module")
@@ -57,29 +60,38 @@ def peaked_model():
     (SamplingConfig(temperature=0.8, top_k=20, top_p=0.9), 2),
 ])
 def test_ssd_sampling_matches_the_full_models_distribution(peaked_model, sampling, draft_layer):
+    """Four new tokens with k=3: the first comes from prefill, the 2nd and 3rd from the
+    first round's two drafts (accepted, or resampled at a rejection) or its bonus token.
+    Their distributions must be the full model's."""
     model = peaked_model
     prompt = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(1))
-    p1, p2 = exact_two_token_marginals(model, prompt, sampling)
+    expected = exact_marginals(model, prompt, sampling)
     n = 1000
 
     def samples(decode):
-        firsts, seconds = [], []
+        tokens, drafted, accepted = [[], [], []], 0, 0
         for seed in range(n):
-            toks = decode(torch.Generator().manual_seed(seed)).tokens[0]
-            firsts.append(toks[0])
-            seconds.append(toks[1])
-        return firsts, seconds
+            gen = decode(torch.Generator().manual_seed(seed))
+            for position, token in zip(tokens, gen.tokens[0]):
+                position.append(token)
+            drafted += gen.stats.drafted
+            accepted += gen.stats.accepted
+        return tokens, drafted, accepted
 
     cfg = SSDConfig(draft_layer, 3)
-    ssd = samples(lambda g: ssd_generate(model, prompt, 2, cfg, sampling, generator=g))
-    for got, expected in zip(ssd, (p1, p2)):
-        stat, df = chi2_statistic(got, expected)
+    ssd, drafted, accepted = samples(lambda g: ssd_generate(model, prompt, 4, cfg, sampling,
+                                                            generator=g))
+    # Real drafts were made and the rule had work to do: some rejected, some accepted.
+    assert drafted >= 2 * n and 0.1 * drafted < accepted < 0.9 * drafted, (drafted, accepted)
+    for got, p in zip(ssd, expected):
+        stat, df = chi2_statistic(got, p)
         assert stat < chi2_critical(df), (stat, df)
     # The test has power: sampling from the draft alone (what accepting every draft
-    # would give) is told apart from the full model.
-    draft = samples(lambda g: generate(model, prompt, 2, draft_layer, sampling, generator=g))
-    stat, df = chi2_statistic(draft[1], p2)
-    assert stat > chi2_critical(df), (stat, df)
+    # would give) is told apart from the full model at the 2nd and 3rd tokens.
+    draft, _, _ = samples(lambda g: generate(model, prompt, 4, draft_layer, sampling, generator=g))
+    for got, p in zip(draft[1:], expected[1:]):
+        stat, df = chi2_statistic(got, p)
+        assert stat > chi2_critical(df), (stat, df)
 
 
 def test_chi2_helpers():

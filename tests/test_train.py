@@ -53,9 +53,81 @@ def test_resume_with_a_different_model_config_is_refused(overrides, tmp_path):
     assert (tmp_path / "r" / "checkpoint" / "model.safetensors").read_bytes() == before
 
 
+def test_a_fallback_checkpoint_alone_also_blocks_a_fresh_run(overrides, tmp_path):
+    train(compose_job("train", overrides(max_steps=10, eval_every=5)), progress=False)
+    run = tmp_path / "r"
+    # What a crash between the swap renames leaves: only the fallback folder.
+    os.replace(run / "checkpoint", run / ".checkpoint-old")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"already holds a checkpoint \(.checkpoint-old\)"):
+        train(compose_job("train", overrides(max_steps=10)), progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert (run / ".checkpoint-old" / "model.safetensors").is_file()
+
+
+def test_resume_refuses_another_recipe_and_accepts_runtime_changes(overrides, tmp_path):
+    kw = dict(max_steps=10, eval_every=5)
+    train(compose_job("train", overrides(**kw)), progress=False)
+    refused = [
+        (overrides(resume=True, **{**kw, "lr": 0.02}), r"train.lr: 0.01 -> 0.02;"),
+        (overrides(resume=True, **{**kw, "seed": 7}), r"train.seed: 1337 -> 7;"),
+        (overrides(resume=True, **kw) + ["train=plain"],
+         r"train.preset: 'layerskip' -> 'plain'; train.layerdrop_p_max: 0.2 -> 0.0;"),
+        (overrides(resume=True, **kw) + ["data.max_rows=900"], r"data.max_rows: 1000 -> 900;"),
+        (overrides(resume=True, **{**kw, "max_steps": 20}),
+         r"train.max_steps: 10 -> 20 \(the cosine LR schedule, LayerDrop's S\(t\) and the "
+         r"gradual curriculum are functions of step / max_steps\);"),
+    ]
+    for args, message in refused:
+        with pytest.raises(CheckpointError, match="train.resume=true with another recipe than "
+                                                  ".*job.json: " + message):
+            train(compose_job("train", args), progress=False)
+    # Evaluation, logging, saving and device settings do not change what is computed.
+    runtime = {**kw, "eval_every": 3, "save_every": 4, "log_every": 1, "eval_batches": 1,
+               "device": "cpu"}
+    assert train(compose_job("train", overrides(resume=True, **runtime)), progress=False).step == 10
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_one_warning(overrides, tmp_path):
+    kw = dict(max_steps=10, eval_every=5)
+    train(compose_job("train", overrides(**kw)), progress=False)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 15, "tokens": 12')          # killed mid-append
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 line\(s\) that do not parse"):
+        train(compose_job("train", overrides(resume=True, **kw)), progress=False)
+    assert metrics.read_text() == whole
+
+
+@pytest.mark.parametrize("run", ["../escaped", "/tmp/tinyskip-abs-run"])
+def test_a_run_name_cannot_leave_the_checkpoint_root(overrides, tmp_path, run):
+    with pytest.raises(CheckpointError, match=f"run='{run}': a run name must be a relative path"):
+        train(compose_job("train", overrides(run)), progress=False)
+    assert not (tmp_path.parent / "escaped").exists() and not os.path.exists(run)
+
+
 def test_resume_without_a_checkpoint_is_one_clear_error(overrides):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         train(compose_job("train", overrides(resume=True)), progress=False)
+
+
+def test_ddp_on_gpus_gives_each_rank_its_device_and_nccl(monkeypatch):
+    """No GPU here: the calls torchrun's ranks make are recorded instead."""
+    import torch.distributed as dist
+    from tinyskip import trainer
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(f"cuda:{i}"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trainer._init_distributed(torch.device("cuda")) == (1, 2)
+    assert calls == ["cuda:1", "nccl"]
+    calls.clear()
+    trainer._init_distributed(torch.device("cpu"))      # train.device=cpu on a GPU machine
+    assert calls == ["gloo"]
 
 
 @pytest.mark.slow
@@ -86,7 +158,11 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(overrides, tmp_path):
 @pytest.mark.slow
 def test_ddp_with_two_processes_matches_one_process(overrides, tmp_path):
     kw = dict(max_steps=12, eval_every=4, eval_batches=2, save_every=12)
-    single = train(compose_job("train", overrides("one", **kw)), progress=False)
+    job = compose_job("train", overrides("one", **kw))
+    # The default preset is the LayerSkip recipe: the ranks must agree on LayerDrop draws
+    # and on the early-exit losses, not only on a plain last-layer loss.
+    assert job.train.layerdrop_p_max > 0 and job.train.exit_scale != "none"
+    single = train(job, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_port=29517", "-m", "tinyskip.train", *overrides("ddp", **kw)]

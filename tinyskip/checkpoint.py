@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import make_dirs, publish_dir, temp_dir
 from .config import ModelConfig, UserError
+from .data import load_tokenizer
 from .model import Transformer
 
 CHECKPOINT = "checkpoint"
@@ -38,22 +38,44 @@ class CheckpointError(UserError):
     """A checkpoint is missing, incomplete or does not match what was asked."""
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.chmod(tmp, 0o644)             # mkstemp makes it private; results are shareable
-    os.replace(tmp, path)
+def read_json(path: Path) -> Any:
+    """A JSON file tinyskip or Hugging Face wrote; unreadable content is one clear error."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupted: not JSON ({e})")
+
+
+def run_folder(checkpoint_root: Path | str, run: str) -> Path:
+    """``<checkpoint_root>/<run>``; a run name that would leave checkpoint_root is refused,
+    since a run folder is written to and cleaned (metrics.jsonl, temporary folders)."""
+    parts = Path(run).parts
+    if not parts or Path(run).is_absolute() or ".." in parts:
+        raise CheckpointError(f"run={run!r}: a run name must be a relative path inside "
+                              f"checkpoint_root={str(checkpoint_root)!r} (no '..', not absolute)")
+    return Path(checkpoint_root) / run
+
+
+def load_run_job(run_dir: Path) -> Optional[dict]:
+    """The composed training config a run folder keeps in job.json (None if it has none)."""
+    path = run_dir / "job.json"
+    if not path.is_file():
+        return None
+    job = read_json(path)
+    if not isinstance(job, dict):
+        raise CheckpointError(f"{path} is corrupted: not a JSON object")
+    return job
 
 
 def save_checkpoint(run_dir: Path, model: Transformer, tokenizer_file: Path,
                     train_state: Optional[dict] = None) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir)
     final, old = run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}-old"
     for stale in run_dir.glob(f".{CHECKPOINT}-tmp-*"):     # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{CHECKPOINT}-tmp-"))
-    tmp.chmod(0o755)                 # mkdtemp makes it private; a checkpoint is shareable
+    tmp = temp_dir(run_dir, f".{CHECKPOINT}-tmp-")
     (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -62,13 +84,12 @@ def save_checkpoint(run_dir: Path, model: Transformer, tokenizer_file: Path,
     shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
-    # Swap: final -> old, tmp -> final, drop old. A crash between the renames leaves
-    # `old` complete, and resolve_checkpoint falls back to it; so `old` is only dropped
-    # while a complete `final` exists.
+    # Swap: final -> old, tmp -> final, then drop old. A crash between the renames leaves
+    # `old` complete, and resolve_checkpoint falls back to it; so `old` is dropped only
+    # once the new `final` is durable (publish_dir fsyncs it and the run folder).
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
+    publish_dir(tmp, final, backup=old)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -96,10 +117,19 @@ def weights_hash(ckpt: Path) -> str:
 
 
 def load_model_config(ckpt: Path) -> ModelConfig:
+    fields = read_json(ckpt / "config.json")
     try:
-        return ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        return ModelConfig.from_dict(fields)
+    except (TypeError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: config.json is corrupted ({e})")
+
+
+def check_tokenizer(ckpt: Path, cfg: ModelConfig) -> None:
+    """The checkpoint's tokenizer must be readable and produce only ids the model embeds."""
+    size = load_tokenizer(ckpt / "tokenizer.model").get_piece_size()
+    if size > cfg.vocab_size:
+        raise CheckpointError(f"checkpoint {ckpt}: tokenizer.model has {size} tokens, more than "
+                              f"the model's vocab_size={cfg.vocab_size}")
 
 
 def load_model(path: Path | str, device: str | torch.device = "cpu",
@@ -107,6 +137,7 @@ def load_model(path: Path | str, device: str | torch.device = "cpu",
     """Rebuild the model from a checkpoint's own config and load its weights."""
     ckpt = resolve_checkpoint(path)
     cfg = load_model_config(ckpt)
+    check_tokenizer(ckpt, cfg)
     try:
         state = load_file(str(ckpt / "model.safetensors"), device=str(device))
     except Exception as e:  # safetensors raises its own error types on corrupt files
@@ -133,4 +164,12 @@ def load_train_state(ckpt: Path) -> dict:
     path = ckpt / "train_state.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} has no train_state.pt: it cannot be resumed")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types on a torn or foreign file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {ckpt}: train_state.pt is corrupted ({first})")
+    if not isinstance(state, dict) or not {"step", "optimizer"} <= set(state):
+        raise CheckpointError(f"checkpoint {ckpt}: train_state.pt is corrupted (no step and "
+                              "optimizer state)")
+    return state

@@ -8,14 +8,22 @@ only ever sees those.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
+import os
+import re
 import sys
+import typing
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue,
+                              OmegaConfBaseException, ValidationError)
 
 from .config import UserError
 
@@ -43,16 +51,78 @@ def conf_dir() -> str:
     return str(CONF_DIR)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _keys(schema: type, prefix: str = "", depth: int = 2) -> list[str]:
+    """Dotted keys of a dataclass schema, nested dataclasses included (``train.seed``)."""
+    if depth == 0 or not dataclasses.is_dataclass(schema):
+        return []
+    keys = []
+    for name, hint in typing.get_type_hints(schema).items():
+        keys.append(prefix + name)
+        for inner in (hint, *typing.get_args(hint)):     # Optional[ModelConfig] too
+            keys += _keys(inner, f"{prefix}{name}.", depth - 1)
+    return keys
+
+
+def _unknown_key(override: str, e: ConfigKeyError | ConfigAttributeError) -> str:
+    """``model.hiden_size`` -> the key and the nearest valid one (``model.hidden_size``);
+    a key given at the wrong level (``seed=`` for ``train.seed``) is found too."""
+    full, key = str(e.full_key), str(e.key)
+    prefix, rest = full[: len(full) - len(key)], override[len(full):]
+    valid = _keys(e.object_type)
+    by_leaf = {}
+    for k in sorted(valid, key=lambda k: k.count(".")):   # the shallowest key wins
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+    near = difflib.get_close_matches(key, [k for k in valid if "." not in k], n=1) or \
+        [by_leaf[m] for m in difflib.get_close_matches(key, list(by_leaf), n=1)]
+    hint = (f"did you mean {prefix}{near[0]}{rest}?" if near else
+            f"valid keys: {', '.join(prefix + k for k in valid if '.' not in k)}" if valid else "")
+    return f"{override}: no such key" + (f" ({hint})" if hint else "")
+
+
+def config_error(e: Exception) -> UserError:
+    """A Hydra or OmegaConf error about the given config, as one line naming the value."""
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        named = re.search(r"Could not override '([^']+)'", str(e))
+        return UserError(_unknown_key(named.group(1) if named else cause.full_key, cause))
+    if isinstance(cause, MissingMandatoryValue):
+        return UserError(f"{cause.full_key}: a value is required (give {cause.full_key}=...)")
+    if isinstance(cause, ValidationError) and cause.full_key:
+        return UserError(f"{cause.full_key}={cause.value!r}: "
+                         f"{_one_line(cause.msg.split('full_key:')[0])}")
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return UserError(f"{group}={option}: no such option (available: "
+                         f"{', '.join(e.options)})")
+    return UserError(_one_line(str(e).split("Config search path:")[0]))
+
+
 def to_job(cfg: DictConfig):
     """Resolve a composed config into its dataclass (runs every __post_init__ check)."""
-    return OmegaConf.to_object(cfg)
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise config_error(e) from e
 
 
 def compose_job(entry: str, overrides: list[str] | None = None):
     """Compose ``conf/<entry>.yaml`` with overrides and return the job dataclass (tests, notebooks)."""
     register_schemas()
     with initialize_config_dir(version_base="1.3", config_dir=conf_dir(), job_name=entry):
-        return to_job(compose(config_name=entry, overrides=overrides or []))
+        try:
+            cfg = compose(config_name=entry, overrides=overrides or [])
+        except (HydraException, OmegaConfBaseException) as e:
+            raise config_error(e) from e
+        return to_job(cfg)
+
+
+def fail(e: UserError) -> NoReturn:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def entry_point(entry: str) -> Callable:
@@ -68,9 +138,19 @@ def entry_point(entry: str) -> Callable:
             try:
                 fn(to_job(cfg))
             except UserError as e:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(2)
+                fail(e)
 
-        return functools.wraps(fn)(main)
+        @functools.wraps(fn)
+        def run() -> None:
+            # Hydra prints a bad override (misspelt key, unknown option, wrong type) over
+            # several lines and exits 1; asked for the full error it raises it instead,
+            # and here it becomes one line naming the value.
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+            try:
+                main()
+            except (HydraException, OmegaConfBaseException) as e:
+                fail(config_error(e))
+
+        return run
 
     return wrap

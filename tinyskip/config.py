@@ -39,6 +39,16 @@ def _probability(obj: Any, *names: str) -> None:
             raise ConfigError(f"{type(obj).__name__}.{name}={value}: must be in [0, 1]")
 
 
+# Seeds feed torch and numpy generators, also as seed * 1_000_003 + step (data order):
+# below 2**32 that stays inside the 64-bit range every generator accepts.
+SEED_MAX = 2 ** 32 - 1
+
+
+def check_seed(name: str, value: int) -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{name}={value}: must be in 0..{SEED_MAX}")
+
+
 def _choice(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in allowed:
@@ -84,7 +94,8 @@ class ModelConfig:
     rope_scaling: Optional[RopeScaling] = None
     tie_word_embeddings: bool = True
     bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
+    # One stop token, or a list (Llama 3 instruct models end a turn with any of several).
+    eos_token_id: Any = None
     initializer_range: float = 0.02
     # A Hugging Face Llama folder or Hub id: its config.json and weights replace the
     # fields above (``model=hf_llama model.path=...``).
@@ -93,6 +104,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            self.eos_token_id = eos = list(eos)
+        if not (eos is None or isinstance(eos, int)
+                or (isinstance(eos, list) and eos and all(isinstance(i, int) for i in eos))):
+            raise ConfigError(f"ModelConfig.eos_token_id={eos!r}: must be a token id or a "
+                              "non-empty list of token ids")
         _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "intermediate_size", "max_position_embeddings",
                   "rms_norm_eps", "rope_theta")
@@ -111,6 +129,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Every EOS id (none when eos_token_id is unset)."""
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -193,6 +217,7 @@ class TrainConfig:
         if self.eval_batches < 0:
             raise ConfigError(f"TrainConfig.eval_batches={self.eval_batches}: must be >= 0 "
                               "(0 = the whole validation split)")
+        check_seed("TrainConfig.seed", self.seed)
         _choice(self, "layerdrop_depth", ("uniform", "linear", "exp"))
         _choice(self, "layerdrop_time", ("constant", "exp"))
         _choice(self, "exit_scale", ("none", "uniform", "linear", "calm", "sum_l", "layerskip"))
@@ -201,6 +226,35 @@ class TrainConfig:
 
 
 # -- decoding modes -----------------------------------------------------------------------
+
+# Below this, logits / temperature overflows float32 for ordinary logits (and the
+# distribution is greedy to any precision anyway): temperature=0 is greedy decoding.
+MIN_TEMPERATURE = 1e-4
+
+
+@dataclass
+class SamplingConfig:
+    """temperature 0 = greedy; top_k 0 and top_p 1 = off. The same processing is applied
+    to the draft and the full model in speculative sampling."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE):
+            raise ConfigError(f"temperature={self.temperature}: must be 0 (greedy) or >= "
+                              f"{MIN_TEMPERATURE} (smaller values overflow the logits)")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
 # Exits are numbered by blocks run: exit E (1..L) is the head on the output of block E-1.
 
 MODES = ("full", "static", "ssd", "dee")

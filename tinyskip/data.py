@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .atomic import make_dirs, publish_dir, publish_file, temp_dir
 from .config import DataConfig, UserError
 
 # Bump when tokenisation or the array layout changes: it invalidates every cache.
@@ -79,7 +80,7 @@ def count_words(lines: list[str]) -> int:
 def _publish(tmp: Path, final: Path) -> None:
     """Rename a finished temporary folder into place (a concurrent winner is kept)."""
     try:
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
     except OSError:
         if not final.exists():
             raise
@@ -90,7 +91,7 @@ def train_tokenizer(lines: list[str], cfg: DataConfig, out: Path) -> None:
     import sentencepiece as spm
 
     sentences = [line.strip() for line in lines if line.strip()]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         prefix = os.path.join(tmp, "sp")
         try:
@@ -105,7 +106,7 @@ def train_tokenizer(lines: list[str], cfg: DataConfig, out: Path) -> None:
             msg = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]
             raise DataError(f"data.vocab_size={cfg.vocab_size} cannot be trained on this "
                             f"data: {msg}")
-        os.replace(prefix + ".model", out)
+        publish_file(Path(prefix + ".model"), out)
 
 
 def tokenizer_path(cfg: DataConfig, lines: dict[str, list[str]], fingerprint: str) -> Path:
@@ -138,7 +139,11 @@ def load_tokenizer(path: Path | str):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"tokenizer file {path} not found")
-    return spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DataError(f"tokenizer file {path} is not a SentencePiece model ({reason})")
 
 
 def encode_lines(sp, lines: list[str]) -> np.ndarray:
@@ -162,8 +167,7 @@ def prepare_corpus(cfg: DataConfig, tokenizer_file: Optional[Path | str] = None)
     key = _digest("arr", CODE_VERSION, fingerprint, hashlib.sha256(tok.read_bytes()).hexdigest())
     folder = cache_root(cfg) / "tokens" / key
     if not (folder / "meta.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        tmp = temp_dir(folder.parent, ".tmp-")
         meta = {"dtype": None, "words": {}, "tokens": {}}
         for split in SPLITS:
             arr = encode_lines(sp, lines[split])

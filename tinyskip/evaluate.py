@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .checkpoint import load_model, write_json_atomic
+from .atomic import write_json_atomic
+from .checkpoint import load_model, load_run_job
 from .cli import entry_point
+from .config import UserError
 from .data import prepare_corpus
 from .jobs import EvaluateJob
 from .perplexity import exit_perplexities
@@ -18,10 +19,13 @@ def evaluate(job: EvaluateJob) -> dict:
     device = pick_device(job.device)
     model, _ = load_model(ckpt, device)
     seq_len = job.seq_len
+    ctx = model.config.max_position_embeddings
     if seq_len is None:
-        saved_job = ckpt.parent / "job.json"
-        seq_len = (json.loads(saved_job.read_text())["train"]["seq_len"] if saved_job.is_file()
-                   else model.config.max_position_embeddings)
+        saved = load_run_job(ckpt.parent) or {}
+        seq_len = saved.get("train", {}).get("seq_len", ctx)
+    if seq_len > ctx:
+        raise UserError(f"seq_len={seq_len}: longer than the model's context "
+                        f"(max_position_embeddings={ctx})")
     corpus = prepare_corpus(run_data_config(ckpt, job.data), ckpt / "tokenizer.model")
     ev = exit_perplexities(model, corpus.tokens[job.split], corpus.words[job.split], seq_len,
                            job.batch_size, job.max_batches, progress=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from .checkpoint import load_model, resolve_checkpoint
 from .cli import entry_point
 from .hf_llama import export_hf
-from .loading import DTYPES
+from .loading import DTYPES, checkpoint_path
 from .jobs import ExportJob
 
 
@@ -20,7 +20,8 @@ def export_run(path: Path | str, out: Path | str, dtype: str = "float32") -> Pat
 
 @entry_point("export")
 def main(job: ExportJob) -> None:
-    out = export_run(job.checkpoint or Path(job.checkpoint_root) / job.run, job.out, job.dtype)
+    out = export_run(checkpoint_path(job.run, job.checkpoint, job.checkpoint_root), job.out,
+                     job.dtype)
     print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 

@@ -10,8 +10,6 @@ head_dim that differs from hidden_size / heads) is refused, never silently mis-l
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -21,9 +19,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import write_json_atomic
-from .config import ModelConfig, RopeScaling, UserError
+from .atomic import publish_dir, temp_dir, write_json_atomic
+from .checkpoint import read_json
+from .config import ConfigError, ModelConfig, RopeScaling, UserError
+from .data import load_tokenizer
 from .model import Transformer
+from .sentencepiece_json import to_tokenizer
 
 PREFIX = "model."
 
@@ -33,6 +34,12 @@ class HFConfigError(UserError):
 
 
 # -- configs -----------------------------------------------------------------------------
+def _need(d: dict, key: str, where: str = "config.json"):
+    if key not in d:
+        raise HFConfigError(f"{where} has no {key!r}: the Llama shim needs it")
+    return d[key]
+
+
 def config_from_hf(hf: dict, name: str = "hf_llama") -> ModelConfig:
     arch = hf.get("architectures") or ["LlamaForCausalLM"]
     if hf.get("model_type", "llama") != "llama" or arch[0] != "LlamaForCausalLM":
@@ -43,11 +50,11 @@ def config_from_hf(hf: dict, name: str = "hf_llama") -> ModelConfig:
             raise HFConfigError(f"{flag}=true is not supported (tinyskip's Llama has no biases)")
     if hf.get("hidden_act", "silu") != "silu":
         raise HFConfigError(f"hidden_act={hf['hidden_act']!r}: only silu is supported")
-    heads = hf["num_attention_heads"]
+    heads, hidden = _need(hf, "num_attention_heads"), _need(hf, "hidden_size")
     head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim != hf["hidden_size"] // heads:
+    if head_dim is not None and head_dim != hidden // heads:
         raise HFConfigError(f"head_dim={head_dim} differs from hidden_size/num_attention_heads="
-                            f"{hf['hidden_size'] // heads}: not supported")
+                            f"{hidden // heads}: not supported")
     # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
@@ -55,21 +62,25 @@ def config_from_hf(hf: dict, name: str = "hf_llama") -> ModelConfig:
     scaling = None
     if kind == "llama3":
         fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        scaling = RopeScaling(**{f: rope[f] for f in fields})
+        scaling = RopeScaling(**{f: _need(rope, f, "config.json rope_scaling (llama3)")
+                                 for f in fields})
     elif kind != "default":
         raise HFConfigError(f"rope scaling type {kind!r} is not supported (only llama3 and none)")
-    eos = hf.get("eos_token_id")
-    return ModelConfig(
-        name=name, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        intermediate_size=hf["intermediate_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        initializer_range=hf.get("initializer_range", 0.02))
+    try:
+        return ModelConfig(
+            name=name, vocab_size=_need(hf, "vocab_size"), hidden_size=hidden,
+            num_hidden_layers=_need(hf, "num_hidden_layers"), num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            intermediate_size=_need(hf, "intermediate_size"),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            initializer_range=hf.get("initializer_range", 0.02))
+    except TypeError as e:           # a value of the wrong type ("hidden_size": "64")
+        raise HFConfigError(f"config.json has a value of the wrong type ({e})")
+    except ConfigError as e:         # a shape the model cannot take, named by its field
+        raise HFConfigError(f"config.json: {e}")
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
@@ -122,7 +133,7 @@ def resolve_folder(path_or_id: str) -> Path:
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_need(read_json(index), "weight_map", index.name).values()))
         return [folder / s for s in shards]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
@@ -150,7 +161,10 @@ def _tensors(file: Path):
 def load_hf_llama(path_or_id: str, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> tuple[Transformer, Path]:
     folder = resolve_folder(path_or_id)
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
+    try:
+        cfg = config_from_hf(read_json(folder / "config.json"))
+    except HFConfigError as e:
+        raise HFConfigError(f"model.path={path_or_id!r}: {e}")
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = dict(model.state_dict())
@@ -183,37 +197,48 @@ def load_hf_llama(path_or_id: str, device: str | torch.device = "cpu",
 
 # -- tokenizers --------------------------------------------------------------------------
 class HFTokenizer:
-    """encode / decode / eos_id over tokenizer.json (tokenizers) or tokenizer.model (SentencePiece)."""
+    """encode / decode / stop_ids over tokenizer.json (tokenizers) or tokenizer.model.
+
+    A tokenizer.json adds special tokens (BOS or none) with its own post-processor, as
+    transformers does; a bare tokenizer.model is Llama's SentencePiece tokenizer, which
+    adds BOS unless its tokenizer_config.json says ``add_bos_token: false``.
+    """
 
     def __init__(self, folder: Path, cfg: ModelConfig):
-        self.bos, self.eos = cfg.bos_token_id, cfg.eos_token_id
-        tok_cfg = folder / "tokenizer_config.json"
-        # Llama tokenizers add BOS unless their tokenizer_config.json says otherwise.
-        if tok_cfg.is_file() and not json.loads(tok_cfg.read_text()).get("add_bos_token", True):
-            self.bos = None
+        self.stops = frozenset(cfg.stop_ids)
+        self.bos = None
         if (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
-            self.tok, self.kind = Tokenizer.from_file(str(folder / "tokenizer.json")), "json"
+            try:
+                self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception on a bad file
+                raise HFConfigError(f"{folder / 'tokenizer.json'} is not a tokenizer ({e})")
+            self.kind = "json"
+            size = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
         elif (folder / "tokenizer.model").is_file():
-            import sentencepiece as spm
-            self.tok = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-            self.kind = "sp"
+            self.tok, self.kind = load_tokenizer(folder / "tokenizer.model"), "sp"
+            size = self.tok.get_piece_size()
+            tok_cfg = folder / "tokenizer_config.json"
+            if not tok_cfg.is_file() or read_json(tok_cfg).get("add_bos_token", True):
+                self.bos = cfg.bos_token_id
         else:
             raise HFConfigError(f"{folder} has no tokenizer.json or tokenizer.model")
+        if size > cfg.vocab_size:
+            raise HFConfigError(f"{folder}: the tokenizer has {size} tokens, more than the "
+                                f"model's vocab_size={cfg.vocab_size}")
 
     def encode(self, text: str) -> list[int]:
-        """Token ids, with the BOS token in front where the tokenizer adds one."""
-        ids = (self.tok.encode(text, add_special_tokens=False).ids if self.kind == "json"
-               else self.tok.encode(text))
-        return ([self.bos] if self.bos is not None else []) + ids
+        if self.kind == "json":
+            return self.tok.encode(text, add_special_tokens=True).ids
+        return ([self.bos] if self.bos is not None else []) + self.tok.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         if self.kind == "json":
             return self.tok.decode(ids, skip_special_tokens=True)
-        return self.tok.decode([i for i in ids if i not in (self.bos, self.eos)])
+        return self.tok.decode([i for i in ids if i != self.bos and i not in self.stops])
 
-    def eos_id(self) -> int:
-        return -1 if self.eos is None else self.eos
+    def stop_ids(self) -> frozenset[int]:
+        return self.stops
 
 
 # -- export ------------------------------------------------------------------------------
@@ -223,9 +248,6 @@ def export_hf(model: Transformer, tokenizer_file: Optional[Path], out: Path,
     out = Path(out)
     if out.exists():
         raise UserError(f"out={out} already exists: choose a new folder")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     cfg = model.config
     state = {}
     for name, t in model.state_dict().items():
@@ -233,16 +255,31 @@ def export_hf(model: Transformer, tokenizer_file: Optional[Path], out: Path,
             continue
         hf_name = name if name == "lm_head.weight" else PREFIX + name
         state[hf_name] = t.detach().to(dtype).contiguous()
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    write_json_atomic(tmp / "config.json", config_to_hf(cfg, dtype))
-    write_json_atomic(tmp / "generation_config.json",
-                      {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
-        # tinyskip trains without a BOS token, so the exported tokenizer adds none.
-        write_json_atomic(tmp / "tokenizer_config.json", {
-            "tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
-            "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>", "legacy": True})
-    os.replace(tmp, out)
+    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json_atomic(tmp / "config.json", config_to_hf(cfg, dtype))
+        write_json_atomic(tmp / "generation_config.json",
+                          {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
+        if tokenizer_file is not None:
+            _export_tokenizer(tokenizer_file, tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _export_tokenizer(tokenizer_file: Path, folder: Path) -> None:
+    """tokenizer.model for SentencePiece users, and tokenizer.json, which AutoTokenizer
+    loads as installed (converting tokenizer.model itself needs protobuf)."""
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.model")
+    to_tokenizer(tokenizer_file).save(str(folder / "tokenizer.json"))
+    sp = load_tokenizer(tokenizer_file)
+    # PreTrainedTokenizerFast: transformers uses tokenizer.json as it is (a Llama class
+    # would rebuild it with Llama's own normaliser). tinyskip trains without BOS and the
+    # tokenizer.json has no post-processor, so nothing is added around the text.
+    write_json_atomic(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
+        "add_eos_token": False, "bos_token": sp.id_to_piece(sp.bos_id()),
+        "eos_token": sp.id_to_piece(sp.eos_id()), "unk_token": sp.id_to_piece(sp.unk_id())})

@@ -15,10 +15,11 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import weights_hash, write_json_atomic
+from .atomic import write_json_atomic
+from .checkpoint import weights_hash
 from .cli import entry_point
 from .config import DEEConfig, SSDConfig, UserError
-from .decode import ModeSpec, SamplingConfig, decode
+from .decode import ModeSpec, SamplingConfig, Steps, decode
 from .jobs import InferJob
 from .loading import Loaded, draft_vocabulary, load_source, pick_device
 
@@ -104,8 +105,9 @@ def _stdin_prompts() -> Iterator[str]:
 
 def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
     """Text of the new tokens as they read after the prompt (spacing kept), EOS as a newline."""
-    text = tok.decode(prompt_ids + [t for t in new_ids if t != tok.eos_id()])
-    eos = "\n" if new_ids and new_ids[-1] == tok.eos_id() else ""
+    stops = tok.stop_ids()
+    text = tok.decode(prompt_ids + [t for t in new_ids if t not in stops])
+    eos = "\n" if new_ids and new_ids[-1] in stops else ""
     return text[len(tok.decode(prompt_ids)):] + eos
 
 
@@ -117,12 +119,14 @@ def generations(job: InferJob) -> Iterator[dict]:
     model, tok = loaded.model, loaded.tokenizer
     spec = mode_spec(job, loaded)
     draft_ids = draft_vocabulary(loaded, spec, job.data)
-    eos = tok.eos_id() if job.stop_at_eos else None
+    eos = tok.stop_ids() if job.stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(job.seed)
+    steps = Steps(model, compile=job.compile)       # shared, so graphs compile once
     for text in read_prompts(job):
         ids = tok.encode(text)
         prompt = torch.tensor([ids], dtype=torch.long, device=device)
-        gen = decode(model, prompt, job.max_new_tokens, spec, sampling, eos, generator, draft_ids)
+        gen = decode(model, prompt, job.max_new_tokens, spec, sampling, eos, generator, draft_ids,
+                     steps)
         tokens = gen.tokens[0]
         yield {"prompt": text, "mode": spec.label, "prompt_ids": ids, "ids": tokens,
                "text": continuation(tok, ids, tokens), "stats": gen.stats.as_dict()}

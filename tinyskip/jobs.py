@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from .config import (CACHE_STRATEGIES, MEASURE_RANGES, MODES, ConfigError, DataConfig,
-                     ModelConfig, TrainConfig)
+                     ModelConfig, SamplingConfig, TrainConfig, check_seed)
+
 
 
 def check_source(job) -> None:
@@ -20,6 +22,17 @@ def check_source(job) -> None:
 def check_dtype(job) -> None:
     if job.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype={job.dtype!r}: must be one of float32, bfloat16, float16")
+
+
+def check_out(job) -> None:
+    """A result file must have somewhere to go: checked before hours of work, not after."""
+    if job.out is None:
+        return
+    out = Path(job.out)
+    if out.is_dir():
+        raise ConfigError(f"out={job.out!r} is a folder: give a file name")
+    if not out.resolve().parent.is_dir():
+        raise ConfigError(f"out={job.out!r}: folder {out.resolve().parent} does not exist")
 
 
 @dataclass
@@ -41,6 +54,12 @@ class TrainJob:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        ctx = self.model.max_position_embeddings
+        if self.train.seq_len > ctx:
+            raise ConfigError(f"train.seq_len={self.train.seq_len}: longer than the model's "
+                              f"context, model.max_position_embeddings={ctx}")
+
     @property
     def run_name(self) -> str:
         return self.run or self.model.name
@@ -61,7 +80,15 @@ class EvaluateJob(CheckpointSource):
     def __post_init__(self) -> None:
         if self.split not in ("train", "validation", "test"):
             raise ConfigError(f"split={self.split!r}: must be one of train, validation, test")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(f"seq_len={self.seq_len}: must be >= 1 (or null = the run's "
+                              "training seq_len)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.max_batches < 0:
+            raise ConfigError(f"max_batches={self.max_batches}: must be >= 0 (0 = the whole split)")
         check_source(self)
+        check_out(self)
 
 
 def dee_threshold(value: Any) -> list[float]:
@@ -105,6 +132,7 @@ class InferJob(CheckpointSource):
     cache: str = "propagate"                  # mode=dee: propagate | recompute | copy
     decay_tau: float = 0.0                    # mode=dee: CALM's decaying threshold (0 = off)
     stop_at_eos: bool = True
+    compile: bool = False                     # torch.compile the per-token steps (full/static/ssd)
     out: Optional[str] = None                 # JSON with ids, text and statistics per prompt
     device: str = "auto"
     dtype: str = "float32"
@@ -116,6 +144,8 @@ class InferJob(CheckpointSource):
             raise ConfigError(f"mode={self.mode!r}: must be one of {', '.join(MODES)}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        SamplingConfig(self.temperature, self.top_k, self.top_p)    # one check, one message
+        check_seed("seed", self.seed)
         if self.mode == "static" and self.exit_layer is None:
             raise ConfigError("mode=static needs exit_layer=<1..L>")
         if self.mode == "ssd" and self.draft_layer is None:
@@ -130,6 +160,7 @@ class InferJob(CheckpointSource):
         self.threshold = dee_threshold(self.threshold)
         check_source(self)
         check_dtype(self)
+        check_out(self)
 
 
 @dataclass
@@ -148,6 +179,7 @@ class BenchJob(CheckpointSource):
     dee_thresholds: list[float] = field(default_factory=list)  #   x cache strategies
     dee_caches: list[str] = field(default_factory=lambda: ["propagate"])
     dee_check_every: int = 1
+    compile: bool = False                     # also every full/static/ssd row compiled, beside eager
     threads: int = 0                          # 0 = torch's default
     device: str = "auto"
     dtype: str = "float32"
@@ -163,6 +195,9 @@ class BenchJob(CheckpointSource):
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.ssd_layers and not self.ssd_k:
             raise ConfigError("ssd_k=[]: give at least one k for the ssd_layers rows (or ssd_layers=[])")
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads}: must be >= 0 (0 = torch's default)")
+        check_out(self)
 
 
 @dataclass
@@ -227,7 +262,9 @@ class CalibrateJob(CheckpointSource):
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if not 0 < self.quality <= 1 or not 0 < self.accuracy <= 1:
             raise ConfigError(f"quality={self.quality}, accuracy={self.accuracy}: must be in (0, 1]")
+        check_seed("seed", self.seed)
         check_source(self)
+        check_out(self)
 
 
 SCHEMAS: dict[str, type] = {"export": ExportJob, "train": TrainJob, "evaluate": EvaluateJob,

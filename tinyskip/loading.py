@@ -2,20 +2,19 @@
 
 ``run=NAME`` / ``checkpoint=PATH`` load a tinyskip checkpoint folder;
 ``model=hf_llama model.path=<folder or Hub id>`` loads Hugging Face Llama weights into
-the same model class. Both come with a tokenizer exposing encode / decode / eos_id.
+the same model class. Both come with a tokenizer exposing encode / decode / stop_ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .checkpoint import load_model, resolve_checkpoint
+from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
 from .config import DEFAULT_RUN, ConfigError, DataConfig, ModelConfig, UserError
 from .data import load_tokenizer, prepare_corpus
 from .exits import frequent_tokens
@@ -34,7 +33,7 @@ def pick_device(name: str) -> torch.device:
 
 def checkpoint_path(run: Optional[str], checkpoint: Optional[str], checkpoint_root: str) -> Path:
     """The checkpoint folder a job names (``checkpoint=``, else ``run=``, else the default run)."""
-    return resolve_checkpoint(checkpoint or Path(checkpoint_root) / (run or DEFAULT_RUN))
+    return resolve_checkpoint(checkpoint or run_folder(checkpoint_root, run or DEFAULT_RUN))
 
 
 def run_data_config(ckpt: Path, given: DataConfig) -> DataConfig:
@@ -43,13 +42,10 @@ def run_data_config(ckpt: Path, given: DataConfig) -> DataConfig:
     A field still at its default is taken from the run, so ``infer`` and ``calibrate``
     find the offline copy training used without being told again.
     """
-    saved = ckpt.parent / "job.json"
-    if not saved.is_file():
+    saved = load_run_job(ckpt.parent)
+    if saved is None:
         return given
-    try:
-        trained = json.loads(saved.read_text(encoding="utf-8")).get("data", {})
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return given
+    trained = saved.get("data", {})
     default = DataConfig()
     fields = {f.name: getattr(given, f.name) for f in dataclasses.fields(DataConfig)}
     for name, value in fields.items():
@@ -71,14 +67,14 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i != self.sp.eos_id()])
 
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset([self.sp.eos_id()])
 
 
 @dataclass
 class Loaded:
     model: Transformer
-    tokenizer: object                 # encode(str) -> ids, decode(ids) -> str, eos_id()
+    tokenizer: object                 # encode(str) -> ids, decode(ids) -> str, stop_ids()
     source: str                       # the folder it came from
     tokenizer_file: Optional[Path]    # a SentencePiece file the data pipeline can use
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .atomic import append_text, make_dirs, write_json_atomic
 from .checkpoint import (CHECKPOINT, CheckpointError, load_model, load_model_config,
-                         load_train_state, resolve_checkpoint, save_checkpoint, write_json_atomic)
+                         load_train_state, resolve_checkpoint, run_folder, save_checkpoint)
 from .config import ConfigError, TrainConfig
 from .data import get_batch, prepare_corpus
 from .jobs import TrainJob
@@ -27,6 +28,7 @@ from .loading import pick_device
 from .losses import cosine_lr, distillation_loss, early_exit_loss, exit_weights, layerdrop_probs
 from .model import Transformer
 from .perplexity import autocast, exit_perplexities
+from .resume import check_model, check_recipe, truncate_metrics
 
 
 @dataclass
@@ -45,20 +47,15 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
 
 
-def _init_distributed() -> tuple[int, int]:
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); under torchrun, one process group over the chosen device type."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            # Each rank owns one GPU: NCCL and every later .cuda() use the current device.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop evaluations after ``step`` (they will be redone by the resumed run)."""
-    if path.exists():
-        keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        os.replace(tmp, path)        # a crash here keeps the old file whole
 
 
 def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
@@ -66,22 +63,19 @@ def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
     tc = job.train
     if tc.resume:
         ckpt = resolve_checkpoint(run_dir)
-        corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
-        saved = load_model_config(ckpt)
-        wanted = dataclasses.replace(job.model, vocab_size=saved.vocab_size,
-                                     bos_token_id=saved.bos_token_id,
-                                     eos_token_id=saved.eos_token_id)
-        if wanted != saved:
-            diff = [f.name for f in dataclasses.fields(saved)
-                    if getattr(saved, f.name) != getattr(wanted, f.name)]
-            raise CheckpointError(f"train.resume=true with a model config that differs from "
-                                  f"the checkpoint in {run_dir} (fields {diff})")
-        model, _ = load_model(ckpt)
+        # Cheap checks before the data is loaded: the model, then the recipe.
+        check_model(job, load_model_config(ckpt), run_dir)
+        check_recipe(job, run_dir)
         state = load_train_state(ckpt)
+        model, _ = load_model(ckpt)
+        corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
         return model, corpus, state
-    if (run_dir / CHECKPOINT).exists() and not tc.overwrite:
-        raise CheckpointError(f"run folder {run_dir} already holds a checkpoint: pass "
-                              "train.resume=true to continue it, train.overwrite=true to "
+    # The fallback .checkpoint-old counts: a crash mid-save can leave it as the only one.
+    existing = [p.name for p in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}-old")
+                if p.exists()]
+    if existing and not tc.overwrite:
+        raise CheckpointError(f"run folder {run_dir} already holds a checkpoint ({existing[0]}): "
+                              "pass train.resume=true to continue it, train.overwrite=true to "
                               "start over, or another run=<name>")
     corpus = prepare_corpus(job.data)
     cfg = dataclasses.replace(job.model, vocab_size=corpus.vocab_size,
@@ -97,14 +91,14 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     if job.model.path:
         raise ConfigError("training from Hugging Face weights (model.path) is not supported "
                           "yet: train a tinyskip model, or decode the Llama with tinyskip.infer")
-    rank, world = _init_distributed()
+    device = pick_device(tc.device)
+    run_dir = run_folder(job.checkpoint_root, job.run_name)
+    rank, world = _init_distributed(device)
     if tc.batch_size % world:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
                           f"{world} data-parallel processes")
-    device = pick_device(tc.device)
     if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    run_dir = Path(job.checkpoint_root) / job.run_name
+        device = torch.device("cuda", torch.cuda.current_device())
     model, corpus, state = _prepare_run(job, run_dir, rank)
     model.to(device).train()
     L = model.num_layers
@@ -115,9 +109,9 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         start = state["step"]
     metrics_path = run_dir / "metrics.jsonl"
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run_dir)
         write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
     step_model = model
     if world > 1:
         step_model = torch.nn.parallel.DistributedDataParallel(
@@ -170,8 +164,10 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{train_tokens / train_time:.0f}")
         last = step + 1 == tc.max_steps
         if (step + 1) % tc.eval_every == 0 or last:
-            # Rank means of equal-sized shards average to the global batch's mean.
-            window = torch.tensor(sum(window_losses) / len(window_losses), dtype=torch.float64)
+            # Rank means of equal-sized shards average to the global batch's mean. On the
+            # training device: NCCL reduces CUDA tensors only.
+            window = torch.tensor(sum(window_losses) / len(window_losses), dtype=torch.float64,
+                                  device=device)
             if world > 1:
                 dist.all_reduce(window)
                 window /= world
@@ -183,8 +179,7 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
                     "train_loss": window.item(),
                     "tokens_per_s": train_tokens / train_time,
                     "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"]}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(result.last_eval) + "\n")
+                append_text(metrics_path, json.dumps(result.last_eval) + "\n")
                 if bar is not None:
                     bar.write(f"step {step + 1}: val loss by exit "
                               + " ".join(f"{v:.2f}" for v in ev["loss"])

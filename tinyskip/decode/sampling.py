@@ -1,36 +1,14 @@
-"""Sampling: temperature / top-k / top-p, the next-token choice, and the speculative
-acceptance rule (Leviathan et al. 2023; Chen et al. 2023)."""
+"""Sampling: temperature / top-k / top-p (``SamplingConfig`` lives with the other
+configs), the next-token choice, and the speculative acceptance rule (Leviathan et al.
+2023; Chen et al. 2023)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..config import ConfigError
-
-
-@dataclass
-class SamplingConfig:
-    """temperature 0 = greedy; top_k 0 and top_p 1 = off. The same processing is applied
-    to the draft and the full model in speculative sampling."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from ..config import SamplingConfig
 
 
 def logits_to_probs(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:

@@ -1,0 +1,39 @@
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tinyskip.perplexity import exit_perplexities
+
+
+def nll(model, window: np.ndarray) -> list[float]:
+    """Summed NLL of a window's next tokens at every exit, in one uncached pass."""
+    ids = torch.from_numpy(window.astype(np.int64))[None]
+    logits = model(ids[:, :-1], exit_layers=list(range(model.num_layers)))
+    return [F.cross_entropy(l[0], ids[0, 1:], reduction="sum").item() for l in logits]
+
+
+@torch.no_grad()
+def test_word_perplexity_is_exp_of_total_nll_over_words(tiny_model):
+    tokens = np.random.default_rng(0).integers(0, 97, 61).astype(np.uint16)
+    words = 17
+    ev = exit_perplexities(tiny_model, tokens, words, seq_len=60)
+    expected = nll(tiny_model, tokens)
+    assert ev["tokens"] == 60
+    for got, total in zip(ev["word_ppl"], expected):
+        assert math.isclose(got, math.exp(total / words), rel_tol=1e-5)
+    assert np.allclose(ev["loss"], [t / 60 for t in expected], rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_prefix_scores_its_share_of_the_words(tiny_model):
+    """max_batches=1 of two windows of 10 scores 20 of the 60 predicted tokens, so a
+    third of the split's words."""
+    tokens = np.random.default_rng(1).integers(0, 97, 61).astype(np.uint16)
+    words = 30
+    ev = exit_perplexities(tiny_model, tokens, words, seq_len=10, batch_size=2, max_batches=1)
+    expected = [a + b for a, b in zip(nll(tiny_model, tokens[:11]), nll(tiny_model, tokens[10:21]))]
+    assert ev["tokens"] == 20
+    for got, total in zip(ev["word_ppl"], expected):
+        assert math.isclose(got, math.exp(total / (words * 20 / 60)), rel_tol=1e-5)
