@@ -96,3 +96,19 @@ def test_the_commands_chain_as_written_on_the_default_run(trained_tiny, tmp_path
         lines = done.stdout.strip().splitlines()
         assert lines[0].startswith("The game was") and lines[2].startswith("In 1994 , the band")
         assert "tok/s" in lines[1] and "tok/s" in lines[3]
+
+
+def test_bench_sweeps_dee_measures_thresholds_and_cache_strategies(run_dir):
+    from tinyskip.bench import benchmark, format_table
+    res = benchmark(compose_job("bench", [f"checkpoint={run_dir}", "n_prompts=2", "prompt_len=8",
+                                          "max_new_tokens=6", "ssd_layers=[]", "static_layers=[]",
+                                          "dee_measures=[softmax]", "dee_thresholds=[inf,0.0]",
+                                          "dee_caches=[propagate,recompute,copy]"]))
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert len(rows) == 7
+    for cache in ("propagate", "recompute", "copy"):
+        assert rows[f"dee softmax>=inf {cache}"]["agreement"] == 1.0
+        assert rows[f"dee softmax>=inf {cache}"]["mean_exit"] == 4
+        # every token after the first (prefill's, at exit 4) leaves at exit 1
+        assert rows[f"dee softmax>=0 {cache}"]["mean_exit"] == pytest.approx((4 + 5 * 1) / 6)
+    assert "matmuls alone" in format_table(res)

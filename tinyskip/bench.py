@@ -10,19 +10,22 @@ Modes run interleaved prompt by prompt, so drift in machine speed hits all alike
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .cache import KVCache
-from .checkpoint import write_json_atomic
+from .atomic import write_json_atomic
 from .cli import entry_point
-from .data import load_lines
 from .config import DEEConfig, SSDConfig
-from .decode import DecodeStats, ModeSpec, decode
+from .data import load_lines
+from .decode import DecodeStats, ModeSpec, Steps, decode
 from .jobs import BenchJob
-from .loading import draft_vocabulary, load_source, pick_device
+from .loading import draft_vocabulary, load_source, pick_device, run_data_config
+from .ltt import f1_loss
 from .model import Transformer
 
 
@@ -67,6 +70,13 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
         t_blocks = timed(lambda: blocks(h0, ctx))
         costs[f"layer:{w}"] = t_blocks / L
         costs[f"head:{w}"] = max(timed(lambda: model.head(blocks(h0, ctx))) - t_blocks, 0.0)
+    # The step's matrix work alone: every weight of the blocks and the head applied to one
+    # token, nothing else (no norms, RoPE, attention or bookkeeping): the floor the step's
+    # time would reach if everything between the matmuls were free.
+    mats = [m.weight for layer in model.layers for m in layer.modules()
+            if isinstance(m, torch.nn.Linear)] + [model.lm_head.weight]
+    vecs = {w.shape[1]: torch.randn(1, w.shape[1], device=dev, dtype=dtype) for w in mats}
+    costs["matmuls"] = timed(lambda: [torch.nn.functional.linear(vecs[w.shape[1]], w) for w in mats])
     h1 = model.embed(x)
     costs["kv:1"] = timed(lambda: model.propagate_kv(h1, 0, L, cache, pos)) / L
     step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, pos)[:, -1])
@@ -96,9 +106,9 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
     return specs
 
 
-def test_prompts(job: BenchJob, tokenizer, device) -> list[torch.Tensor]:
+def test_prompts(data, job: BenchJob, tokenizer, device) -> list[torch.Tensor]:
     """``n_prompts`` windows of ``prompt_len`` tokens spread over the test split."""
-    text = " ".join(line.strip() for line in load_lines(job.data)[0]["test"] if line.strip())
+    text = " ".join(line.strip() for line in load_lines(data)[0]["test"] if line.strip())
     ids = tokenizer.encode(text)
     stride = (len(ids) - job.prompt_len) // job.n_prompts
     return [torch.tensor([ids[i * stride:i * stride + job.prompt_len]], device=device)
@@ -111,40 +121,55 @@ def benchmark(job: BenchJob) -> dict:
         torch.set_num_threads(job.threads)
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype)
     model = loaded.model
-    prompts = test_prompts(job, loaded.tokenizer, device)
+    prompts = test_prompts(run_data_config(Path(loaded.source), job.data), job, loaded.tokenizer,
+                           device)
     L = model.num_layers
     specs = bench_specs(job, L)
     vocab_spec = next((s for s in specs if s.ssd is not None and s.ssd.draft_vocab), None)
     draft_ids = draft_vocabulary(loaded, vocab_spec, job.data) if vocab_spec else None
-    run = lambda spec, prompt: decode(model, prompt, job.max_new_tokens, spec, draft_ids=(
-        draft_ids if spec.ssd is not None and spec.ssd.draft_vocab else None))
-    for spec in specs:                                    # warm-up
-        run(spec, prompts[0])
-    totals = {s.label: {"stats": DecodeStats(), "agree": 0, "exact": 0} for s in specs}
-    for prompt in prompts:
+    # Rows: (label, spec, steps). Compiled rows run the same modes through compiled steps
+    # (DEE's per-layer steps stay eager); the first row, eager full, is the reference.
+    eager, compiled = Steps(model), Steps(model, compile=True) if job.compile else None
+    rows_def = [(s.label, s, eager) for s in specs]
+    if compiled is not None:
+        rows_def += [(s.label + " compiled", s, compiled) for s in specs if s.mode != "dee"]
+    run = lambda spec, steps, prompt: decode(model, prompt, job.max_new_tokens, spec, draft_ids=(
+        draft_ids if spec.ssd is not None and spec.ssd.draft_vocab else None), steps=steps)
+    warmup = {}
+    for label, spec, steps in tqdm(rows_def, desc="warm-up (compiles)", leave=False,
+                                   disable=not sys.stderr.isatty()):
+        t0 = time.perf_counter()
+        run(spec, steps, prompts[0])
+        warmup[label] = time.perf_counter() - t0
+    totals = {label: {"stats": DecodeStats(), "agree": 0, "exact": 0, "f1_loss": 0.0}
+              for label, _, _ in rows_def}
+    for prompt in tqdm(prompts, desc="prompts", leave=False, disable=not sys.stderr.isatty()):
         reference = None
-        for spec in specs:
-            g = run(spec, prompt)
-            t = totals[spec.label]
-            if spec.mode == "full":
+        for label, spec, steps in rows_def:
+            g = run(spec, steps, prompt)
+            t = totals[label]
+            if reference is None:
                 reference = g.tokens[0]
             t["stats"] = t["stats"] + g.stats
             t["agree"] += sum(a == b for a, b in zip(g.tokens[0], reference))
             t["exact"] += g.tokens[0] == reference
+            t["f1_loss"] += f1_loss(g.tokens[0], reference)     # DEE's calibration loss
     widths = [int(k.split(":")[1]) for t in totals.values() for k in t["stats"].calls]
     costs = unit_costs(model, job.prompt_len + job.max_new_tokens // 2, max(widths))
     rows = []
-    for spec in specs:
-        t = totals[spec.label]
+    for label, _, _ in rows_def:
+        t = totals[label]
         st, n = t["stats"], t["stats"].new_tokens
         # Predicted seconds per token: every counted call at its measured unit cost.
         cost = sum(count * costs[key] for key, count in st.calls.items()) / n
-        rows.append({"mode": spec.label, "tokens_per_s": st.tokens_per_s,
+        rows.append({"mode": label, "tokens_per_s": st.tokens_per_s,
                      "layers_per_token": st.layer_evals / n, "heads_per_token": st.head_evals / n,
                      "acceptance": st.accepted / st.drafted if st.drafted else None,
                      "mean_exit": st.mean_exit, "exit_hist": st.exit_hist,
                      "agreement": t["agree"] / n, "exact_match": t["exact"] / len(prompts),
-                     "cost_s": cost, "prefill_ms": st.prefill_s / len(prompts) * 1e3})
+                     "f1_loss": t["f1_loss"] / len(prompts),
+                     "cost_s": cost, "prefill_ms": st.prefill_s / len(prompts) * 1e3,
+                     "warmup_s": warmup[label]})
     full = rows[0]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
@@ -162,16 +187,19 @@ def format_table(res: dict) -> str:
             f"{res['threads']} threads\n"
             f"one block {c['layer:1'] * 1e6:.0f} us, head {c['head:1'] * 1e6:.0f} us, full step "
             f"{c['step'] * 1e6:.0f} us: overhead outside blocks and head "
-            f"{c['overhead'] * 100:.1f}% of a full step\n")
+            f"{c['overhead'] * 100:.1f}% of a full step; the step's matmuls alone "
+            f"{c['matmuls'] * 1e6:.0f} us ({c['matmuls'] / c['step'] * 100:.0f}% of the step)\n")
     cols = f"{'mode':<34}{'tok/s':>8}{'speedup':>9}{'layers/t':>9}{'heads/t':>8}" \
-           f"{'accept':>8}{'exit':>6}{'agree':>7}{'exact':>6}{'predicted':>10}{'effic.':>8}"
+           f"{'accept':>8}{'exit':>6}{'agree':>7}{'exact':>6}{'f1loss':>7}{'predicted':>10}" \
+           f"{'effic.':>8}"
     lines = [head + cols, "-" * len(cols)]
     for r in res["rows"]:
         acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
         ex = f"{r['mean_exit']:.2f}" if r["mean_exit"] is not None else "-"
         lines.append(f"{r['mode']:<34}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
                      f"{r['layers_per_token']:>9.2f}{r['heads_per_token']:>8.2f}{acc:>8}{ex:>6}"
-                     f"{r['agreement']:>7.2f}{r['exact_match']:>6.2f}{r['predicted']:>9.2f}x"
+                     f"{r['agreement']:>7.2f}{r['exact_match']:>6.2f}{r['f1_loss']:>7.3f}"
+                     f"{r['predicted']:>9.2f}x"
                      f"{r['efficiency']:>8.2f}")
     return "\n".join(lines)
 

@@ -12,13 +12,13 @@ import hashlib
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 from . import ltt
 from .calibration import (Example, dee_losses, decode_full, exit_confidences, sample_windows,
                           threshold_grid, walk_grid)
-from .checkpoint import load_model, weights_hash, write_json_atomic
+from .atomic import make_dirs, write_json_atomic
+from .checkpoint import load_model, weights_hash
 from .cli import entry_point
 from .config import DEEConfig, UserError
 from .data import prepare_corpus
@@ -31,24 +31,21 @@ def _bar(desc: str):
     return lambda it, **kw: tqdm(it, desc=desc, leave=False, disable=not sys.stderr.isatty(), **kw)
 
 
-def cached_examples(model, ckpt: Path, key: dict, windows, max_new_tokens: int, eos: int
-                    ) -> tuple[list[Example], float]:
-    """The full model's greedy outputs (and their tokens/s), decoded once per checkpoint
-    and settings and kept in ``<run>/.calibration-cache/``."""
+def cached_examples(model, ckpt: Path, key: dict, windows, max_new_tokens: int,
+                    eos: int) -> list[Example]:
+    """The full model's greedy outputs, decoded once per checkpoint and settings and kept
+    in ``<run>/.calibration-cache/``."""
     folder = ckpt.parent / ".calibration-cache"
     name = json.dumps(key, sort_keys=True)
     path = folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == name:
-            return [Example(**e) for e in saved["examples"]], saved["tokens_per_s"]
-    t0 = time.perf_counter()
-    examples = decode_full(model, _bar("full outputs")(windows), max_new_tokens, eos)
-    tps = sum(len(e.full) for e in examples) / (time.perf_counter() - t0)
-    folder.mkdir(exist_ok=True)
-    write_json_atomic(path, {"key": name, "tokens_per_s": tps,
-                             "examples": [dataclasses.asdict(e) for e in examples]})
-    return examples, tps
+            return [Example(**e) for e in saved["examples"]]
+    examples, _ = decode_full(model, _bar("full outputs")(windows), max_new_tokens, eos)
+    make_dirs(folder)
+    write_json_atomic(path, {"key": name, "examples": [dataclasses.asdict(e) for e in examples]})
+    return examples
 
 
 def calibrate(job: CalibrateJob) -> dict:
@@ -72,7 +69,7 @@ def calibrate(job: CalibrateJob) -> dict:
                "max_new_tokens": job.max_new_tokens, "seed": seed}
         return cached_examples(model, ckpt, key, windows, job.max_new_tokens, eos)
 
-    cal, _ = examples_of(job.split, job.n_examples, job.seed)
+    cal = examples_of(job.split, job.n_examples, job.seed)
     grid = threshold_grid(job.measure, job.grid)
     walked = walk_grid(model, cal, base, grid, job.max_new_tokens, eos, job.loss, job.delta,
                        job.epsilon, job.quality, full_grid=job.check_splits > 0,
@@ -104,10 +101,13 @@ def calibrate(job: CalibrateJob) -> dict:
     return result
 
 
-def check_on(model, job: CalibrateJob, examples, base: DEEConfig, thresholds: dict,
-             eos: int) -> dict:
+def check_on(model, job: CalibrateJob, held_out: list[Example], base: DEEConfig,
+             thresholds: dict, eos: int) -> dict:
     """Loss, exits and speed of each calibrated threshold on a held-out split."""
-    held_out, full_tps = examples
+    # Full decoding timed here, in the same process as the DEE rows it is compared with.
+    _, full = decode_full(model, [(e.prompt, e.reference) for e in held_out], job.max_new_tokens,
+                          eos)
+    full_tps = full.tokens_per_s
     report = {"split": job.test_split, "n": len(held_out), "full_tokens_per_s": full_tps}
     for name, lam in thresholds.items():
         cfg = dataclasses.replace(base, threshold=[math.inf if lam is None else lam])

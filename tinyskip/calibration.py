@@ -47,13 +47,16 @@ def sample_windows(tokens: np.ndarray, n: int, prompt_len: int, new_tokens: int,
              tokens[s + prompt_len:s + span].astype(np.int64).tolist()) for s in starts]
 
 
-def decode_full(model: Transformer, windows, max_new_tokens: int, eos_id) -> list[Example]:
+def decode_full(model: Transformer, windows, max_new_tokens: int, eos_id
+                ) -> tuple[list[Example], DecodeStats]:
+    """The full model's greedy continuation of every window, and the summed statistics."""
     dev = next(model.parameters()).device
-    out = []
+    out, stats = [], DecodeStats()
     for prompt, ref in windows:
         g = generate(model, torch.tensor([prompt], device=dev), max_new_tokens, eos_id=eos_id)
         out.append(Example(prompt, ref, g.tokens[0]))
-    return out
+        stats = stats + g.stats
+    return out, stats
 
 
 def example_loss(kind: str, early: list[int], ex: Example) -> float:
