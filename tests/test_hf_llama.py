@@ -9,7 +9,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tinyskip.cache import KVCache
-from tinyskip.checkpoint import load_model, save_checkpoint
 from tinyskip.cli import compose_job
 from tinyskip.decode import generate
 from tinyskip.hf_llama import (HFConfigError, HFTokenizer, config_from_hf, config_to_hf,

@@ -27,13 +27,13 @@ from typing import Optional
 import torch
 
 from ..cache import KVCache
-from ..config import DEEConfig, UserError
+from ..config import DEEConfig
 from ..exits import ExitHead
 from ..model import Transformer
 from .confidence import HEAD_FREE, TokenConfidence, decayed_threshold
 from .sampling import SamplingConfig, choose
 from .stats import DecodeStats, Generation
-from .steps import StopIds, budget, new_cache, prefill, sync, truncate_at_eos
+from .steps import StopIds, first_token, new_cache, one_prompt, sync, truncate_at_eos
 
 
 class _Waiting:
@@ -65,18 +65,13 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     lets a caller inspect the keys and values the strategy left behind."""
     L = model.num_layers
     thresholds = dict(zip(cfg.checked_exits(L), cfg.validate(L)))
-    n_new = budget(model, prompt, max_new_tokens)
-    if prompt.shape[0] != 1:
-        raise UserError(f"mode=dee decodes one prompt at a time (got a batch of {prompt.shape[0]})")
+    n_new = one_prompt(model, prompt, max_new_tokens, "dee")
     T, dev = prompt.shape[1], prompt.device
     cache = cache if cache is not None else new_cache(model, prompt, n_new)
     head = ExitHead(model)
     stats = DecodeStats()
-    logits = prefill(model, prompt, cache, L, stats)
+    out = [first_token(model, prompt, cache, stats, sampling, generator)]
     t0 = time.perf_counter()
-    out = [int(choose(logits, sampling, generator))]
-    stats.add_layers(L)
-    stats.add_head()
     stats.add_exit(L)
     waiting = _Waiting()
     _, finished = truncate_at_eos(out, eos_id)

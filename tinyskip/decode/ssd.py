@@ -23,13 +23,14 @@ from typing import Optional
 
 import torch
 
-from ..config import SSDConfig, UserError
+from ..config import SSDConfig
 from ..exits import ExitHead
 from ..model import Transformer
 from .confidence import max_prob
-from .sampling import SamplingConfig, accept_sampled, choose, logits_to_probs
+from .sampling import SamplingConfig, accept_sampled, logits_to_probs
 from .stats import DecodeStats, Generation
-from .steps import Steps, StopIds, budget, new_cache, positions, prefill, sync, truncate_at_eos
+from .steps import (Steps, StopIds, first_token, new_cache, one_prompt, positions, sync,
+                    truncate_at_eos)
 
 
 @torch.no_grad()
@@ -41,23 +42,18 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     """Self-speculative decoding of one prompt (1, T)."""
     L, E = model.num_layers, cfg.draft_layer
     cfg.validate(L)
-    n_new = budget(model, prompt, max_new_tokens)
+    n_new = one_prompt(model, prompt, max_new_tokens, "ssd")
     step = steps or Steps(model)
-    if prompt.shape[0] != 1:
-        raise UserError(f"mode=ssd decodes one prompt at a time (got a batch of {prompt.shape[0]})")
     T, dev = prompt.shape[1], prompt.device
     cache = new_cache(model, prompt, n_new)
     draft, verifier = ExitHead(model, draft_ids), ExitHead(model)
     stats = DecodeStats()
-    logits = prefill(model, prompt, cache, L, stats)
+    out = [first_token(model, prompt, cache, stats, sampling, generator)]
     t0 = time.perf_counter()
-    out = [int(choose(logits, sampling, generator))]
-    stats.add_layers(L)
-    stats.add_head()
     # Exit states of one round: at most k drafts plus the last committed token (the
     # buffer never exceeds what the budget can use, whatever k asks for).
     width = min(cfg.k, n_new) + 1
-    h_exit = torch.empty(1, width, model.config.hidden_size, device=dev, dtype=logits.dtype)
+    h_exit = torch.empty(1, width, model.config.hidden_size, device=dev, dtype=cache.k[0].dtype)
     _, finished = truncate_at_eos(out, eos_id)
     while len(out) < n_new and not finished:
         p = T + len(out) - 1                        # position of the last committed token

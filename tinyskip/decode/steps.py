@@ -10,9 +10,10 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from ..cache import KVCache
-from ..config import UserError
+from ..config import SamplingConfig, UserError
 from ..exits import ExitHead
 from ..model import Transformer
+from .sampling import choose
 from .stats import DecodeStats
 
 # A stop token, or several (Llama 3 instruct models end a turn with any of a set).
@@ -54,6 +55,25 @@ def new_cache(model: Transformer, prompt: torch.Tensor, steps: int) -> KVCache:
     size = min(model.config.max_position_embeddings, max(256, 1 << (needed - 1).bit_length()))
     dtype = next(model.parameters()).dtype
     return KVCache(model.config, prompt.shape[0], size, prompt.device, dtype)
+
+
+def one_prompt(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, mode: str) -> int:
+    """``budget`` for the modes that decode one prompt at a time (ssd, dee)."""
+    n_new = budget(model, prompt, max_new_tokens)
+    if prompt.shape[0] != 1:
+        raise UserError(f"mode={mode} decodes one prompt at a time (got a batch of "
+                        f"{prompt.shape[0]})")
+    return n_new
+
+
+def first_token(model: Transformer, prompt: torch.Tensor, cache: KVCache, stats: DecodeStats,
+                sampling: SamplingConfig, generator: Optional[torch.Generator]) -> int:
+    """Prefill the prompt (1, T) through all L blocks and choose the first new token,
+    counted as one full pass: the modes that exit early start from the full model."""
+    logits = prefill(model, prompt, cache, model.num_layers, stats)
+    stats.add_layers(model.num_layers)
+    stats.add_head()
+    return int(choose(logits, sampling, generator))
 
 
 def sync(device: torch.device) -> None:
