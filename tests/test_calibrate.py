@@ -112,3 +112,13 @@ def test_bench_sweeps_dee_measures_thresholds_and_cache_strategies(run_dir):
         # every token after the first (prefill's, at exit 4) leaves at exit 1
         assert rows[f"dee softmax>=0 {cache}"]["mean_exit"] == pytest.approx((4 + 5 * 1) / 6)
     assert "matmuls alone" in format_table(res)
+
+
+def test_classifier_measure_trains_the_exit_classifier_beside_the_checkpoint(run_dir, tmp_path):
+    out = tmp_path / "clf-cal.json"
+    r = calibrate(compose_job("calibrate", [f"checkpoint={run_dir}", "measure=classifier",
+                                            f"out={out}", "test_split=null"] + SMALL))
+    assert (run_dir / "exit_classifier.safetensors").is_file() and r["measure"] == "classifier"
+    [g] = infer(compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game",
+                                      f"calibration={out}", "max_new_tokens=5"]))
+    assert g["mode"].startswith("dee classifier>=")

@@ -10,6 +10,8 @@ from tinyskip.cache import KVCache
 from tinyskip.config import MEASURE_RANGES, DEEConfig, UserError
 from tinyskip.decode import dee_generate, generate
 from tinyskip.decode.confidence import decayed_threshold, entropy_confidence, margin
+from tinyskip.exit_classifier import (exit_examples, load_exit_classifier, save_exit_classifier,
+                                      train_exit_classifier)
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +22,21 @@ def model_and_prompts(trained_tiny):
     return model, prompts, corpus.eos_id
 
 
+@pytest.fixture(scope="module")
+def classifier(trained_tiny):
+    model, corpus, _ = trained_tiny
+    states, labels = exit_examples(model, corpus.tokens["train"], [1, 2, 3], 32, 64, seed=0)
+    return train_exit_classifier(states, labels, [1, 2, 3], "hash"), states, labels
+
+
 @pytest.mark.parametrize("cache", ["propagate", "recompute", "copy"])
 @pytest.mark.parametrize("measure", sorted(MEASURE_RANGES))
-def test_infinite_threshold_is_full_decoding(model_and_prompts, measure, cache):
+def test_infinite_threshold_is_full_decoding(model_and_prompts, classifier, measure, cache):
     model, prompts, eos = model_and_prompts
     cfg = DEEConfig(measure, [math.inf], cache=cache)
     for prompt in prompts:
         full = generate(model, prompt, 20, eos_id=eos)
-        dee = dee_generate(model, prompt, 20, cfg, eos_id=eos)
+        dee = dee_generate(model, prompt, 20, cfg, eos_id=eos, classifier=classifier[0])
         assert dee.tokens == full.tokens
         assert dee.stats.mean_exit == model.num_layers
 
@@ -148,7 +157,36 @@ def test_confidence_measures_on_known_distributions():
     (DEEConfig("softmax", [0.5], exits=[4]), r"exits=\[4\]: checked exits must be distinct and in 1..3"),
     (DEEConfig("softmax", [0.5, 0.4]), "give one value or one per checked exit"),
     (DEEConfig("softmax", []), "mode=dee needs threshold="),
+    (DEEConfig("classifier", [0.5]), "measure=classifier needs a trained exit classifier"),
 ])
 def test_bad_dee_options_are_refused(tiny_model, cfg, message):
     with pytest.raises(UserError, match=message):
         dee_generate(tiny_model, torch.tensor([[1, 2, 3]]), 4, cfg)
+
+
+def test_exit_classifier_separates_agreeing_from_disagreeing_exits(classifier):
+    clf, states, labels = classifier
+    for i, e in enumerate(clf.exits):
+        conf = torch.tensor([clf.confidence(e, h) for h in states[i]])
+        agree, disagree = conf[labels[i] > 0], conf[labels[i] == 0]
+        assert 0 < len(agree) < len(conf)
+        # P(exit agrees) is higher, on average, where the exit does agree.
+        assert agree.mean() > disagree.mean() + 0.1, e
+
+
+def test_a_classifier_every_token_passes_exits_at_the_first_checked_exit(model_and_prompts,
+                                                                         classifier):
+    model, prompts, _ = model_and_prompts
+    dee = dee_generate(model, prompts[0], 10, DEEConfig("classifier", [0.0], exits=[2, 3]),
+                       classifier=classifier[0])
+    assert dee.stats.exit_hist[2] == 9
+    assert dee.stats.head_evals == 10            # no head call for a check: one per token
+
+
+def test_exit_classifier_file_round_trips_and_is_refused_for_other_weights(classifier, tmp_path):
+    clf = classifier[0]
+    save_exit_classifier(clf, tmp_path / "clf.safetensors")
+    back = load_exit_classifier(tmp_path / "clf.safetensors", "hash")
+    assert back.exits == clf.exits and torch.equal(back.weight, clf.weight)
+    with pytest.raises(UserError, match="was trained on other weights"):
+        load_exit_classifier(tmp_path / "clf.safetensors", "other")

@@ -24,7 +24,8 @@ from .config import DEEConfig, SSDConfig
 from .data import load_lines
 from .decode import DecodeStats, ModeSpec, Steps, decode
 from .jobs import BenchJob
-from .loading import draft_vocabulary, load_source, pick_device, run_data_config
+from .loading import (draft_vocabulary, exit_classifier_for, load_source, pick_device,
+                      run_data_config)
 from .ltt import f1_loss
 from .model import Transformer
 
@@ -125,6 +126,8 @@ def benchmark(job: BenchJob) -> dict:
                            device)
     L = model.num_layers
     specs = bench_specs(job, L)
+    for spec in specs:
+        spec.classifier = exit_classifier_for(loaded, spec)
     vocab_spec = next((s for s in specs if s.ssd is not None and s.ssd.draft_vocab), None)
     draft_ids = draft_vocabulary(loaded, vocab_spec, job.data) if vocab_spec else None
     # Rows: (label, spec, steps). Compiled rows run the same modes through compiled steps

@@ -22,6 +22,8 @@ from .checkpoint import load_model, weights_hash
 from .cli import entry_point
 from .config import DEEConfig, UserError
 from .data import prepare_corpus
+from .exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, exit_examples,
+                              load_exit_classifier, save_exit_classifier, train_exit_classifier)
 from .jobs import CalibrateJob
 from .loading import checkpoint_path, pick_device, run_data_config
 
@@ -48,6 +50,24 @@ def cached_examples(model, ckpt: Path, key: dict, windows, max_new_tokens: int,
     return examples
 
 
+def exit_classifier(model, ckpt: Path, train_tokens, exits: list[int], whash: str,
+                    seed: int) -> ExitClassifier:
+    """The run's exit classifier for these exits, trained (on the train split, model
+    frozen) and saved beside the checkpoint when missing or made for other weights."""
+    path = ckpt.parent / CLASSIFIER_FILE
+    try:
+        clf = load_exit_classifier(path, whash)
+        if set(exits) <= set(clf.exits):
+            return clf
+    except UserError:
+        pass                                   # missing, unreadable or stale: train anew
+    states, labels = exit_examples(model, train_tokens, exits, n_windows=64, seq_len=128,
+                                   seed=seed)
+    clf = train_exit_classifier(states, labels, exits, whash)
+    save_exit_classifier(clf, path)
+    return clf
+
+
 def calibrate(job: CalibrateJob) -> dict:
     device = pick_device(job.device)
     ckpt = checkpoint_path(job.run, job.checkpoint, job.checkpoint_root)
@@ -69,15 +89,17 @@ def calibrate(job: CalibrateJob) -> dict:
                "max_new_tokens": job.max_new_tokens, "seed": seed}
         return cached_examples(model, ckpt, key, windows, job.max_new_tokens, eos)
 
+    exits = base.checked_exits(L)
+    classifier = (exit_classifier(model, ckpt, corpus.tokens["train"], exits, whash, job.seed)
+                  if job.measure == "classifier" else None)
     cal = examples_of(job.split, job.n_examples, job.seed)
     grid = threshold_grid(job.measure, job.grid)
     walked = walk_grid(model, cal, base, grid, job.max_new_tokens, eos, job.loss, job.delta,
                        job.epsilon, job.quality, full_grid=job.check_splits > 0,
-                       progress=_bar(f"thresholds ({job.measure})"))
+                       progress=_bar(f"thresholds ({job.measure})"), classifier=classifier)
     res = ltt.calibrate_threshold(walked["thresholds"], walked["losses"], job.delta, job.epsilon)
     naive = ltt.naive_threshold(walked["thresholds"], walked["losses"], job.quality)
-    exits = base.checked_exits(L)
-    conf, agree = exit_confidences(model, cal, job.measure, exits)
+    conf, agree = exit_confidences(model, cal, job.measure, exits, classifier)
     result = {
         "measure": job.measure, "exits": exits, "cache": job.cache,
         "threshold": res["threshold"],           # None = never exit
@@ -92,7 +114,8 @@ def calibrate(job: CalibrateJob) -> dict:
     }
     if job.test_split:
         result["test"] = check_on(model, job, examples_of(job.test_split, job.n_test, job.seed + 1),
-                                  base, {"ltt": res["threshold"], "naive": naive}, eos)
+                                  base, {"ltt": res["threshold"], "naive": naive}, eos,
+                                  classifier)
     if job.check_splits:
         result["splits"] = ltt.split_frequency(walked["thresholds"], walked["losses"],
                                                job.delta, job.epsilon, job.check_splits, job.seed)
@@ -102,7 +125,7 @@ def calibrate(job: CalibrateJob) -> dict:
 
 
 def check_on(model, job: CalibrateJob, held_out: list[Example], base: DEEConfig,
-             thresholds: dict, eos: int) -> dict:
+             thresholds: dict, eos: int, classifier=None) -> dict:
     """Loss, exits and speed of each calibrated threshold on a held-out split."""
     # Full decoding timed here, in the same process as the DEE rows it is compared with.
     _, full = decode_full(model, [(e.prompt, e.reference) for e in held_out], job.max_new_tokens,
@@ -111,7 +134,8 @@ def check_on(model, job: CalibrateJob, held_out: list[Example], base: DEEConfig,
     report = {"split": job.test_split, "n": len(held_out), "full_tokens_per_s": full_tps}
     for name, lam in thresholds.items():
         cfg = dataclasses.replace(base, threshold=[math.inf if lam is None else lam])
-        losses, st = dee_losses(model, held_out, cfg, job.max_new_tokens, eos, job.loss)
+        losses, st = dee_losses(model, held_out, cfg, job.max_new_tokens, eos, job.loss,
+                                classifier)
         report[name] = {"threshold": lam, "loss": float(losses.mean()),
                         "loss_std": float(losses.std()), "mean_exit": st.mean_exit,
                         "exit_hist": st.exit_hist,

@@ -24,6 +24,7 @@ from .config import MEASURE_RANGES, DEEConfig
 from .decode import dee_generate, generate
 from .decode.confidence import TokenConfidence
 from .decode.stats import DecodeStats
+from .exit_classifier import ExitClassifier
 from .exits import ExitHead
 from .model import Transformer
 
@@ -77,13 +78,14 @@ def threshold_grid(measure: str, n: int) -> list[float]:
 
 
 def dee_losses(model: Transformer, examples: list[Example], cfg: DEEConfig, max_new_tokens: int,
-               eos_id, kind: str) -> tuple[np.ndarray, DecodeStats]:
+               eos_id, kind: str, classifier: Optional[ExitClassifier] = None
+               ) -> tuple[np.ndarray, DecodeStats]:
     """Per-example losses of DEE under ``cfg`` and the summed decoding statistics."""
     dev = next(model.parameters()).device
     losses, stats = [], DecodeStats()
     for ex in examples:
         g = dee_generate(model, torch.tensor([ex.prompt], device=dev), max_new_tokens, cfg,
-                         eos_id=eos_id)
+                         eos_id=eos_id, classifier=classifier)
         losses.append(example_loss(kind, g.tokens[0], ex))
         stats = stats + g.stats
     return np.asarray(losses), stats
@@ -92,7 +94,8 @@ def dee_losses(model: Transformer, examples: list[Example], cfg: DEEConfig, max_
 def walk_grid(model: Transformer, examples: list[Example], base: DEEConfig, grid: list[float],
               max_new_tokens: int, eos_id, kind: str, delta: float, epsilon: float,
               quality: float, full_grid: bool = False,
-              progress: Optional[Callable] = None) -> dict:
+              progress: Optional[Callable] = None,
+              classifier: Optional[ExitClassifier] = None) -> dict:
     """Losses (rows = thresholds walked, in grid order) until LTT and the naive baseline
     have both failed (or over the whole grid with ``full_grid``)."""
     rows, stats = [], []
@@ -100,7 +103,7 @@ def walk_grid(model: Transformer, examples: list[Example], base: DEEConfig, grid
     n = len(examples)
     for lam in (progress(grid) if progress else grid):
         cfg = dataclasses.replace(base, threshold=[lam])
-        losses, st = dee_losses(model, examples, cfg, max_new_tokens, eos_id, kind)
+        losses, st = dee_losses(model, examples, cfg, max_new_tokens, eos_id, kind, classifier)
         rows.append(losses)
         stats.append(st)
         risk = float(losses.mean())
@@ -113,7 +116,8 @@ def walk_grid(model: Transformer, examples: list[Example], base: DEEConfig, grid
 
 @torch.no_grad()
 def exit_confidences(model: Transformer, examples: list[Example], measure: str,
-                     exits: list[int]) -> tuple[np.ndarray, np.ndarray]:
+                     exits: list[int], classifier: Optional[ExitClassifier] = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Teacher-forced confidences (n_exits, N) at the checked exits over the full model's
     outputs, and whether each exit's argmax equals the last exit's (n_exits, N)."""
     dev = next(model.parameters()).device
@@ -131,11 +135,11 @@ def exit_confidences(model: Transformer, examples: list[Example], measure: str,
                 states[layer + 1] = h[0, len(ex.prompt) - 1:]          # (new, d)
         final = head.logits(states[L]).argmax(-1)
         for t in range(final.shape[0]):
-            tc = TokenConfidence(measure)
+            tc = TokenConfidence(measure, classifier)
             c, a = [], []
             for e in exits:
                 logits = head.logits(states[e][t])
-                c.append(tc.check(states[e][t], lambda: logits)[0])
+                c.append(tc.check(e, states[e][t], lambda: logits)[0])
                 a.append(float(logits.argmax() == final[t]))
             conf.append(c)
             agree.append(a)

@@ -290,6 +290,7 @@ MEASURE_RANGES: dict[str, tuple[float, float]] = {
     "saturation": (-1.0, 1.0),   # cosine of the hidden states at consecutive checked exits
     "repeat": (0.0, 1.0),        # 1 when the argmax equals the previous checked exit's
     "convergence": (0.0, 1.0),   # 1 - |change of the top-1 probability| since the previous one
+    "classifier": (0.0, 1.0),    # CALM's learned exit classifier: P(exit argmax == last's)
 }
 CACHE_STRATEGIES = ("propagate", "recompute", "copy")
 

@@ -21,7 +21,7 @@ from .cli import entry_point
 from .config import DEEConfig, SSDConfig, UserError
 from .decode import ModeSpec, SamplingConfig, Steps, decode
 from .jobs import InferJob
-from .loading import Loaded, draft_vocabulary, load_source, pick_device
+from .loading import Loaded, draft_vocabulary, exit_classifier_for, load_source, pick_device
 
 
 def read_calibration(path: Path, loaded: Loaded) -> dict:
@@ -65,6 +65,7 @@ def mode_spec(job, loaded: Loaded) -> ModeSpec:
     dee = dee_config(job, loaded) if job.mode == "dee" else None
     spec = ModeSpec(job.mode, job.exit_layer, ssd, dee)
     spec.validate(loaded.model.num_layers)
+    spec.classifier = exit_classifier_for(loaded, spec)
     return spec
 
 

@@ -14,9 +14,10 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
+from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder, weights_hash
 from .config import DEFAULT_RUN, ConfigError, DataConfig, ModelConfig, UserError
 from .data import load_tokenizer, prepare_corpus
+from .exit_classifier import FILE as CLASSIFIER_FILE, ExitClassifier, load_exit_classifier
 from .exits import frequent_tokens
 from .model import Transformer
 
@@ -102,3 +103,11 @@ def draft_vocabulary(loaded: Loaded, spec, data) -> Optional[torch.Tensor]:
     data = run_data_config(Path(loaded.source), data)
     train_tokens = prepare_corpus(data, loaded.tokenizer_file).tokens["train"]
     return frequent_tokens(train_tokens, loaded.model.config.vocab_size, spec.ssd.draft_vocab)
+
+
+def exit_classifier_for(loaded: Loaded, spec) -> Optional[ExitClassifier]:
+    """The run's exit classifier when the mode is DEE with ``measure=classifier``."""
+    if spec.dee is None or spec.dee.measure != "classifier":
+        return None
+    ckpt = Path(loaded.source)
+    return load_exit_classifier(ckpt.parent / CLASSIFIER_FILE, weights_hash(ckpt))

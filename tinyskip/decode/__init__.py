@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..config import MODES, DEEConfig, SSDConfig, UserError
+from ..exit_classifier import ExitClassifier
 from ..model import Transformer
 from .dee import dee_generate
 from .full import generate
@@ -32,6 +33,7 @@ class ModeSpec:
     exit_layer: Optional[int] = None        # static
     ssd: Optional[SSDConfig] = None         # ssd
     dee: Optional[DEEConfig] = None         # dee
+    classifier: Optional[ExitClassifier] = None   # dee with measure=classifier
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -75,7 +77,8 @@ def decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, spec: 
         return generate(model, prompt, max_new_tokens, spec.exit_layer, sampling, eos_id,
                         generator, steps)
     if spec.mode == "dee":
-        return dee_generate(model, prompt, max_new_tokens, spec.dee, sampling, eos_id, generator)
+        return dee_generate(model, prompt, max_new_tokens, spec.dee, sampling, eos_id, generator,
+                            classifier=spec.classifier)
     return ssd_generate(model, prompt, max_new_tokens, spec.ssd, sampling, eos_id, generator,
                         draft_ids, steps)
 

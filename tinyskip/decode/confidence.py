@@ -2,20 +2,23 @@
 dynamic early exit and SSD's adaptive drafting.
 
 Head-based measures (softmax, margin, entropy, repeat, convergence) cost one head call
-per check; ``saturation`` compares hidden states and calls the head only at the exit
-taken. Measures that compare with the previous checked exit have nothing to compare
+per check; ``saturation`` and ``classifier`` (CALM's learned exit classifier, see
+exit_classifier.py) read the hidden state and call the head only at the exit taken. Measures that compare with the previous checked exit have nothing to compare
 with at the first one, which therefore never exits under them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-HEAD_FREE = frozenset({"saturation"})
+if TYPE_CHECKING:
+    from ..exit_classifier import ExitClassifier
+
+HEAD_FREE = frozenset({"saturation", "classifier"})
 
 
 def max_prob(probs: torch.Tensor) -> float:
@@ -51,20 +54,25 @@ def decayed_threshold(threshold: float, t: int, n: int, tau: float) -> float:
 class TokenConfidence:
     """The confidence of one token at its successive checked exits (batch of one).
 
-    ``check(h, logits_fn)`` takes the (d,) hidden state at the next checked exit and a
-    function computing that exit's (V,) logits; it returns (confidence, logits or None)
+    ``check(exit, h, logits_fn)`` takes the (d,) hidden state at the next checked exit and
+    a function computing that exit's (V,) logits; it returns (confidence, logits or None)
     and calls ``logits_fn`` only when the measure needs the head.
     """
 
-    def __init__(self, measure: str):
+    def __init__(self, measure: str, classifier: Optional["ExitClassifier"] = None):
+        if measure == "classifier" and classifier is None:
+            raise ValueError("measure=classifier needs a trained ExitClassifier")
         self.measure = measure
+        self.classifier = classifier
         self.prev_h: Optional[torch.Tensor] = None
         self.prev_top: Optional[int] = None
         self.prev_p: Optional[float] = None
 
-    def check(self, h: torch.Tensor, logits_fn: Callable[[], torch.Tensor]
+    def check(self, exit: int, h: torch.Tensor, logits_fn: Callable[[], torch.Tensor]
               ) -> tuple[float, Optional[torch.Tensor]]:
         m = self.measure
+        if m == "classifier":
+            return self.classifier.confidence(exit, h), None
         if m == "saturation":
             conf = -math.inf if self.prev_h is None else saturation(self.prev_h, h)
             self.prev_h = h

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from ..cache import KVCache
-from ..config import DEEConfig
+from ..config import DEEConfig, UserError
+from ..exit_classifier import ExitClassifier
 from ..exits import ExitHead
 from ..model import Transformer
 from .confidence import HEAD_FREE, TokenConfidence, decayed_threshold
@@ -60,11 +61,21 @@ class _Waiting:
 def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cfg: DEEConfig,
                  sampling: SamplingConfig = SamplingConfig(), eos_id: StopIds = None,
                  generator: Optional[torch.Generator] = None,
-                 cache: Optional[KVCache] = None) -> Generation:
+                 cache: Optional[KVCache] = None,
+                 classifier: Optional[ExitClassifier] = None) -> Generation:
     """Dynamic early exit of one prompt (1, T). ``cache`` (optional, sized T + new tokens)
-    lets a caller inspect the keys and values the strategy left behind."""
+    lets a caller inspect the keys and values the strategy left behind; ``classifier`` is
+    what ``measure=classifier`` reads."""
     L = model.num_layers
     thresholds = dict(zip(cfg.checked_exits(L), cfg.validate(L)))
+    if cfg.measure == "classifier":
+        if classifier is None:
+            raise UserError("measure=classifier needs a trained exit classifier "
+                            "(python -m tinyskip.calibrate measure=classifier trains one)")
+        missing = sorted(set(thresholds) - set(classifier.exits))
+        if missing:
+            raise UserError(f"the exit classifier covers exits {classifier.exits}, not the "
+                            f"checked exits {missing}")
     n_new = one_prompt(model, prompt, max_new_tokens, "dee")
     T, dev = prompt.shape[1], prompt.device
     cache = cache if cache is not None else new_cache(model, prompt, n_new)
@@ -78,7 +89,7 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     while len(out) < n_new and not finished:
         pos = T + len(out) - 1                     # the last token's position
         h = model.embed(torch.tensor([[out[-1]]], device=dev))           # (1, 1, d)
-        conf = TokenConfidence(cfg.measure)
+        conf = TokenConfidence(cfg.measure, classifier)
         exit_at, logits = L, None
         for layer in range(L):
             n = waiting.at_depth(layer) if cfg.cache == "recompute" else 0
@@ -95,7 +106,7 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             e = layer + 1
             if e not in thresholds:
                 continue
-            c, logits = conf.check(h[0, 0], lambda: head.logits(h[0, 0], e))
+            c, logits = conf.check(e, h[0, 0], lambda: head.logits(h[0, 0], e))
             if cfg.measure not in HEAD_FREE:
                 stats.add_head()
             if c >= decayed_threshold(thresholds[e], len(out), n_new, cfg.decay_tau):
