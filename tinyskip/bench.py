@@ -23,6 +23,7 @@ from .cli import entry_point
 from .config import DEEConfig, SSDConfig
 from .data import load_lines
 from .decode import DecodeStats, ModeSpec, Steps, decode
+from .hf_baseline import hf_rows
 from .jobs import BenchJob
 from .loading import (draft_vocabulary, exit_classifier_for, load_source, pick_device,
                       run_data_config)
@@ -146,6 +147,7 @@ def benchmark(job: BenchJob) -> dict:
         warmup[label] = time.perf_counter() - t0
     totals = {label: {"stats": DecodeStats(), "agree": 0, "exact": 0, "f1_loss": 0.0}
               for label, _, _ in rows_def}
+    references = []
     for prompt in tqdm(prompts, desc="prompts", leave=False, disable=not sys.stderr.isatty()):
         reference = None
         for label, spec, steps in rows_def:
@@ -153,6 +155,7 @@ def benchmark(job: BenchJob) -> dict:
             t = totals[label]
             if reference is None:
                 reference = g.tokens[0]
+                references.append(reference)
             t["stats"] = t["stats"] + g.stats
             t["agree"] += sum(a == b for a, b in zip(g.tokens[0], reference))
             t["exact"] += g.tokens[0] == reference
@@ -178,7 +181,13 @@ def benchmark(job: BenchJob) -> dict:
         r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
         r["predicted"] = full["cost_s"] / r["cost_s"]
         r["efficiency"] = r["speedup"] / r["predicted"]
-    return {"checkpoint": loaded.source, "device": str(device), "threads": torch.get_num_threads(),
+    hf = []
+    if job.hf_baseline and loaded.tokenizer_file is not None:
+        hf = hf_rows(model, loaded.tokenizer_file, prompts, job.max_new_tokens,
+                     job.hf_early_exit, references)
+        for r in hf:
+            r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
+    return {"checkpoint": loaded.source, "hf": hf, "device": str(device), "threads": torch.get_num_threads(),
             "prompts": len(prompts), "prompt_len": job.prompt_len,
             "max_new_tokens": job.max_new_tokens, "costs": costs, "rows": rows}
 
@@ -204,6 +213,9 @@ def format_table(res: dict) -> str:
                      f"{r['agreement']:>7.2f}{r['exact_match']:>6.2f}{r['f1_loss']:>7.3f}"
                      f"{r['predicted']:>9.2f}x"
                      f"{r['efficiency']:>8.2f}")
+    for r in res.get("hf", []):
+        lines.append(f"{r['mode']:<34}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
+                     f"{'':>33}{r['agreement']:>7.2f}   (transformers, same weights)")
     return "\n".join(lines)
 
 

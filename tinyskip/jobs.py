@@ -180,6 +180,8 @@ class BenchJob(CheckpointSource):
     dee_caches: list[str] = field(default_factory=lambda: ["propagate"])
     dee_check_every: int = 1
     compile: bool = False                     # also every full/static/ssd row compiled, beside eager
+    hf_baseline: bool = False                 # transformers' generate on the same weights
+    hf_early_exit: list[int] = field(default_factory=list)   # + generate(assistant_early_exit=E)
     threads: int = 0                          # 0 = torch's default
     device: str = "auto"
     dtype: str = "float32"
