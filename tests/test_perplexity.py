@@ -37,3 +37,19 @@ def test_a_prefix_scores_its_share_of_the_words(tiny_model):
     assert ev["tokens"] == 20
     for got, total in zip(ev["word_ppl"], expected):
         assert math.isclose(got, math.exp(total / (words * 20 / 60)), rel_tol=1e-5)
+
+
+@torch.no_grad()
+def test_agreement_with_the_last_exit_equals_a_hand_computation(tiny_model):
+    tiny_model.layers[-1].mlp.down_proj.weight.mul_(300.0)     # a last block that changes things
+    tokens = np.random.default_rng(2).integers(0, 97, 41).astype(np.uint16)
+    ev = exit_perplexities(tiny_model, tokens, 10, seq_len=40)
+    ids = torch.from_numpy(tokens.astype(np.int64))[None, :-1]
+    logits = tiny_model(ids, exit_layers=list(range(tiny_model.num_layers)))   # (L, 1, 40, V)
+    top = logits[-1].argmax(-1)
+    for e in range(tiny_model.num_layers):
+        agree = (logits[e].argmax(-1) == top).float().mean().item()
+        p_top = torch.softmax(logits[e], -1).gather(-1, top[..., None]).mean().item()
+        assert math.isclose(ev["agreement"][e], agree, rel_tol=1e-6)
+        assert math.isclose(ev["p_last_top"][e], p_top, rel_tol=1e-5)
+    assert ev["agreement"][-1] == 1.0 and 0 < ev["agreement"][0] < 1

@@ -31,7 +31,8 @@ def evaluate(job: EvaluateJob) -> dict:
                            job.batch_size, job.max_batches, progress=True)
     return {"checkpoint": str(ckpt), "split": job.split, "seq_len": seq_len,
             "words": corpus.words[job.split], "tokens": ev["tokens"],
-            "loss": ev["loss"], "word_ppl": ev["word_ppl"]}
+            "loss": ev["loss"], "word_ppl": ev["word_ppl"], "agreement": ev["agreement"],
+            "p_last_top": ev["p_last_top"]}
 
 
 @entry_point("evaluate")
@@ -39,10 +40,12 @@ def main(job: EvaluateJob) -> None:
     result = evaluate(job)
     print(f"{result['checkpoint']} on {result['split']} ({result['tokens']} tokens, "
           f"{result['words']} words, windows of {result['seq_len']})")
-    print(f"{'exit':>4} {'loss/token':>10} {'word ppl':>10}")
+    print(f"{'exit':>4} {'loss/token':>10} {'word ppl':>10} {'top-1 agree':>11} {'p(last top)':>11}")
     # Exit E = the head after E blocks (1..L), as in every decoding option.
-    for exit, (loss, ppl) in enumerate(zip(result["loss"], result["word_ppl"]), start=1):
-        print(f"{exit:>4} {loss:>10.4f} {ppl:>10.2f}")
+    for exit, row in enumerate(zip(result["loss"], result["word_ppl"], result["agreement"],
+                                   result["p_last_top"]), start=1):
+        loss, ppl, agree, p_top = row
+        print(f"{exit:>4} {loss:>10.4f} {ppl:>10.2f} {agree:>11.3f} {p_top:>11.3f}")
     if job.out:
         write_json_atomic(Path(job.out).resolve(), result)
 

@@ -24,17 +24,23 @@ def autocast(device: torch.device, bf16: bool):
 def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_len: int,
                       batch_size: int = 16, max_batches: int = 0, bf16: bool = False,
                       progress: bool = False) -> dict:
-    """Loss (nats per token) and word-level perplexity at every exit.
+    """Loss (nats per token), word-level perplexity and agreement with the last exit, at
+    every exit (lists run from exit 1 to exit L).
 
-    Exits are unembedded one at a time (not stacked) so that memory stays at one exit's
-    logits. With ``max_batches`` only a prefix of the split is scored and the word count
-    is scaled by the fraction of tokens seen.
+    ``agreement``: teacher-forced top-1 agreement of the exit with the last exit (what
+    bounds SSD's greedy acceptance and DEE's exit rate); ``p_last_top``: the mean
+    probability the exit gives to the last exit's argmax (what speculative sampling
+    accepts on). Exits are unembedded one at a time (not stacked) so that memory stays at
+    one exit's logits. With ``max_batches`` only a prefix of the split is scored and the
+    word count is scaled by the fraction of tokens seen.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     L = model.num_layers
     nll = torch.zeros(L, dtype=torch.float64)
+    agree = torch.zeros(L, dtype=torch.float64)
+    p_top = torch.zeros(L, dtype=torch.float64)
     n_tokens = 0
     batches = eval_windows(tokens, seq_len, batch_size, max_batches)
     if progress:
@@ -44,15 +50,23 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device, bf16):
-            h = model.embed(x)
+            # Every exit's hidden state first (L x (B, T, d): small), so that the last
+            # exit's argmax is known when the other exits are scored against it.
+            h, states = model.embed(x), []
             for layer in range(L):
                 h = model.run_layers(h, layer, layer + 1)
+                states.append(h)
+            top = model.head(h).float().argmax(-1)                           # (B, T)
+            for layer, h in enumerate(states):
                 logits = model.head(h).float()
                 nll[layer] += F.cross_entropy(logits.flatten(0, 1), y.flatten(),
                                               reduction="sum").item()
+                agree[layer] += (logits.argmax(-1) == top).sum().item()
+                p_top[layer] += torch.softmax(logits, -1).gather(-1, top[..., None]).sum().item()
         n_tokens += y.numel()
     model.train(was_training)
     scored_words = words * n_tokens / max(tokens.size - 1, 1)
     loss = (nll / n_tokens).tolist()
     word_ppl = [math.exp(min(v / scored_words, 700.0)) for v in nll.tolist()]
-    return {"loss": loss, "word_ppl": word_ppl, "tokens": n_tokens}
+    return {"loss": loss, "word_ppl": word_ppl, "agreement": (agree / n_tokens).tolist(),
+            "p_last_top": (p_top / n_tokens).tolist(), "tokens": n_tokens}

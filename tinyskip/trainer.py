@@ -178,7 +178,8 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
                     "step": step + 1, "tokens": seen_tokens, "lr": lr,
                     "train_loss": window.item(),
                     "tokens_per_s": train_tokens / train_time,
-                    "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"]}
+                    "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"],
+                    "val_agreement": ev["agreement"], "val_p_last_top": ev["p_last_top"]}
                 append_text(metrics_path, json.dumps(result.last_eval) + "\n")
                 if bar is not None:
                     bar.write(f"step {step + 1}: val loss by exit "
