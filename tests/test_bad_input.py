@@ -61,7 +61,7 @@ CASES = [
     ("export", ["run=tiny"], "out: a value is required (give out=...)"),
     ("export", ["run=tiny", "out=x", "dtype=int8"], "dtype='int8': must be one of float32,"),
     ("calibrate", ["run=tiny", "delta=2"], "delta=2.0: must be in (0, 1)"),
-    ("calibrate", ["run=tiny", "split=test"], "split='test': calibrate on train or validation"),
+    ("calibrate", ["run=tiny", "split=test"], "split='test': calibrate on the held-out validation split"),
     ("calibrate", ["run=tiny", "measure=foo"], "measure='foo': must be one of softmax,"),
     ("bench", ["run=tiny", "n_prompts=0"], "n_prompts=0: must be >= 1"),
     ("bench", ["run=tiny", "threads=-1"], "threads=-1: must be >= 0"),

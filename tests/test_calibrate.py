@@ -63,7 +63,9 @@ def test_dee_uses_the_run_calibration_by_default_and_refuses_other_weights(calib
 
 
 @pytest.mark.parametrize("args,message", [
-    (["split=test"], "split='test': calibrate on train or validation"),
+    (["split=test"], "split='test': calibrate on the held-out validation split"),
+    (["split=train"], "split='train': calibrate on the held-out validation split"),
+    (["check_splits=5", "n_examples=6"], "need n_examples >= 8"),
     (["n_examples=3"], "n_examples=3: too few calibration examples .* need at least 4"),
     (["delta=1.5"], r"delta=1.5: must be in \(0, 1\)"),
     (["measure=bogus"], "measure='bogus': must be one of softmax"),
@@ -122,3 +124,15 @@ def test_classifier_measure_trains_the_exit_classifier_beside_the_checkpoint(run
     [g] = infer(compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game",
                                       f"calibration={out}", "max_new_tokens=5"]))
     assert g["mode"].startswith("dee classifier>=")
+
+
+def test_dee_runs_the_decoder_the_calibration_certifies(calibrated, run_dir):
+    base = [f"checkpoint={run_dir}", "mode=dee", "prompt=The game", "max_new_tokens=4"]
+    [r] = infer(compose_job("infer", base))
+    assert r["mode"].endswith(calibrated["cache"])              # the file's cache strategy
+    for args, message in [(["cache=copy"], "cache='copy': the calibration file"),
+                          (["threshold=0.5", f"calibration={run_dir / 'calibration.json'}"],
+                           "not both"),
+                          (["decay_tau=4"], "change the decoder the calibration file certifies")]:
+        with pytest.raises(UserError, match=message):
+            infer(compose_job("infer", base + args))

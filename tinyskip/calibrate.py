@@ -80,13 +80,19 @@ def calibrate(job: CalibrateJob) -> dict:
     if job.n_examples < need:
         raise UserError(f"n_examples={job.n_examples}: too few calibration examples for any "
                         f"guarantee at delta={job.delta}, epsilon={job.epsilon}: need at least {need}")
-    corpus = prepare_corpus(run_data_config(ckpt, job.data), ckpt / "tokenizer.model")
+    if job.check_splits and job.n_examples // 2 < need:
+        raise UserError(f"check_splits={job.check_splits} calibrates on halves of n_examples="
+                        f"{job.n_examples}: need n_examples >= {2 * need} at delta={job.delta}, "
+                        f"epsilon={job.epsilon}")
+    data = run_data_config(ckpt, job.data)
+    corpus = prepare_corpus(data, ckpt / "tokenizer.model")
     eos, whash = corpus.eos_id, weights_hash(ckpt)
 
     def examples_of(split: str, n: int, seed: int):
         windows = sample_windows(corpus.tokens[split], n, job.prompt_len, job.max_new_tokens, seed)
         key = {"weights": whash, "split": split, "n": n, "prompt_len": job.prompt_len,
-               "max_new_tokens": job.max_new_tokens, "seed": seed}
+               "max_new_tokens": job.max_new_tokens, "seed": seed,
+               "data": dataclasses.asdict(data)}
         return cached_examples(model, ckpt, key, windows, job.max_new_tokens, eos)
 
     exits = base.checked_exits(L)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import ltt
-from .config import MEASURE_RANGES, DEEConfig
+from .config import MEASURE_RANGES, DEEConfig, UserError
 from .decode import dee_generate, generate
 from .decode.confidence import TokenConfidence
 from .decode.stats import DecodeStats
@@ -38,12 +38,15 @@ class Example:
 
 def sample_windows(tokens: np.ndarray, n: int, prompt_len: int, new_tokens: int,
                    seed: int) -> list[tuple[list[int], list[int]]]:
-    """n (prompt, reference) windows at random places of a token array, drawn by seed."""
+    """n (prompt, reference) windows drawn by seed among the split's disjoint windows, so
+    that no text is shared between examples (nor between random halves of them)."""
     span = prompt_len + new_tokens
-    if tokens.size <= span:
-        raise ValueError(f"the split holds {tokens.size} tokens, fewer than one window of {span}")
+    slots = tokens.size // span
+    if n > slots:
+        raise UserError(f"n={n} examples of {prompt_len} + {new_tokens} tokens need {n * span} "
+                        f"tokens; the split holds {tokens.size} ({slots} windows)")
     g = np.random.default_rng(seed)
-    starts = g.choice(tokens.size - span, size=n, replace=n > tokens.size - span)
+    starts = g.choice(slots, size=n, replace=False) * span
     return [(tokens[s:s + prompt_len].astype(np.int64).tolist(),
              tokens[s + prompt_len:s + span].astype(np.int64).tolist()) for s in starts]
 
@@ -108,7 +111,7 @@ def walk_grid(model: Transformer, examples: list[Example], base: DEEConfig, grid
         stats.append(st)
         risk = float(losses.mean())
         ltt_ok = ltt_ok and ltt.hb_pvalue(risk, n, delta) <= epsilon
-        naive_ok = naive_ok and risk <= 1 - quality
+        naive_ok = naive_ok and ltt.keeps_quality(risk, quality)
         if not (ltt_ok or naive_ok or full_grid):
             break
     return {"thresholds": grid[:len(rows)], "losses": np.stack(rows), "stats": stats}

@@ -321,10 +321,13 @@ class DEEConfig:
         if self.decay_tau < 0:
             raise UserError(f"decay_tau={self.decay_tau}: must be >= 0 (0 = constant threshold)")
         bad = [e for e in self.exits if not 1 <= e < num_layers]
-        if bad or len(set(self.exits)) != len(self.exits):
-            raise UserError(f"exits={self.exits}: checked exits must be distinct and in "
+        if bad or list(self.exits) != sorted(set(self.exits)):
+            raise UserError(f"exits={self.exits}: checked exits must be increasing and in "
                             f"1..{num_layers - 1} (exit {num_layers} is the full model)")
         exits = self.checked_exits(num_layers)
+        if not exits:
+            raise UserError(f"check_every={self.check_every}: checks no exit of this "
+                            f"{num_layers}-layer model (must be < {num_layers})")
         if not self.threshold:
             raise UserError("mode=dee needs threshold=<value or one per checked exit> or a "
                             "calibration file (python -m tinyskip.calibrate)")
@@ -336,4 +339,8 @@ class DEEConfig:
             if t != float("inf") and not lo <= t <= hi:
                 raise UserError(f"threshold={t}: outside the range [{lo}, {hi}] of measure="
                                 f"{self.measure} (inf = never exit)")
+        if self.decay_tau and any(t < 0 for t in self.threshold):
+            raise UserError(f"decay_tau={self.decay_tau} with threshold={self.threshold}: the "
+                            "decaying schedule scales a threshold down, which a negative one "
+                            "would tighten instead")
         return list(self.threshold) * len(exits) if len(self.threshold) == 1 else list(self.threshold)

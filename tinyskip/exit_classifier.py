@@ -36,6 +36,10 @@ class ExitClassifier:
     bias: torch.Tensor             # (n_exits,)
     weights_hash: str              # of the model it was trained on
 
+    def to(self, device) -> "ExitClassifier":
+        return ExitClassifier(self.exits, self.weight.to(device), self.bias.to(device),
+                              self.weights_hash)
+
     def confidence(self, exit: int, h: torch.Tensor) -> float:
         """P(exit's argmax == last exit's argmax) for one (d,) pre-norm hidden state."""
         i = self.exits.index(exit)
@@ -69,8 +73,8 @@ def train_exit_classifier(states: torch.Tensor, labels: torch.Tensor, exits: lis
     # Standardise the inputs so one learning rate fits every exit's scale.
     mean, std = states.mean(1, keepdim=True), states.std(1, keepdim=True) + 1e-6
     x = (states - mean) / std
-    w = torch.zeros(n, d, requires_grad=True)
-    b = torch.zeros(n, requires_grad=True)
+    w = torch.zeros(n, d, device=states.device, requires_grad=True)
+    b = torch.zeros(n, device=states.device, requires_grad=True)
     pos = labels.mean(1, keepdim=True).clamp(1e-3, 1 - 1e-3)                # (n, 1)
     balance = torch.where(labels > 0, 0.5 / pos, 0.5 / (1 - pos))           # (n, N)
     opt = torch.optim.Adam([w, b], lr=lr)

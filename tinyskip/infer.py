@@ -28,34 +28,45 @@ def read_calibration(path: Path, loaded: Loaded) -> dict:
     """A calibration file, refused when it was made for other weights."""
     try:
         cal = json.loads(path.read_text(encoding="utf-8"))
-        measure, exits, lam, whash = (cal["measure"], cal["exits"], cal["threshold"],
-                                      cal["weights_hash"])
+        measure, exits, lam, whash, cache = (cal["measure"], cal["exits"], cal["threshold"],
+                                             cal["weights_hash"], cal["cache"])
+        if not (isinstance(measure, str) and isinstance(whash, str) and isinstance(cache, str)
+                and isinstance(exits, list) and all(isinstance(e, int) for e in exits)
+                and (lam is None or isinstance(lam, (int, float)))):
+            raise TypeError("a field has the wrong type")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"calibration={str(path)!r} is not a calibration file ({e})")
     ckpt = Path(loaded.source)
     if not (ckpt / "model.safetensors").is_file() or weights_hash(ckpt) != whash:
         raise UserError(f"calibration={str(path)!r} was made for other weights (hash "
                         f"{whash[:12]}...) than {loaded.source}: run python -m tinyskip.calibrate")
-    return {"measure": measure, "exits": exits, "threshold": [math.inf if lam is None else lam]}
+    return {"measure": measure, "exits": exits, "cache": cache,
+            "threshold": [math.inf if lam is None else lam]}
 
 
 def dee_config(job, loaded: Loaded) -> DEEConfig:
     """``threshold=`` given, else the calibration file (``calibration=`` or the run's own)."""
     cal = None
+    if job.calibration and job.threshold:
+        raise UserError("give threshold=... or calibration=..., not both")
     if job.calibration or not job.threshold:
         path = Path(job.calibration) if job.calibration else Path(loaded.source).parent / "calibration.json"
         if not path.is_file():
             raise UserError(f"mode=dee needs threshold=<value> or a calibration file; "
                             f"{str(path)!r} does not exist (python -m tinyskip.calibrate writes it)")
         cal = read_calibration(path, loaded)
-        if job.measure is not None and job.measure != cal["measure"]:
-            raise UserError(f"measure={job.measure!r}: the calibration file {str(path)!r} holds a "
-                            f"threshold for measure={cal['measure']!r}")
-    if cal is not None:
-        return DEEConfig(cal["measure"], cal["threshold"], cal["exits"], cache=job.cache,
-                         decay_tau=job.decay_tau)
+        # The guarantee covers the decoder as calibrated: same measure, exits, cache, and a
+        # constant threshold.
+        for name, value in (("measure", job.measure), ("cache", job.cache)):
+            if value is not None and value != cal[name]:
+                raise UserError(f"{name}={value!r}: the calibration file {str(path)!r} holds a "
+                                f"threshold for {name}={cal[name]!r}")
+        if job.exits or job.decay_tau:
+            raise UserError("exits= and decay_tau= change the decoder the calibration file "
+                            "certifies: give threshold= to use them")
+        return DEEConfig(cal["measure"], cal["threshold"], cal["exits"], cache=cal["cache"])
     return DEEConfig(job.measure or "softmax", list(job.threshold), list(job.exits),
-                     job.check_every, job.cache, job.decay_tau)
+                     job.check_every, job.cache or "propagate", job.decay_tau)
 
 
 def mode_spec(job, loaded: Loaded) -> ModeSpec:

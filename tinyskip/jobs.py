@@ -129,7 +129,7 @@ class InferJob(CheckpointSource):
                                               # run's calibration.json when no threshold)
     exits: list[int] = field(default_factory=list)   # mode=dee: checked exits ([] = all)
     check_every: int = 1                      # mode=dee: check every n-th exit
-    cache: str = "propagate"                  # mode=dee: propagate | recompute | copy
+    cache: Optional[str] = None               # mode=dee: propagate (default) | recompute | copy
     decay_tau: float = 0.0                    # mode=dee: CALM's decaying threshold (0 = off)
     stop_at_eos: bool = True
     compile: bool = False                     # torch.compile the per-token steps (full/static/ssd)
@@ -155,7 +155,7 @@ class InferJob(CheckpointSource):
         if self.measure is not None and self.measure not in MEASURE_RANGES:
             raise ConfigError(f"measure={self.measure!r}: must be one of "
                               f"{', '.join(MEASURE_RANGES)}")
-        if self.cache not in CACHE_STRATEGIES:
+        if self.cache is not None and self.cache not in CACHE_STRATEGIES:
             raise ConfigError(f"cache={self.cache!r}: must be one of {', '.join(CACHE_STRATEGIES)}")
         self.threshold = dee_threshold(self.threshold)
         check_source(self)
@@ -253,9 +253,11 @@ class CalibrateJob(CheckpointSource):
                 raise ConfigError(f"{name}={value}: must be in (0, 1)")
         if self.loss not in ("f1", "mismatch", "risk"):
             raise ConfigError(f"loss={self.loss!r}: must be one of f1, mismatch, risk")
-        if self.split not in ("train", "validation"):
-            raise ConfigError(f"split={self.split!r}: calibrate on train or validation (the test "
-                              "split is kept for checking the guarantee)")
+        if self.split != "validation":
+            raise ConfigError(f"split={self.split!r}: calibrate on the held-out validation split "
+                              "(the model trained on train; test is kept for checking the guarantee)")
+        if self.check_splits < 0:
+            raise ConfigError(f"check_splits={self.check_splits}: must be >= 0 (0 = off)")
         if self.test_split not in (None, "test", "validation") or self.test_split == self.split:
             raise ConfigError(f"test_split={self.test_split!r}: must be test or validation, and "
                               f"not the calibration split {self.split!r}")

@@ -72,6 +72,7 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         if classifier is None:
             raise UserError("measure=classifier needs a trained exit classifier "
                             "(python -m tinyskip.calibrate measure=classifier trains one)")
+        classifier = classifier.to(prompt.device)
         missing = sorted(set(thresholds) - set(classifier.exits))
         if missing:
             raise UserError(f"the exit classifier covers exits {classifier.exits}, not the "
