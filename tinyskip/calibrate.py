@@ -99,7 +99,12 @@ def calibrate(job: CalibrateJob) -> dict:
     classifier = (exit_classifier(model, ckpt, corpus.tokens["train"], exits, whash, job.seed)
                   if job.measure == "classifier" else None)
     cal = examples_of(job.split, job.n_examples, job.seed)
-    grid = threshold_grid(job.measure, job.grid)
+    # The grid: quantiles of the checked exits' confidences, teacher-forced on windows of
+    # the train split (text that calibration never scores).
+    grid_text = [Example(p, r, r) for p, r in sample_windows(
+        corpus.tokens["train"], 64, job.prompt_len, job.max_new_tokens, job.seed)]
+    grid = threshold_grid(exit_confidences(model, grid_text, job.measure, exits, classifier)[0],
+                          job.measure, job.grid)
     walked = walk_grid(model, cal, base, grid, job.max_new_tokens, eos, job.loss, job.delta,
                        job.epsilon, job.quality, full_grid=job.check_splits > 0,
                        progress=_bar(f"thresholds ({job.measure})"), classifier=classifier)

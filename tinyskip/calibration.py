@@ -74,10 +74,18 @@ def example_loss(kind: str, early: list[int], ex: Example) -> float:
                                      ltt.f1_loss(ex.full, ex.reference))
 
 
-def threshold_grid(measure: str, n: int) -> list[float]:
-    """n thresholds from the top of the measure's range down (descending, fixed in advance)."""
+def threshold_grid(confidences: np.ndarray, measure: str, n: int) -> list[float]:
+    """Up to n thresholds, descending from the highest confidence seen: the quantiles
+    1, 1 - 1/n, ... of ``confidences`` (an exit's confidences on text the calibration
+    never scores, so the grid is fixed before any calibration loss is seen). Quantiles put
+    the grid where the measure's values lie (saturation's cosines crowd just below 1,
+    where an even grid over [-1, 1] would have one point)."""
     lo, hi = MEASURE_RANGES[measure]
-    return [float(v) for v in np.linspace(hi, lo, n + 1)[:n]]
+    values = confidences[np.isfinite(confidences)]
+    if values.size == 0:
+        return [hi]
+    q = np.quantile(values, np.linspace(1.0, 0.0, n + 1)[:n])
+    return sorted({float(np.clip(v, lo, hi)) for v in q}, reverse=True)
 
 
 def dee_losses(model: Transformer, examples: list[Example], cfg: DEEConfig, max_new_tokens: int,
