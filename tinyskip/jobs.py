@@ -229,7 +229,7 @@ class CalibrateJob(CheckpointSource):
     n_test: int = 100
     prompt_len: int = 32
     max_new_tokens: int = 32
-    grid: int = 20                            # thresholds from the measure's top down
+    grid: int = 50                            # thresholds: quantiles of the confidences
     exits: list[int] = field(default_factory=list)   # checked exits ([] = every check_every-th)
     check_every: int = 1
     cache: str = "propagate"
