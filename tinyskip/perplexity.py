@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     if progress:
         from tqdm import tqdm
         total = math.ceil((tokens.size - 1) / seq_len / batch_size)
-        batches = tqdm(batches, total=max_batches or total, desc="eval", leave=False)
+        batches = tqdm(batches, total=max_batches or total, desc="eval", leave=False,
+                       disable=not sys.stderr.isatty())      # quiet in logs and pipes
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device, bf16):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +127,9 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
+        # Quiet when stderr is not a terminal (logs, pipes): evaluations are still written.
         bar = tqdm(total=tc.max_steps, initial=start, desc=f"train {job.run_name}",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not sys.stderr.isatty())
     for step in range(start, tc.max_steps):
         t0 = time.perf_counter()
         lr = cosine_lr(tc, step)
