@@ -164,8 +164,8 @@ def test_ddp_with_two_processes_matches_one_process(overrides, tmp_path):
     assert job.train.layerdrop_p_max > 0 and job.train.exit_scale != "none"
     single = train(job, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29517", "-m", "tinyskip.train", *overrides("ddp", **kw)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tinyskip.train", *overrides("ddp", **kw)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
