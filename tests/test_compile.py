@@ -33,10 +33,11 @@ def test_compiled_steps_trace_without_graph_breaks(model):
     cache = KVCache(model.config, 1, 32)
     head = ExitHead(model)
     tok = torch.tensor([[5]])
-    explain = torch._dynamo.explain(steps._token)(tok, 4, cache, positions(3, 1, "cpu"), head)
+    explain = torch._dynamo.explain(steps._token)(tok, 4, cache, positions(3, 1, "cpu"), head.weight)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     h = torch.zeros(1, 3, model.config.hidden_size)
-    explain = torch._dynamo.explain(steps._states)(h, 2, 4, cache, positions(3, 3, "cpu"), head)
+    explain = torch._dynamo.explain(steps._states)(h, 2, 4, cache, positions(3, 3, "cpu"),
+                                                   head.weight)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
 
 
@@ -58,3 +59,16 @@ def test_no_recompilation_as_the_sequence_grows(model, compiled):
     out = generate(model, prompt, 200, steps=compiled)
     assert len(out.tokens[0]) == 200
     assert counters["stats"]["unique_graphs"] == before         # 200 steps, no new graph
+
+
+def test_a_second_generation_reuses_every_graph(model, compiled):
+    """Each generation builds new heads and caches: graphs must not guard on them."""
+    from torch._dynamo.utils import counters
+
+    prompt = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(3))
+    ssd_generate(model, prompt, 12, SSDConfig(2, 2), steps=compiled)
+    generate(model, prompt, 12, steps=compiled)
+    before = counters["stats"]["unique_graphs"]
+    ssd_generate(model, prompt, 12, SSDConfig(2, 2), steps=compiled)
+    generate(model, prompt, 12, steps=compiled)
+    assert counters["stats"]["unique_graphs"] == before

@@ -8,6 +8,7 @@ import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..cache import KVCache
 from ..config import SamplingConfig, UserError
@@ -107,8 +108,8 @@ class Steps:
     def __init__(self, model: Transformer, compile: bool = False):
         self.model = model
         self.compiled = compile
-        self.token = self._wrap(self._token) if compile else self._token
-        self.states = self._wrap(self._states) if compile else self._states
+        self._token_fn = self._wrap(self._token) if compile else self._token
+        self._states_fn = self._wrap(self._states) if compile else self._states
 
     def _wrap(self, fn: Callable) -> Callable:
         # One graph per (kind, blocks, width): SSD's verify alone has k + 1 widths.
@@ -128,17 +129,25 @@ class Steps:
                 return fn(*args)
         return call
 
-    def _token(self, tok: torch.Tensor, end: int, cache: KVCache, input_pos: torch.Tensor,
-               head: ExitHead) -> tuple[torch.Tensor, torch.Tensor]:
+    # The head's weight goes in as a tensor, not the ExitHead: a compiled graph then takes it
+    # as an input instead of guarding on a Python object that every generation rebuilds.
+    def token(self, tok: torch.Tensor, end: int, cache: KVCache, input_pos: torch.Tensor,
+              head: ExitHead) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, T) through blocks [0, end) -> states (B, T, d), logits (B, T, N)."""
-        h = self.model.run_layers(self.model.embed(tok), 0, end, cache, input_pos)
-        return h, head.logits(h, end)
+        return self._token_fn(tok, end, cache, input_pos, head.weight)
 
-    def _states(self, h: torch.Tensor, start: int, end: int, cache: KVCache,
-                input_pos: torch.Tensor, head: ExitHead) -> tuple[torch.Tensor, torch.Tensor]:
+    def states(self, h: torch.Tensor, start: int, end: int, cache: KVCache,
+               input_pos: torch.Tensor, head: ExitHead) -> tuple[torch.Tensor, torch.Tensor]:
         """States (B, T, d) after ``start`` blocks through blocks [start, end) and a head."""
+        return self._states_fn(h, start, end, cache, input_pos, head.weight)
+
+    def _token(self, tok, end, cache, input_pos, weight):
+        h = self.model.run_layers(self.model.embed(tok), 0, end, cache, input_pos)
+        return h, F.linear(self.model.norm(h), weight)          # = ExitHead.logits
+
+    def _states(self, h, start, end, cache, input_pos, weight):
         h = self.model.run_layers(h, start, end, cache, input_pos)
-        return h, head.logits(h, end)
+        return h, F.linear(self.model.norm(h), weight)
 
 
 def positions(pos: int, T: int, device) -> torch.Tensor:
