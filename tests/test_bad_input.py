@@ -65,6 +65,9 @@ CASES = [
     ("calibrate", ["run=tiny", "measure=foo"], "measure='foo': must be one of softmax,"),
     ("bench", ["run=tiny", "n_prompts=0"], "n_prompts=0: must be >= 1"),
     ("bench", ["run=tiny", "threads=-1"], "threads=-1: must be >= 0"),
+    ("bench", ["run=tiny", "dee_measures=[softmax]"], "give both for DEE rows"),
+    ("bench", ["run=tiny", "dee_measures=[bogus]", "dee_thresholds=[0.5]"], "'bogus' is not one of"),
+    ("bench", ["run=tiny", "hf_early_exit=[2]"], "hf_early_exit=[2]: needs hf_baseline=true"),
     # Rejected when the run, its files or the data are looked at.
     ("train", ["run=../../x"], "run='../../x': a run name must be a relative path inside"),
     ("infer", ["run=/tmp/x", "prompt=hi"], "run='/tmp/x': a run name must be a relative path inside"),
@@ -86,6 +89,8 @@ CASES = [
     ("export", ["run=tiny", "out=exists"], "out=exists already exists"),
     ("calibrate", ["run=tiny", "n_examples=1"], "n_examples=1: too few calibration examples"),
     ("bench", ["run=tiny", "ssd_layers=[9]", DATA], "draft_layer=9: must be in 1..4"),
+    ("bench", ["run=tiny", "hf_baseline=true", "hf_early_exit=[9]", DATA],
+     "hf_early_exit=[9]: exits must be in 1..3"),
     ("train", Train("badstate", resume=True), "train_state.pt is corrupted"),
     ("train", Train("tiny", resume=True, lr=0.02), "train.lr: 0.01 -> 0.02;"),
     ("train", Train("tiny", resume=True, max_steps=300),

@@ -56,6 +56,7 @@ def test_no_recompilation_as_the_sequence_grows(model, compiled):
     prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(2))
     generate(model, prompt, 3, steps=compiled)                  # compiled (or reused) here
     before = counters["stats"]["unique_graphs"]
+    assert before > 0                                           # compiled, not the eager fallback
     out = generate(model, prompt, 200, steps=compiled)
     assert len(out.tokens[0]) == 200
     assert counters["stats"]["unique_graphs"] == before         # 200 steps, no new graph

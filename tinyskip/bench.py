@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .cache import KVCache
 from .atomic import write_json_atomic
 from .cli import entry_point
-from .config import DEEConfig, SSDConfig
+from .config import DEEConfig, SSDConfig, UserError
 from .data import load_lines
 from .decode import DecodeStats, ModeSpec, Steps, decode
 from .hf_baseline import hf_rows
@@ -127,6 +127,13 @@ def benchmark(job: BenchJob) -> dict:
                            device)
     L = model.num_layers
     specs = bench_specs(job, L)
+    bad = [e for e in job.hf_early_exit if not 1 <= e < L]
+    if bad:
+        raise UserError(f"hf_early_exit={job.hf_early_exit}: exits must be in 1..{L - 1} for "
+                        f"this {L}-layer model")
+    if job.hf_baseline and loaded.tokenizer_file is None:
+        raise UserError("hf_baseline=true compares with a tinyskip checkpoint exported to "
+                        "transformers: give run= or checkpoint=")
     for spec in specs:
         spec.classifier = exit_classifier_for(loaded, spec)
     vocab_spec = next((s for s in specs if s.ssd is not None and s.ssd.draft_vocab), None)

@@ -199,6 +199,18 @@ class BenchJob(CheckpointSource):
             raise ConfigError("ssd_k=[]: give at least one k for the ssd_layers rows (or ssd_layers=[])")
         if self.threads < 0:
             raise ConfigError(f"threads={self.threads}: must be >= 0 (0 = torch's default)")
+        # DEE rows are measures x thresholds x caches: one list without the other makes none.
+        if bool(self.dee_measures) != bool(self.dee_thresholds):
+            raise ConfigError(f"dee_measures={self.dee_measures}, dee_thresholds="
+                              f"{self.dee_thresholds}: give both for DEE rows (or neither)")
+        for m in self.dee_measures:
+            if m not in MEASURE_RANGES:
+                raise ConfigError(f"dee_measures: {m!r} is not one of {', '.join(MEASURE_RANGES)}")
+        for c in self.dee_caches:
+            if c not in CACHE_STRATEGIES:
+                raise ConfigError(f"dee_caches: {c!r} is not one of {', '.join(CACHE_STRATEGIES)}")
+        if self.hf_early_exit and not self.hf_baseline:
+            raise ConfigError(f"hf_early_exit={self.hf_early_exit}: needs hf_baseline=true")
         check_out(self)
 
 
