@@ -2,6 +2,7 @@
 users type them (run and data taken from the default run)."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,24 @@ def test_dee_uses_the_run_calibration_by_default_and_refuses_other_weights(calib
                                     "measure=margin"]))
 
 
+def test_bench_adds_the_decoder_each_calibration_file_certifies(calibrated, run_dir, tmp_path):
+    from tinyskip.bench import benchmark
+    path = str(run_dir / "calibration.json")
+    base = [f"checkpoint={run_dir}", "n_prompts=2", "prompt_len=8", "max_new_tokens=6",
+            "ssd_layers=[]", "static_layers=[]", "out_dir=null"]
+    res = benchmark(compose_job("bench", base + [f"dee_calibrations=[{path}]"]))
+    full, row = res["rows"]
+    lam = calibrated["threshold"]
+    assert row["calibration"] == path and row["mode"].endswith(" calibrated")
+    assert (row["family"], row["measure"], row["exits"]) == ("dee", "softmax", [1, 2, 3])
+    assert row["threshold"] == (math.inf if lam is None else lam)
+    other = json.loads((run_dir / "calibration.json").read_text())
+    other["weights_hash"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match="was made for other weights"):
+        benchmark(compose_job("bench", base + [f"dee_calibrations=[{tmp_path / 'other.json'}]"]))
+
+
 @pytest.mark.parametrize("args,message", [
     (["split=test"], "split='test': calibrate on the held-out validation split"),
     (["split=train"], "split='train': calibrate on the held-out validation split"),
@@ -103,7 +122,8 @@ def test_the_commands_chain_as_written_on_the_default_run(trained_tiny, tmp_path
 
 
 def test_bench_sweeps_dee_measures_thresholds_and_cache_strategies(run_dir):
-    from tinyskip.bench import benchmark, format_table
+    from tinyskip.bench import benchmark
+    from tinyskip.bench_report import format_table
     res = benchmark(compose_job("bench", [f"checkpoint={run_dir}", "n_prompts=2", "prompt_len=8",
                                           "max_new_tokens=6", "ssd_layers=[]", "static_layers=[]",
                                           "dee_measures=[softmax]", "dee_thresholds=[inf,0.0]",

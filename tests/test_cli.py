@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyskip.bench import benchmark, format_table
 from tinyskip.cli import compose_job
 from tinyskip.config import UserError
 from tinyskip.decode import generate
@@ -112,28 +111,3 @@ def test_evaluate_reports_every_exit(run_args, trained_tiny):
     share = res["words"] * res["tokens"] / predictable
     for loss, ppl in zip(res["loss"], res["word_ppl"]):
         assert ppl == pytest.approx(math.exp(loss * res["tokens"] / share), rel=1e-9)
-
-
-def test_bench_prints_a_table_with_speedups_measured_in_one_run(run_args):
-    job = compose_job("bench", run_args + ["n_prompts=2", "max_new_tokens=8", "ssd_layers=[2]",
-                                           "ssd_k=[2]", "static_layers=[2]", "draft_vocab=100"])
-    res = benchmark(job)
-    labels = [r["mode"] for r in res["rows"]]
-    assert labels == ["full", "static E=2", "ssd E=2 k=2", "ssd E=2 k=2 vocab=100"]
-    assert res["rows"][0]["speedup"] == 1.0 and res["rows"][2]["agreement"] == 1.0
-    assert res["rows"][3]["heads_per_token"] < res["rows"][2]["heads_per_token"]
-    table = format_table(res)
-    assert "overhead outside blocks and head" in table and "effic." in table
-
-
-def test_bench_transformers_baselines_decode_the_same_tokens(run_args):
-    pytest.importorskip("transformers")
-    job = compose_job("bench", run_args + ["n_prompts=2", "max_new_tokens=8", "ssd_layers=[2]",
-                                           "ssd_k=[2]", "static_layers=[]", "hf_baseline=true",
-                                           "hf_early_exit=[2]"])
-    res = benchmark(job)
-    labels = [r["mode"] for r in res["hf"]]
-    assert labels == ["hf generate", "hf assistant_early_exit=2"]
-    # Same weights, greedy: transformers' tokens are tinyskip's full tokens.
-    assert [r["agreement"] for r in res["hf"]] == [1.0, 1.0], res["hf"]
-    assert "transformers, same weights" in format_table(res)

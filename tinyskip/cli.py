@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue,
                               OmegaConfBaseException, ValidationError)
 
-from .config import UserError
+from .config import DEFAULT_RUN, UserError
 
 # Built from __file__ (not a relative config_path) so that imports from tests and console
 # scripts find it. conf/ lives beside the package: editable installs only.
@@ -38,10 +38,22 @@ def schemas() -> dict[str, type]:
     return jobs.SCHEMAS
 
 
+def source_name(run, checkpoint, model_name) -> str:
+    """The name results of a run are filed under: the run, the checkpoint's folder, or the
+    imported model's config name (``${source_name:...}`` in conf/bench.yaml)."""
+    if run:
+        return str(run)
+    if checkpoint:
+        path = Path(str(checkpoint))
+        return (path.parent if path.name == "checkpoint" else path).name
+    return str(model_name) if model_name else DEFAULT_RUN
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     for name, schema in schemas().items():
         cs.store(name=f"{name}_schema", node=schema)
+    OmegaConf.register_new_resolver("source_name", source_name, replace=True)
 
 
 def conf_dir() -> str:

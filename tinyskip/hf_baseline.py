@@ -39,7 +39,7 @@ def hf_rows(model: Transformer, tokenizer_file: Path, prompts: list[torch.Tensor
             return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                do_sample=False, pad_token_id=0, **extra)
         gen(prompts[0], max_new_tokens)                                   # warm-up
-        tokens, seconds, agree = 0, 0.0, 0
+        tokens, seconds, agree, outs = 0, 0.0, 0, []
         for prompt, ref in zip(prompts, reference):
             with torch.no_grad():
                 t0 = time.perf_counter()
@@ -50,6 +50,7 @@ def hf_rows(model: Transformer, tokenizer_file: Path, prompts: list[torch.Tensor
             seconds += (t2 - t1) - (t1 - t0)
             tokens += len(out)      # as tinyskip counts: every new token, prefill's time excluded
             agree += sum(a == b for a, b in zip(out, ref))
+            outs.append(out)
         rows.append({"mode": label, "tokens_per_s": tokens / seconds,
-                     "agreement": agree / sum(len(r) for r in reference)})
+                     "agreement": agree / sum(len(r) for r in reference), "generated": outs})
     return rows

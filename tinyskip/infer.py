@@ -7,8 +7,6 @@ prompts are read from standard input (one per line; interactive on a terminal).
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -16,32 +14,12 @@ from typing import Iterator
 import torch
 
 from .atomic import write_json_atomic
-from .checkpoint import weights_hash
 from .cli import entry_point
 from .config import DEEConfig, SSDConfig, UserError
 from .decode import ModeSpec, SamplingConfig, Steps, decode
 from .jobs import InferJob
-from .loading import Loaded, draft_vocabulary, exit_classifier_for, load_source, pick_device
-
-
-def read_calibration(path: Path, loaded: Loaded) -> dict:
-    """A calibration file, refused when it was made for other weights."""
-    try:
-        cal = json.loads(path.read_text(encoding="utf-8"))
-        measure, exits, lam, whash, cache = (cal["measure"], cal["exits"], cal["threshold"],
-                                             cal["weights_hash"], cal["cache"])
-        if not (isinstance(measure, str) and isinstance(whash, str) and isinstance(cache, str)
-                and isinstance(exits, list) and all(isinstance(e, int) for e in exits)
-                and (lam is None or isinstance(lam, (int, float)))):
-            raise TypeError("a field has the wrong type")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"calibration={str(path)!r} is not a calibration file ({e})")
-    ckpt = Path(loaded.source)
-    if not (ckpt / "model.safetensors").is_file() or weights_hash(ckpt) != whash:
-        raise UserError(f"calibration={str(path)!r} was made for other weights (hash "
-                        f"{whash[:12]}...) than {loaded.source}: run python -m tinyskip.calibrate")
-    return {"measure": measure, "exits": exits, "cache": cache,
-            "threshold": [math.inf if lam is None else lam]}
+from .loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source, pick_device,
+                      read_calibration)
 
 
 def dee_config(job, loaded: Loaded) -> DEEConfig:

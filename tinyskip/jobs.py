@@ -170,7 +170,7 @@ class BenchJob(CheckpointSource):
     n_prompts: int = 8
     prompt_len: int = 64
     max_new_tokens: int = 64
-    static_layers: list[int] = field(default_factory=lambda: [3])
+    static_layers: Optional[list[int]] = None     # None: every exit 1..L-1
     ssd_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
     ssd_k: list[int] = field(default_factory=lambda: [2, 4, 6])
     draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
@@ -179,13 +179,14 @@ class BenchJob(CheckpointSource):
     dee_thresholds: list[float] = field(default_factory=list)  #   x cache strategies
     dee_caches: list[str] = field(default_factory=lambda: ["propagate"])
     dee_check_every: int = 1
+    dee_calibrations: list[str] = field(default_factory=list)  # + the decoder each file certifies
     compile: bool = False                     # also every full/static/ssd row compiled, beside eager
     hf_baseline: bool = False                 # transformers' generate on the same weights
     hf_early_exit: list[int] = field(default_factory=list)   # + generate(assistant_early_exit=E)
     threads: int = 0                          # 0 = torch's default
     device: str = "auto"
     dtype: str = "float32"
-    out: Optional[str] = None
+    out_dir: Optional[str] = None            # results.{json,csv,md}, pareto.png (conf: logs/bench/<run>/<time>)
     model: Optional[ModelConfig] = None       # model=hf_llama model.path=...
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -211,7 +212,12 @@ class BenchJob(CheckpointSource):
                 raise ConfigError(f"dee_caches: {c!r} is not one of {', '.join(CACHE_STRATEGIES)}")
         if self.hf_early_exit and not self.hf_baseline:
             raise ConfigError(f"hf_early_exit={self.hf_early_exit}: needs hf_baseline=true")
-        check_out(self)
+        if self.out_dir is not None and Path(self.out_dir).is_file():
+            raise ConfigError(f"out_dir={self.out_dir!r} is a file: give a folder")
+        for path in self.dee_calibrations:
+            if not Path(path).is_file():
+                raise ConfigError(f"dee_calibrations: {path!r} does not exist (python -m "
+                                  "tinyskip.calibrate writes <run>/calibration.json)")
 
 
 @dataclass

@@ -8,6 +8,8 @@ the same model class. Both come with a tokenizer exposing encode / decode / stop
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -111,3 +113,23 @@ def exit_classifier_for(loaded: Loaded, spec) -> Optional[ExitClassifier]:
         return None
     ckpt = Path(loaded.source)
     return load_exit_classifier(ckpt.parent / CLASSIFIER_FILE, weights_hash(ckpt))
+
+
+def read_calibration(path: Path, loaded: Loaded) -> dict:
+    """A calibration file, refused when it was made for other weights."""
+    try:
+        cal = json.loads(path.read_text(encoding="utf-8"))
+        measure, exits, lam, whash, cache = (cal["measure"], cal["exits"], cal["threshold"],
+                                             cal["weights_hash"], cal["cache"])
+        if not (isinstance(measure, str) and isinstance(whash, str) and isinstance(cache, str)
+                and isinstance(exits, list) and all(isinstance(e, int) for e in exits)
+                and (lam is None or isinstance(lam, (int, float)))):
+            raise TypeError("a field has the wrong type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"calibration={str(path)!r} is not a calibration file ({e})")
+    ckpt = Path(loaded.source)
+    if not (ckpt / "model.safetensors").is_file() or weights_hash(ckpt) != whash:
+        raise UserError(f"calibration={str(path)!r} was made for other weights (hash "
+                        f"{whash[:12]}...) than {loaded.source}: run python -m tinyskip.calibrate")
+    return {"measure": measure, "exits": exits, "cache": cache,
+            "threshold": [math.inf if lam is None else lam]}

@@ -1,0 +1,70 @@
+"""What one block, one head call and one whole step cost on this machine, measured: the
+unit prices the benchmark predicts each mode's speed from, and the step's matrix work
+alone, the floor a step would reach if everything between the matmuls were free."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .cache import KVCache
+from .model import Transformer
+
+
+@torch.no_grad()
+def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) -> dict:
+    """Median seconds of one block call and one head call on 1..max_width positions, and
+    of a whole one-token full step through the decoders' API.
+
+    Blocks are timed cycling through all L (so weights stream from memory as in a real
+    step) and the head right after them: ``head:w`` is (L blocks + head) - (L blocks),
+    which charges the head with the cache misses its weight causes. What a full step
+    costs beyond L blocks and the head (embedding, attention set-up, argmax, Python)
+    is the bookkeeping overhead.
+    """
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    L = model.num_layers
+    cache = KVCache(model.config, 1, pos + max_width, dev, dtype)
+    x = torch.zeros(1, 1, dtype=torch.long, device=dev)
+
+    def timed(fn) -> float:
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def blocks(h, ctx):
+        for layer in model.layers:
+            h = layer(h, ctx)
+        return h
+
+    costs = {}
+    for w in range(1, max_width + 1):
+        h0 = model.embed(torch.zeros(1, w, dtype=torch.long, device=dev))
+        ctx = model.context(pos, w, cache, 1)
+        t_blocks = timed(lambda: blocks(h0, ctx))
+        costs[f"layer:{w}"] = t_blocks / L
+        costs[f"head:{w}"] = max(timed(lambda: model.head(blocks(h0, ctx))) - t_blocks, 0.0)
+    # The step's matrix work alone: every weight of the blocks and the head applied to one
+    # token, nothing else (no norms, RoPE, attention or bookkeeping): the floor the step's
+    # time would reach if everything between the matmuls were free.
+    mats = [m.weight for layer in model.layers for m in layer.modules()
+            if isinstance(m, torch.nn.Linear)] + [model.lm_head.weight]
+    vecs = {w.shape[1]: torch.randn(1, w.shape[1], device=dev, dtype=dtype) for w in mats}
+    costs["matmuls"] = timed(lambda: [torch.nn.functional.linear(vecs[w.shape[1]], w) for w in mats])
+    h1 = model.embed(x)
+    costs["kv:1"] = timed(lambda: model.propagate_kv(h1, 0, L, cache, pos)) / L
+    step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, pos)[:, -1])
+                 .argmax(-1))
+    costs["step"] = step
+    costs["overhead"] = (step - L * costs["layer:1"] - costs["head:1"]) / step
+    return costs
