@@ -123,10 +123,10 @@ def test_ddp_on_gpus_gives_each_rank_its_device_and_nccl(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(f"cuda:{i}"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert trainer._init_distributed(torch.device("cuda")) == (1, 2)
+    assert trainer.init_distributed(torch.device("cuda")) == (1, 2)
     assert calls == ["cuda:1", "nccl"]
     calls.clear()
-    trainer._init_distributed(torch.device("cpu"))      # train.device=cpu on a GPU machine
+    trainer.init_distributed(torch.device("cpu"))      # train.device=cpu on a GPU machine
     assert calls == ["gloo"]
 
 

@@ -125,7 +125,7 @@ def benchmark(job: BenchJob) -> dict:
         torch.set_num_threads(job.threads)
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype)
     model = loaded.model
-    prompts, references = test_prompts(run_data_config(Path(loaded.source), job.data), job,
+    prompts, references = test_prompts(run_data_config(loaded.run_dir, job.data), job,
                                        loaded.tokenizer, device)
     L = model.num_layers
     bad = [e for e in job.hf_early_exit if not 1 <= e < L]
@@ -211,7 +211,7 @@ def benchmark(job: BenchJob) -> dict:
             r["family"] = "transformers"
             r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
             r.update(quality(r.pop("generated")))
-    return {"checkpoint": loaded.source, "device": str(device),
+    return {"checkpoint": str(loaded.exits or loaded.source), "device": str(device),
             "threads": torch.get_num_threads(), "prompts": len(prompts),
             "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
             "costs": costs, "rows": rows, "hf": hf}

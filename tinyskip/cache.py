@@ -22,7 +22,9 @@ class CacheError(UserError, ValueError):
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch_size: int = 1, max_seq_len: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 extra_layers: int = 0):
+        """``extra_layers``: slots after the L blocks' for exit modules that attend."""
         max_seq_len = max_seq_len or cfg.max_position_embeddings
         if max_seq_len > cfg.max_position_embeddings:
             raise CacheError(f"cache size {max_seq_len} exceeds the model's context "
@@ -30,10 +32,9 @@ class KVCache:
         if batch_size < 1:
             raise CacheError(f"cache batch_size={batch_size}: must be >= 1")
         shape = (batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype)
-                  for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype)
-                  for _ in range(cfg.num_hidden_layers)]
+        n = cfg.num_hidden_layers + extra_layers
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
         self.positions = torch.arange(max_seq_len, device=device)      # (S,) for masks
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
@@ -55,7 +56,7 @@ class KVCache:
         v_buf.index_copy_(2, input_pos, v)
         return k_buf, v_buf
 
-    def copy_up(self, src: int, dst: range, pos: int) -> None:
+    def copy_up(self, src: int, dst, pos: int) -> None:
         """Copy layer ``src``'s entries at ``pos`` into layers ``dst`` (the known-bad baseline
         of dynamic early exit: deeper layers then attend to a shallow layer's keys)."""
         for layer in dst:

@@ -18,14 +18,13 @@ from . import ltt
 from .calibration import (Example, dee_losses, decode_full, exit_confidences, sample_windows,
                           threshold_grid, walk_grid)
 from .atomic import make_dirs, write_json_atomic
-from .checkpoint import load_model, weights_hash
 from .cli import entry_point
 from .config import DEEConfig, UserError
 from .data import prepare_corpus
 from .exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, exit_examples,
                               load_exit_classifier, save_exit_classifier, train_exit_classifier)
 from .jobs import CalibrateJob
-from .loading import checkpoint_path, pick_device, run_data_config
+from .loading import load_source, pick_device, run_data_config
 
 
 def _bar(desc: str):
@@ -33,11 +32,11 @@ def _bar(desc: str):
     return lambda it, **kw: tqdm(it, desc=desc, leave=False, disable=not sys.stderr.isatty(), **kw)
 
 
-def cached_examples(model, ckpt: Path, key: dict, windows, max_new_tokens: int,
+def cached_examples(model, run_dir: Path, key: dict, windows, max_new_tokens: int,
                     eos: int) -> list[Example]:
     """The full model's greedy outputs, decoded once per checkpoint and settings and kept
     in ``<run>/.calibration-cache/``."""
-    folder = ckpt.parent / ".calibration-cache"
+    folder = run_dir / ".calibration-cache"
     name = json.dumps(key, sort_keys=True)
     path = folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
     if path.is_file():
@@ -50,11 +49,11 @@ def cached_examples(model, ckpt: Path, key: dict, windows, max_new_tokens: int,
     return examples
 
 
-def exit_classifier(model, ckpt: Path, train_tokens, exits: list[int], whash: str,
+def exit_classifier(model, run_dir: Path, train_tokens, exits: list[int], whash: str,
                     seed: int) -> ExitClassifier:
     """The run's exit classifier for these exits, trained (on the train split, model
     frozen) and saved beside the checkpoint when missing or made for other weights."""
-    path = ckpt.parent / CLASSIFIER_FILE
+    path = run_dir / CLASSIFIER_FILE
     try:
         clf = load_exit_classifier(path, whash)
         if set(exits) <= set(clf.exits):
@@ -70,9 +69,9 @@ def exit_classifier(model, ckpt: Path, train_tokens, exits: list[int], whash: st
 
 def calibrate(job: CalibrateJob) -> dict:
     device = pick_device(job.device)
-    ckpt = checkpoint_path(job.run, job.checkpoint, job.checkpoint_root)
-    out = Path(job.out) if job.out else ckpt.parent / "calibration.json"
-    model, _ = load_model(ckpt, device)
+    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, None, device)
+    run_dir, model = loaded.run_dir, loaded.model
+    out = Path(job.out) if job.out else run_dir / "calibration.json"
     L = model.num_layers
     base = DEEConfig(job.measure, [math.inf], list(job.exits), job.check_every, job.cache)
     base.validate(L)
@@ -84,19 +83,19 @@ def calibrate(job: CalibrateJob) -> dict:
         raise UserError(f"check_splits={job.check_splits} calibrates on halves of n_examples="
                         f"{job.n_examples}: need n_examples >= {2 * need} at delta={job.delta}, "
                         f"epsilon={job.epsilon}")
-    data = run_data_config(ckpt, job.data)
-    corpus = prepare_corpus(data, ckpt / "tokenizer.model")
-    eos, whash = corpus.eos_id, weights_hash(ckpt)
+    data = run_data_config(run_dir, job.data)
+    corpus = prepare_corpus(data, loaded.tokenizer_file)
+    eos, whash = corpus.eos_id, loaded.weights_hash()
 
     def examples_of(split: str, n: int, seed: int):
         windows = sample_windows(corpus.tokens[split], n, job.prompt_len, job.max_new_tokens, seed)
         key = {"weights": whash, "split": split, "n": n, "prompt_len": job.prompt_len,
                "max_new_tokens": job.max_new_tokens, "seed": seed,
                "data": dataclasses.asdict(data)}
-        return cached_examples(model, ckpt, key, windows, job.max_new_tokens, eos)
+        return cached_examples(model, run_dir, key, windows, job.max_new_tokens, eos)
 
     exits = base.checked_exits(L)
-    classifier = (exit_classifier(model, ckpt, corpus.tokens["train"], exits, whash, job.seed)
+    classifier = (exit_classifier(model, run_dir, corpus.tokens["train"], exits, whash, job.seed)
                   if job.measure == "classifier" else None)
     cal = examples_of(job.split, job.n_examples, job.seed)
     # The grid: quantiles of the checked exits' confidences, teacher-forced on windows of
@@ -116,7 +115,7 @@ def calibrate(job: CalibrateJob) -> dict:
         "threshold": res["threshold"],           # None = never exit
         "delta": job.delta, "epsilon": job.epsilon, "loss": job.loss, "split": job.split,
         "n": job.n_examples, "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
-        "seed": job.seed, "weights_hash": whash, "checkpoint": str(ckpt),
+        "seed": job.seed, "weights_hash": whash, "checkpoint": str(loaded.exits or loaded.source),
         "grid": walked["thresholds"], "risks": res["risks"], "pvalues": res["pvalues"],
         "losses": walked["losses"].tolist(),
         "naive": {"quality": job.quality, "threshold": naive},

@@ -139,19 +139,23 @@ def exit_confidences(model: Transformer, examples: list[Example], measure: str,
             continue
         ids = torch.tensor([ex.prompt + ex.full[:-1]], device=dev)
         h = model.embed(ids)
-        states = {}
+        states, logits = {}, {}
+        start = len(ex.prompt) - 1           # the states that predict the new tokens
         for layer in range(L):
             h = model.run_layers(h, layer, layer + 1)
-            if layer + 1 in exits or layer + 1 == L:
-                states[layer + 1] = h[0, len(ex.prompt) - 1:]          # (new, d)
-        final = head.logits(states[L]).argmax(-1)
+            e = layer + 1
+            if e in exits or e == L:
+                # The exit's logits over the whole sequence (its module may attend), then
+                # the new tokens' rows: (new, d) and (new, V).
+                logits[e] = head.logits(h, e)[0, start:]
+                states[e] = h[0, start:]
+        final = logits[L].argmax(-1)
         for t in range(final.shape[0]):
             tc = TokenConfidence(measure, classifier)
             c, a = [], []
             for e in exits:
-                logits = head.logits(states[e][t])
-                c.append(tc.check(e, states[e][t], lambda: logits)[0])
-                a.append(float(logits.argmax() == final[t]))
+                c.append(tc.check(e, states[e][t], lambda: logits[e][t])[0])
+                a.append(float(logits[e][t].argmax() == final[t]))
             conf.append(c)
             agree.append(a)
     return np.asarray(conf).T, np.asarray(agree).T

@@ -168,6 +168,10 @@ class DataConfig:
             _positive(self, "max_rows")
 
 
+# Exit modules (exit_modules.py): what sits between an exit and the shared head.
+EXIT_MODULE_KINDS = ("block", "mlp", "attention", "norm")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, LayerDrop, early-exit loss and checkpointing knobs (see ``conf/train/``)."""
@@ -194,7 +198,15 @@ class TrainConfig:
     curriculum: str = "none"
     curriculum_rotation: int = 2
     distill_weight: float = 0.0
-    distill_temperature: float = 1.0
+    distill_temperature: float = 1.0          # also the exit modules' KL temperature
+    # Exit modules on a frozen backbone (preset balcony, exit_training.py).
+    backbone: Optional[str] = None            # a tinyskip run or folder (HF: model=hf_llama)
+    exit_layers: list[int] = dataclasses.field(default_factory=list)   # [] = L/4, L/2, 3L/4
+    exit_kind: str = "block"                  # block | mlp | attention | norm
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    exit_cache: str = "online"                # online | offline (hidden states cached on disk)
+    exit_cache_dir: Optional[str] = None      # offline: this folder (default: keyed, shared)
     # Runtime.
     device: str = "auto"
     bf16: bool = True
@@ -223,6 +235,14 @@ class TrainConfig:
         _choice(self, "exit_scale", ("none", "uniform", "linear", "calm", "sum_l", "layerskip"))
         _choice(self, "curriculum", ("none", "rotational", "gradual"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
+        _choice(self, "exit_kind", EXIT_MODULE_KINDS)
+        _choice(self, "exit_cache", ("online", "offline"))
+        if self.kl_weight < 0 or self.ce_weight < 0:
+            raise ConfigError(f"train.kl_weight={self.kl_weight}, train.ce_weight="
+                              f"{self.ce_weight}: must be >= 0")
+        if self.preset == "balcony" and self.kl_weight == 0 and self.ce_weight == 0:
+            raise ConfigError("train.kl_weight=0 and train.ce_weight=0: the exit modules would "
+                              "learn nothing (Balcony: kl_weight=1, ce_weight=0)")
 
 
 # -- decoding modes -----------------------------------------------------------------------

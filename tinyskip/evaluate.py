@@ -5,31 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import write_json_atomic
-from .checkpoint import load_model, load_run_job
+from .checkpoint import load_run_job
 from .cli import entry_point
 from .config import UserError
 from .data import prepare_corpus
 from .jobs import EvaluateJob
 from .perplexity import exit_perplexities
-from .loading import checkpoint_path, pick_device, run_data_config
+from .loading import load_source, pick_device, run_data_config
 
 
 def evaluate(job: EvaluateJob) -> dict:
-    ckpt = checkpoint_path(job.run, job.checkpoint, job.checkpoint_root)
-    device = pick_device(job.device)
-    model, _ = load_model(ckpt, device)
+    """Per-exit quality of a run (through its exit modules, for an exit-module run)."""
+    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, None,
+                         pick_device(job.device))
+    model = loaded.model
     seq_len = job.seq_len
     ctx = model.config.max_position_embeddings
     if seq_len is None:
-        saved = load_run_job(ckpt.parent) or {}
+        saved = load_run_job(loaded.run_dir) or {}
         seq_len = saved.get("train", {}).get("seq_len", ctx)
     if seq_len > ctx:
         raise UserError(f"seq_len={seq_len}: longer than the model's context "
                         f"(max_position_embeddings={ctx})")
-    corpus = prepare_corpus(run_data_config(ckpt, job.data), ckpt / "tokenizer.model")
+    corpus = prepare_corpus(run_data_config(loaded.run_dir, job.data), loaded.tokenizer_file)
     ev = exit_perplexities(model, corpus.tokens[job.split], corpus.words[job.split], seq_len,
                            job.batch_size, job.max_batches, progress=True)
-    return {"checkpoint": str(ckpt), "split": job.split, "seq_len": seq_len,
+    return {"checkpoint": str(loaded.exits or loaded.source), "split": job.split, "seq_len": seq_len,
             "words": corpus.words[job.split], "tokens": ev["tokens"],
             "loss": ev["loss"], "word_ppl": ev["word_ppl"], "agreement": ev["agreement"],
             "p_last_top": ev["p_last_top"]}

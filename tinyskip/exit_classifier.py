@@ -60,10 +60,11 @@ def exit_examples(model: Transformer, tokens: np.ndarray, exits: list[int], n_wi
     for layer in range(L):
         h = model.run_layers(h, layer, layer + 1)
         if layer + 1 in exits:
-            states[layer + 1] = h.flatten(0, 1).float()                  # (N, d)
-    final = head.logits(h).argmax(-1).flatten()
-    labels = [(head.logits(states[e]).argmax(-1) == final).float() for e in exits]
-    return torch.stack([states[e] for e in exits]), torch.stack(labels)
+            states[layer + 1] = h                                        # (B, T, d)
+    final = head.logits(h, L).argmax(-1).flatten()
+    labels = [(head.logits(states[e], e).argmax(-1).flatten() == final).float() for e in exits]
+    # (B, T, d) -> (N, d) per exit, N = B * T
+    return torch.stack([states[e].flatten(0, 1).float() for e in exits]), torch.stack(labels)
 
 
 def train_exit_classifier(states: torch.Tensor, labels: torch.Tensor, exits: list[int],

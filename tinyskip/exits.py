@@ -1,9 +1,10 @@
 """Exit heads: what turns a hidden state after E blocks into next-token logits.
 
-Today every exit is the model's shared head (final ``norm`` + ``lm_head``), optionally
+Every exit is the model's shared head (``lm_head``) after the final norm or, where the
+model has an exit module at that exit, after the module (exit_modules.py), optionally
 restricted to a subset of the vocabulary (the small draft vocabulary of SSD). Decoders
-call ``ExitHead.logits(h, exit)`` and never reach into ``lm_head.weight`` themselves, so
-exit modules can later own their exits behind the same call.
+call ``ExitHead.logits(h, exit, cache, pos)`` and never reach into ``lm_head.weight``
+themselves.
 
 Exits are numbered by blocks run: exit E (1..L) is the head on the output of block E-1,
 and exit L is the model's normal output.
@@ -11,12 +12,13 @@ and exit L is the model's normal output.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache import KVCache
 from .model import Transformer
 
 
@@ -42,12 +44,12 @@ class ExitHead:
         # Cost of one call in full-vocabulary head evaluations (the V*d matmul dominates).
         self.cost = self.weight.shape[0] / self.vocab_size
 
-    def logits(self, h: torch.Tensor, exit: Optional[int] = None) -> torch.Tensor:
-        """(..., d) hidden states after ``exit`` blocks -> (..., N) logits.
-
-        ``exit`` names the exit for heads that differ per exit; the shared head ignores it.
-        """
-        return F.linear(self.model.norm(h), self.weight)
+    def logits(self, h: torch.Tensor, exit: int, cache: Optional[KVCache] = None,
+               pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+        """(B, T, d) hidden states after ``exit`` blocks at positions pos.. -> (B, T, N)
+        logits (without a cache: a whole sequence from position 0; see
+        ``Transformer.exit_state``)."""
+        return F.linear(self.model.exit_state(h, exit, cache, pos), self.weight)
 
     def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
         """Indices into the head's vocabulary -> token ids."""

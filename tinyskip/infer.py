@@ -28,7 +28,8 @@ def dee_config(job, loaded: Loaded) -> DEEConfig:
     if job.calibration and job.threshold:
         raise UserError("give threshold=... or calibration=..., not both")
     if job.calibration or not job.threshold:
-        path = Path(job.calibration) if job.calibration else Path(loaded.source).parent / "calibration.json"
+        path = Path(job.calibration) if job.calibration else \
+            (loaded.run_dir or Path(loaded.source)) / "calibration.json"
         if not path.is_file():
             raise UserError(f"mode=dee needs threshold=<value> or a calibration file; "
                             f"{str(path)!r} does not exist (python -m tinyskip.calibrate writes it)")

@@ -62,7 +62,12 @@ class TrainJob:
 
     @property
     def run_name(self) -> str:
-        return self.run or self.model.name
+        if self.run:
+            return self.run
+        if self.train.preset == "balcony":   # never the backbone's own run folder
+            backbone = self.train.backbone or self.model.path or "backbone"
+            return f"{Path(backbone).name}-{self.train.exit_kind}-exits"
+        return self.model.name
 
 
 @dataclass

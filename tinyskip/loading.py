@@ -8,6 +8,7 @@ the same model class. Both come with a tokenizer exposing encode / decode / stop
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder, weights_hash
+from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
+from .exit_checkpoint import exits_folder, load_exit_modules, read_exit_meta
 from .config import DEFAULT_RUN, ConfigError, DataConfig, ModelConfig, UserError
 from .data import load_tokenizer, prepare_corpus
 from .exit_classifier import FILE as CLASSIFIER_FILE, ExitClassifier, load_exit_classifier
@@ -39,13 +41,13 @@ def checkpoint_path(run: Optional[str], checkpoint: Optional[str], checkpoint_ro
     return resolve_checkpoint(checkpoint or run_folder(checkpoint_root, run or DEFAULT_RUN))
 
 
-def run_data_config(ckpt: Path, given: DataConfig) -> DataConfig:
+def run_data_config(run_dir: Optional[Path], given: DataConfig) -> DataConfig:
     """The data a run was trained on (its job.json), overridden by every field the user set.
 
     A field still at its default is taken from the run, so ``infer`` and ``calibrate``
     find the offline copy training used without being told again.
     """
-    saved = load_run_job(ckpt.parent)
+    saved = load_run_job(run_dir) if run_dir is not None else None
     if saved is None:
         return given
     trained = saved.get("data", {})
@@ -78,21 +80,55 @@ class SentencePieceTokenizer:
 class Loaded:
     model: Transformer
     tokenizer: object                 # encode(str) -> ids, decode(ids) -> str, stop_ids()
-    source: str                       # the folder it came from
+    source: str                       # the folder the (backbone) weights came from
     tokenizer_file: Optional[Path]    # a SentencePiece file the data pipeline can use
+    run_dir: Optional[Path] = None    # where this model's results go (calibration, classifier)
+    exits: Optional[Path] = None      # the exit-module folder attached, if any
+    _digest: Optional[str] = None
+
+    def weights_hash(self) -> str:
+        """What results made with this model are keyed by: the weights' hash, combined
+        with the exit modules' when they are attached (computed once, on demand)."""
+        if self._digest is None:
+            from .exit_checkpoint import backbone_hash, exit_modules_hash
+            digest = backbone_hash(Path(self.source))
+            if self.exits is not None:
+                digest = hashlib.sha256((digest + exit_modules_hash(self.exits)).encode()).hexdigest()
+            self._digest = digest
+        return self._digest
+
+
+def load_backbone(path: str, fmt: str, device: torch.device, dtype: str = "float32") -> Loaded:
+    """A tinyskip checkpoint (``fmt="tinyskip"``) or a Hugging Face Llama folder or Hub id
+    (``fmt="hf"``), bare."""
+    if fmt == "hf":
+        from .hf_llama import HFTokenizer, load_hf_llama
+        model, folder = load_hf_llama(path, device, DTYPES[dtype])
+        sp = folder / "tokenizer.model"
+        return Loaded(model, HFTokenizer(folder, model.config), str(folder),
+                      sp if sp.is_file() else None, None)
+    model, ckpt = load_model(path, device, DTYPES[dtype])
+    tok = ckpt / "tokenizer.model"
+    return Loaded(model, SentencePieceTokenizer(tok), str(ckpt), tok, ckpt.parent)
 
 
 def load_source(run: Optional[str], checkpoint: Optional[str], checkpoint_root: str,
                 model_cfg: Optional[ModelConfig], device: torch.device,
                 dtype: str = "float32") -> Loaded:
+    """What a job names: a Hugging Face Llama (``model.path``), a tinyskip run, or an
+    exit-module run (its backbone, hash-checked, with the modules attached)."""
     if model_cfg is not None and model_cfg.path:
-        from .hf_llama import HFTokenizer, load_hf_llama
-        model, folder = load_hf_llama(model_cfg.path, device, DTYPES[dtype])
-        return Loaded(model, HFTokenizer(folder, model.config), str(folder), None)
-    ckpt = checkpoint_path(run, checkpoint, checkpoint_root)
-    model, _ = load_model(ckpt, device, DTYPES[dtype])
-    tok = ckpt / "tokenizer.model"
-    return Loaded(model, SentencePieceTokenizer(tok), str(ckpt), tok)
+        return load_backbone(model_cfg.path, "hf", device, dtype)
+    folder = Path(checkpoint) if checkpoint else run_folder(checkpoint_root, run or DEFAULT_RUN)
+    exits = exits_folder(folder)
+    if exits is None:
+        return load_backbone(str(resolve_checkpoint(folder)), "tinyskip", device, dtype)
+    backbone = read_exit_meta(exits)["backbone"]
+    loaded = load_backbone(backbone["path"], backbone["format"], device, dtype)
+    modules = load_exit_modules(exits, loaded.model, loaded.weights_hash())
+    loaded.model.attach_exit_modules(modules)
+    loaded.run_dir, loaded.exits, loaded._digest = exits.parent, exits, None
+    return loaded
 
 
 def draft_vocabulary(loaded: Loaded, spec, data) -> Optional[torch.Tensor]:
@@ -102,7 +138,7 @@ def draft_vocabulary(loaded: Loaded, spec, data) -> Optional[torch.Tensor]:
     if loaded.tokenizer_file is None:
         raise UserError("draft_vocab needs token frequencies of the training data, known only "
                         "for tinyskip checkpoints")
-    data = run_data_config(Path(loaded.source), data)
+    data = run_data_config(loaded.run_dir, data)
     train_tokens = prepare_corpus(data, loaded.tokenizer_file).tokens["train"]
     return frequent_tokens(train_tokens, loaded.model.config.vocab_size, spec.ssd.draft_vocab)
 
@@ -111,8 +147,7 @@ def exit_classifier_for(loaded: Loaded, spec) -> Optional[ExitClassifier]:
     """The run's exit classifier when the mode is DEE with ``measure=classifier``."""
     if spec.dee is None or spec.dee.measure != "classifier":
         return None
-    ckpt = Path(loaded.source)
-    return load_exit_classifier(ckpt.parent / CLASSIFIER_FILE, weights_hash(ckpt))
+    return load_exit_classifier(loaded.run_dir / CLASSIFIER_FILE, loaded.weights_hash())
 
 
 def read_calibration(path: Path, loaded: Loaded) -> dict:
@@ -127,8 +162,7 @@ def read_calibration(path: Path, loaded: Loaded) -> dict:
             raise TypeError("a field has the wrong type")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"calibration={str(path)!r} is not a calibration file ({e})")
-    ckpt = Path(loaded.source)
-    if not (ckpt / "model.safetensors").is_file() or weights_hash(ckpt) != whash:
+    if loaded.weights_hash() != whash:
         raise UserError(f"calibration={str(path)!r} was made for other weights (hash "
                         f"{whash[:12]}...) than {loaded.source}: run python -m tinyskip.calibrate")
     return {"measure": measure, "exits": exits, "cache": cache,

@@ -134,12 +134,18 @@ def distillation_loss(logits: torch.Tensor, weights: torch.Tensor,
     """
     if logits.shape[0] < 2:
         return logits.new_zeros(())
+    kl = exit_kl(logits, temperature)
+    w = weights[:-1].to(kl.device)
+    return (kl * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def exit_kl(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_final || p_exit) (n-1,) of each exit against the last (detached) one, over
+    logits (n, B, T, V), mean over tokens, times T^2 (Hinton's scaling)."""
     t = temperature
     teacher = F.log_softmax(logits[-1].detach().float() / t, dim=-1)        # (B, T, V)
     student = F.log_softmax(logits[:-1].float() / t, dim=-1)               # (n-1, B, T, V)
-    kl = (teacher.exp() * (teacher - student)).sum(-1).mean(dim=(1, 2))    # (n-1,)
-    w = weights[:-1].to(kl.device)
-    return (kl * w).sum() / w.sum().clamp_min(1e-12) * t * t
+    return (teacher.exp() * (teacher - student)).sum(-1).mean(dim=(1, 2)) * t * t
 
 
 def cosine_lr(cfg: TrainConfig, step: int) -> float:

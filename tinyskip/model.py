@@ -159,6 +159,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        self.attach_exit_modules(None)
         # GPT-2 style: shrink the residual-branch outputs so the stream's variance stays
         # O(1) with depth.
         for name, p in self.named_parameters():
@@ -176,6 +177,21 @@ class Transformer(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
+
+    def attach_exit_modules(self, modules) -> None:
+        """Serve exits through ``modules`` (an ``ExitModules``; None: bare shared head).
+
+        Kept outside the module tree on purpose: the backbone's state dict, weight hash,
+        checkpoint and export stay the backbone's alone, and a frozen backbone is never
+        copied into an exit-module file.
+        """
+        if modules is not None:
+            w = self.embed_tokens.weight
+            modules.to(w.device, w.dtype)
+        object.__setattr__(self, "exit_modules", modules)
+        # Exits whose module attends: run_layers writes their keys and values.
+        object.__setattr__(self, "_kv_exits", frozenset(
+            e for e in (modules.exit_layers if modules else []) if modules[e].has_attention))
 
     # -- the three calls decoders drive -------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -216,6 +232,8 @@ class Transformer(nn.Module):
         ctx = self.context(pos, h.shape[1], cache, h.shape[0])
         for i in range(start, end):       # (slicing a ModuleList builds a new one: slow)
             h = self.layers[i](h, ctx)
+            if cache is not None and i + 1 in self._kv_exits:
+                self.exit_modules[i + 1].write_kv(h, ctx)
         return h
 
     def propagate_kv(self, h: torch.Tensor, start: int, end: int, cache: KVCache,
@@ -229,10 +247,34 @@ class Transformer(nn.Module):
             layer = self.layers[i]
             k, v = layer.self_attn.kv(layer.input_layernorm(h), ctx)
             cache.update(i, ctx.input_pos, k, v)
+        # Exit modules from the exit on attend over this position too (see exit_modules.py).
+        for e in self._kv_exits:
+            if start <= e:
+                self.exit_modules[e].write_kv(h, ctx)
+
+    def module_slots_after(self, exit: int) -> list[int]:
+        """Cache slots of the attending exit modules deeper than ``exit``."""
+        return [self.exit_modules[e].self_attn.layer_idx for e in sorted(self._kv_exits) if e > exit]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The shared exit head: (..., d) hidden states -> (..., V) logits."""
         return self.lm_head(self.norm(h))
+
+    def exit_state(self, h: torch.Tensor, exit: int, cache: Optional[KVCache] = None,
+                   pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+        """What the head reads at exit ``exit`` (blocks run) from states h (B, T, d) at
+        positions pos..: the exit's module output when it has one, else the final norm.
+        Without a cache, h is a whole sequence from position 0 (causal attention)."""
+        if self.exit_modules is None or exit not in self.exit_modules:
+            return self.norm(h)
+        module = self.exit_modules[exit]
+        ctx = self.context(pos, h.shape[1], cache, h.shape[0]) if module.has_attention else None
+        return module(h, ctx)
+
+    def head_at(self, h: torch.Tensor, exit: int, cache: Optional[KVCache] = None,
+                pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+        """Logits (B, T, V) at exit ``exit``, through its module when it has one."""
+        return self.lm_head(self.exit_state(h, exit, cache, pos))
 
     def check_range(self, start: int, end: int) -> None:
         if not 0 <= start <= end <= self.num_layers:
@@ -275,6 +317,9 @@ class Transformer(nn.Module):
                     h = h.index_copy(0, keep, layer(h.index_select(0, keep), ctx))
             if i in wanted:
                 exits.append(h)
+        if self.exit_modules is not None:     # exits with a module read its output
+            exits = [self.exit_state(h, i + 1) for i, h in zip(exit_layers, exits)]
+            return self.lm_head(torch.stack(exits))
         # One head call over all exits: (n_exits, B, T, d) -> (n_exits, B, T, V).
         return self.head(torch.stack(exits))
 

@@ -60,7 +60,7 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
                 states.append(h)
             top = model.head(h).float().argmax(-1)                           # (B, T)
             for layer, h in enumerate(states):
-                logits = model.head(h).float()
+                logits = model.head_at(h, layer + 1).float()     # through its exit module
                 nll[layer] += F.cross_entropy(logits.flatten(0, 1), y.flatten(),
                                               reduction="sum").item()
                 agree[layer] += (logits.argmax(-1) == top).sum().item()

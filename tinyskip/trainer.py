@@ -48,7 +48,7 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int]:
+def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); under torchrun, one process group over the chosen device type."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -89,12 +89,15 @@ def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
 
 def train(job: TrainJob, progress: bool = True) -> TrainResult:
     tc = job.train
+    if tc.preset == "balcony":               # exit modules on a frozen backbone
+        from .exit_training import train_exit_modules
+        return train_exit_modules(job, progress)
     if job.model.path:
         raise ConfigError("training from Hugging Face weights (model.path) is not supported "
                           "yet: train a tinyskip model, or decode the Llama with tinyskip.infer")
     device = pick_device(tc.device)
     run_dir = run_folder(job.checkpoint_root, job.run_name)
-    rank, world = _init_distributed(device)
+    rank, world = init_distributed(device)
     if tc.batch_size % world:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
                           f"{world} data-parallel processes")

@@ -107,14 +107,14 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             e = layer + 1
             if e not in thresholds:
                 continue
-            c, logits = conf.check(e, h[0, 0], lambda: head.logits(h[0, 0], e))
+            c, logits = conf.check(e, h[0, 0], lambda: head.logits(h, e, cache, pos)[0, 0])
             if cfg.measure not in HEAD_FREE:
                 stats.add_head()
             if c >= decayed_threshold(thresholds[e], len(out), n_new, cfg.decay_tau):
                 exit_at = e
                 break
         if logits is None or exit_at == L or cfg.measure in HEAD_FREE:
-            logits = head.logits(h[0, 0], exit_at)
+            logits = head.logits(h, exit_at, cache, pos)[0, 0]
             stats.add_head()
         out.append(int(choose(logits[None], sampling, generator)))
         stats.add_exit(exit_at)
@@ -123,7 +123,7 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                 model.propagate_kv(h, exit_at, L, cache, pos)
                 stats.calls["kv:1"] = stats.calls.get("kv:1", 0) + (L - exit_at)
             elif cfg.cache == "copy":
-                cache.copy_up(exit_at - 1, range(exit_at, L), pos)
+                cache.copy_up(exit_at - 1, list(range(exit_at, L)) + model.module_slots_after(exit_at), pos)
             else:
                 waiting.h.append(h)
                 waiting.depth.append(exit_at)

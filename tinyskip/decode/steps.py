@@ -55,7 +55,8 @@ def new_cache(model: Transformer, prompt: torch.Tensor, steps: int) -> KVCache:
     needed = prompt.shape[1] + steps
     size = min(model.config.max_position_embeddings, max(256, 1 << (needed - 1).bit_length()))
     dtype = next(model.parameters()).dtype
-    return KVCache(model.config, prompt.shape[0], size, prompt.device, dtype)
+    extra = model.exit_modules.cache_slots if model.exit_modules is not None else 0
+    return KVCache(model.config, prompt.shape[0], size, prompt.device, dtype, extra)
 
 
 def one_prompt(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, mode: str) -> int:
@@ -87,7 +88,8 @@ def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, end_layer:
     """Run blocks [0, end_layer) over the prompt; returns the exit logits (B, V) of its last token."""
     t0 = time.perf_counter()
     h = model.run_layers(model.embed(prompt), 0, end_layer, cache, 0)
-    logits = model.head(h[:, -1])
+    # Every prompt position through the exit's module (it may attend), the head on the last.
+    logits = model.lm_head(model.exit_state(h, end_layer, cache, 0)[:, -1])
     sync(prompt.device)
     stats.prompt_tokens = prompt.shape[1]
     stats.prefill_s = time.perf_counter() - t0
@@ -143,11 +145,11 @@ class Steps:
 
     def _token(self, tok, end, cache, input_pos, weight):
         h = self.model.run_layers(self.model.embed(tok), 0, end, cache, input_pos)
-        return h, F.linear(self.model.norm(h), weight)          # = ExitHead.logits
+        return h, F.linear(self.model.exit_state(h, end, cache, input_pos), weight)  # = ExitHead.logits
 
     def _states(self, h, start, end, cache, input_pos, weight):
         h = self.model.run_layers(h, start, end, cache, input_pos)
-        return h, F.linear(self.model.norm(h), weight)
+        return h, F.linear(self.model.exit_state(h, end, cache, input_pos), weight)
 
 
 def positions(pos: int, T: int, device) -> torch.Tensor:

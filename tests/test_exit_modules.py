@@ -1,0 +1,193 @@
+"""Exit modules on a frozen backbone (Balcony): the modules, their training online and
+offline, their file, and every decoder reading exits through them."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tinyskip.cache import KVCache
+from tinyskip.cli import compose_job
+from tinyskip.config import ConfigError, SSDConfig, UserError
+from tinyskip.decode import ModeSpec, decode, dee_generate, generate, ssd_generate
+from tinyskip.config import DEEConfig
+from tinyskip.exit_modules import ExitModules
+from tinyskip.exit_training import backbone_states, exit_module_loss
+from tinyskip.loading import load_source
+from tinyskip.trainer import train
+
+from conftest import tiny_config, tiny_train_overrides
+
+KINDS = ["block", "mlp", "attention", "norm"]
+
+
+@pytest.fixture
+def model_with_modules(tiny_model, request):
+    torch.manual_seed(1)
+    modules = ExitModules(tiny_model.config, [1, 2], request.param)
+    for p in modules.parameters():          # away from the init, so the test means something
+        p.data.add_(torch.randn_like(p) * 0.05)
+    tiny_model.attach_exit_modules(modules)
+    return tiny_model
+
+
+def test_a_block_module_initialised_from_the_last_block_reproduces_it(tiny_model):
+    modules = ExitModules(tiny_model.config, [2], "block").init_from(tiny_model)
+    h = torch.randn(2, 7, tiny_model.config.hidden_size)
+    ctx = tiny_model.context(0, 7)
+    torch.testing.assert_close(modules[2].body(h, ctx), tiny_model.layers[-1](h, ctx))
+    torch.testing.assert_close(modules[2](h, ctx), tiny_model.norm(tiny_model.layers[-1](h, ctx)))
+
+
+@pytest.mark.parametrize("model_with_modules", KINDS, indirect=True)
+def test_cached_exit_logits_equal_the_uncached_forward(model_with_modules):
+    """Token by token through the cache (module keys written as block 1 runs) = one
+    causal pass over the whole sequence."""
+    model = model_with_modules
+    ids = torch.randint(0, 97, (1, 10))
+    ref = model(ids, exit_layers=[0, 1])                # exits 1, 2 through their modules
+    cache = KVCache(model.config, 1, 16, extra_layers=model.exit_modules.cache_slots)
+    for p in range(10):
+        h1 = model.run_layers(model.embed(ids[:, p:p + 1]), 0, 1, cache, p)
+        h2 = model.run_layers(h1, 1, 2, cache, p)
+        for e, h in ((1, h1), (2, h2)):
+            torch.testing.assert_close(model.head_at(h, e, cache, p)[0, 0], ref[e - 1, 0, p],
+                                       atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_with_modules", ["block", "mlp"], indirect=True)
+def test_greedy_ssd_with_an_exit_module_draft_equals_full_decoding(model_with_modules):
+    model = model_with_modules
+    prompt = torch.randint(0, 97, (1, 6))
+    full = generate(model, prompt, 24).tokens[0]
+    for E in (1, 2):
+        for k in (1, 3):
+            g = ssd_generate(model, prompt, 24, SSDConfig(E, k))
+            assert g.tokens[0] == full, (E, k)
+    # The draft really goes through the module: the draft step's logits are the module's.
+    from tinyskip.decode.steps import Steps, positions
+    from tinyskip.exits import ExitHead
+    cache = KVCache(model.config, 1, 16, extra_layers=model.exit_modules.cache_slots)
+    model.run_layers(model.embed(prompt), 0, 2, cache, 0)
+    h, logits = Steps(model).token(prompt[:, -1:], 2, cache, positions(6, 1, "cpu"), ExitHead(model))
+    torch.testing.assert_close(logits, model.head_at(h, 2, cache, 6))
+    assert not torch.allclose(logits, model.head(h))
+
+
+@pytest.mark.parametrize("model_with_modules", ["block", "attention"], indirect=True)
+@pytest.mark.parametrize("cache", ["propagate", "recompute", "copy"])
+def test_dee_reads_confidence_from_the_modules_and_equals_full_at_infinity(model_with_modules,
+                                                                           cache):
+    model = model_with_modules
+    prompt = torch.randint(0, 97, (1, 6))
+    full = generate(model, prompt, 16).tokens[0]
+    never = dee_generate(model, prompt, 16, DEEConfig("softmax", [float("inf")], [1, 2], cache=cache))
+    assert never.tokens[0] == full
+    # Every token after the first (prefill's, from the full model) leaves at exit 2: the
+    # module's static exit continued from that first token, whatever fills deeper layers.
+    always = dee_generate(model, prompt, 16, DEEConfig("softmax", [0.0], [2], cache=cache)).tokens[0]
+    first = torch.tensor([[always[0]]])
+    assert always[1:] == generate(model, torch.cat([prompt, first], 1), 15, exit_layer=2).tokens[0]
+
+
+@pytest.fixture(scope="module")
+def balcony(trained_tiny, wikitext_path, data_cache, tmp_path_factory):
+    """Block exit modules trained for a few steps on the tiny layerskip run."""
+    root = tmp_path_factory.mktemp("balcony")
+    shutil.copytree(trained_tiny[2], root / "tiny")
+    overrides = tiny_train_overrides(wikitext_path, data_cache, root, "tiny-exits", max_steps=6,
+                                     eval_every=6, save_every=3, lr=1e-3)
+    job = compose_job("train", [o for o in overrides if not o.startswith(("model", "run="))]
+                      + ["train=balcony", "train.backbone=tiny", "run=tiny-exits",
+                         "train.exit_layers=[1,2]", "train.max_steps=6", "train.eval_every=6",
+                         "train.save_every=3", "train.bf16=false"])
+    return root, job
+
+
+def test_training_leaves_the_backbone_bit_identical_and_writes_only_modules(balcony):
+    root, job = balcony
+    before = {k: v.clone() for k, v in load_source("tiny", None, str(root), None,
+                                                   torch.device("cpu")).model.state_dict().items()}
+    result = train(job, progress=False)
+    assert result.step == 6 and result.losses[-1] < result.losses[0]
+    after = load_source("tiny", None, str(root), None, torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    exits = root / "tiny-exits" / "exits"
+    meta = json.loads((exits / "exit_modules.json").read_text())
+    assert meta["kind"] == "block" and meta["exit_layers"] == [1, 2]
+    assert meta["backbone"]["format"] == "tinyskip" and len(meta["backbone"]["weights_hash"]) == 64
+    assert sorted(p.name for p in exits.iterdir()) == ["exit_modules.json",
+                                                       "exit_modules.safetensors", "train_state.pt"]
+    # Evaluation reads the exits through the modules: exit 2's loss moved, exit 3's did not.
+    metrics = [json.loads(line) for line in (root / "tiny-exits" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 6 and len(metrics[-1]["val_word_ppl"]) == 4
+
+
+def test_decoders_load_the_modules_with_their_backbone_and_refuse_another(balcony, tmp_path):
+    root, job = balcony
+    if not (root / "tiny-exits" / "exits").exists():
+        train(job, progress=False)
+    loaded = load_source("tiny-exits", None, str(root), None, torch.device("cpu"))
+    assert loaded.model.exit_modules is not None and loaded.run_dir == root / "tiny-exits"
+    prompt = torch.tensor([loaded.tokenizer.encode("the game was played")])
+    full = decode(loaded.model, prompt, 12, ModeSpec("full")).tokens[0]
+    assert decode(loaded.model, prompt, 12, ModeSpec("ssd", ssd=SSDConfig(2, 3))).tokens[0] == full
+    # Another backbone under the same path: refused with one line.
+    shutil.copytree(root, tmp_path / "r")
+    other = load_source("tiny", None, str(tmp_path / "r"), None, torch.device("cpu")).model
+    other.norm.weight.data += 1
+    from tinyskip.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path / "r" / "tiny", other, tmp_path / "r" / "tiny" / "checkpoint" / "tokenizer.model")
+    meta_path = tmp_path / "r" / "tiny-exits" / "exits" / "exit_modules.json"
+    meta = json.loads(meta_path.read_text())
+    meta["backbone"]["path"] = str(tmp_path / "r" / "tiny" / "checkpoint")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="trained on a backbone with weight hash"):
+        load_source("tiny-exits", None, str(tmp_path / "r"), None, torch.device("cpu"))
+
+
+def test_offline_and_online_training_give_the_same_loss_on_the_same_batch(trained_tiny):
+    from tinyskip.hidden_cache import cache_meta, open_or_build
+    from tinyskip.data import get_batch
+
+    model, corpus, _ = trained_tiny
+    tc = compose_job("train", ["train=balcony"]).train
+    modules = ExitModules(model.config, [1, 3], "block").init_from(model)
+    model.attach_exit_modules(modules)
+    try:
+        x, y = get_batch(corpus.tokens["train"], 4, 16, 0, 5)
+        online = exit_module_loss(model, *backbone_states(model, x, [1, 3]), y, [1, 3], tc)[0]
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            from pathlib import Path
+            meta = cache_meta("h", {}, [1, 3], 4, 16, 0, 6, model.config.hidden_size, torch.float32)
+            cache, built = open_or_build(Path(tmp) / "c", meta, False,
+                                         lambda s: backbone_states(model, get_batch(
+                                             corpus.tokens["train"], 4, 16, 0, s)[0], [1, 3]),
+                                         progress=False)
+            assert built
+            offline = exit_module_loss(model, *cache.read(5, "cpu"), y, [1, 3], tc)[0]
+            assert offline.item() == online.item()
+            assert not open_or_build(Path(tmp) / "c", meta, False, None, progress=False)[1]
+            other = dict(meta, backbone_hash="other")
+            with pytest.raises(UserError, match="made for another backbone"):
+                open_or_build(Path(tmp) / "c", other, True, None, progress=False)
+            with pytest.raises(UserError, match=r"made for other data or settings \(data differ\)"):
+                open_or_build(Path(tmp) / "c", dict(meta, data={"path": "x"}), True, None,
+                              progress=False)
+    finally:
+        model.attach_exit_modules(None)
+
+
+@pytest.mark.parametrize("layers,message", [
+    ([0], "0 is outside 1..3"), ([4], "4 is outside 1..3"), ([2, 2], "listed twice"),
+])
+def test_bad_exit_layers_are_refused(layers, message):
+    with pytest.raises(ConfigError, match=message):
+        ExitModules(tiny_config(), layers, "block")
+
+
+def test_zero_kl_and_ce_weights_are_refused():
+    with pytest.raises(UserError, match="the exit modules would learn nothing"):
+        compose_job("train", ["train=balcony", "train.kl_weight=0"])

@@ -1,0 +1,113 @@
+"""Exit-module runs on disk: the modules alone plus a reference to their frozen backbone.
+
+A run trained with ``train=balcony`` holds, beside ``job.json`` and ``metrics.jsonl``:
+
+    exits/exit_modules.json         kind, exit layers, and the backbone: its path and
+                                    weight hash (a tinyskip checkpoint or a Hugging
+                                    Face Llama folder)
+    exits/exit_modules.safetensors  the modules' weights only (an 8B backbone is never copied)
+    exits/train_state.pt            step and optimizer state (tensors only)
+
+Saved like a checkpoint (complete new folder, then renames). Loading checks the
+backbone's weight hash, so modules never meet a backbone they were not trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import make_dirs, publish_dir, temp_dir
+from .checkpoint import CheckpointError, read_json, weights_hash
+from .exit_modules import ExitModules
+
+EXITS = "exits"
+META, WEIGHTS = "exit_modules.json", "exit_modules.safetensors"
+
+
+def backbone_hash(folder: Path) -> str:
+    """sha256 of a backbone's weights: a tinyskip checkpoint's model.safetensors, or every
+    weight file of a Hugging Face folder in name order (sharded checkpoints included)."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.model").is_file() \
+            and not (folder / "model.safetensors.index.json").is_file():
+        return weights_hash(folder)
+    from .hf_llama import weight_files
+
+    h = hashlib.sha256()
+    for file in weight_files(folder):
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def exits_folder(path: Path) -> Optional[Path]:
+    """The ``exits/`` folder of a run folder (or the folder itself), None when absent."""
+    path = Path(path)
+    for candidate in (path, path / EXITS, path / f".{EXITS}-old"):
+        if (candidate / META).is_file():
+            return candidate
+    return None
+
+
+def save_exit_modules(run_dir: Path, modules: ExitModules, backbone: dict,
+                      train_state: Optional[dict] = None) -> Path:
+    """Write ``<run>/exits/`` atomically; ``backbone`` = {"path", "format", "weights_hash"}."""
+    make_dirs(run_dir)
+    final, old = run_dir / EXITS, run_dir / f".{EXITS}-old"
+    for stale in run_dir.glob(f".{EXITS}-tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = temp_dir(run_dir, f".{EXITS}-tmp-")
+    meta = {"kind": modules.kind, "exit_layers": modules.exit_layers, "backbone": backbone}
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    state = {k: v.detach().contiguous() for k, v in modules.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, final, backup=old)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_exit_meta(folder: Path) -> dict:
+    meta = read_json(folder / META)
+    try:
+        kind, layers, bb = meta["kind"], meta["exit_layers"], meta["backbone"]
+        if not (isinstance(kind, str) and isinstance(layers, list) and isinstance(bb, dict)
+                and {"path", "format", "weights_hash"} <= set(bb)):
+            raise TypeError("a field has the wrong type")
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder / META} is corrupted ({e})")
+    return meta
+
+
+def load_exit_modules(folder: Path, backbone, backbone_digest: str) -> ExitModules:
+    """The modules of an ``exits/`` folder for ``backbone`` (refused for other weights)."""
+    meta = read_exit_meta(folder)
+    want = meta["backbone"]["weights_hash"]
+    if want != backbone_digest:
+        raise CheckpointError(f"exit modules in {folder} were trained on a backbone with weight "
+                              f"hash {want[:12]}..., not this one ({backbone_digest[:12]}...)")
+    modules = ExitModules(backbone.config, meta["exit_layers"], meta["kind"])
+    try:
+        state = load_file(str(folder / WEIGHTS))
+        modules.load_state_dict(state)
+    except Exception as e:  # safetensors' own errors, or tensors that do not fit
+        raise CheckpointError(f"{folder / WEIGHTS} does not hold these exit modules "
+                              f"({str(e).strip().splitlines()[-1]})")
+    return modules
+
+
+def exit_modules_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    h.update((folder / WEIGHTS).read_bytes())
+    return h.hexdigest()
