@@ -99,6 +99,18 @@ CASES = [
      "train.max_steps: 150 -> 300 (the cosine LR schedule, LayerDrop's S(t) and the gradual"),
     ("train", Train("tiny", "train=plain", resume=True), "train.preset: 'layerskip' -> 'plain';"),
     ("train", Train("oldonly"), "already holds a checkpoint (.checkpoint-old)"),
+    # Exit modules on a frozen backbone (train=balcony).
+    ("train", ["train=balcony", "train.kl_weight=0"], "the exit modules would learn nothing"),
+    ("train", ["train=balcony", "run=x"], "give train.backbone=<run>"),
+    ("train", ["train=balcony", "train.backbone=tiny", "train.exit_layers=[4]", DATA],
+     "exit_layers=[4]: 4 is outside 1..3 (exit 4 is the model's own output)"),
+    ("train", ["train=balcony", "train.backbone=tiny", "train.exit_layers=[2,2]", DATA],
+     "exit_layers=[2, 2]: an exit is listed twice"),
+    ("train", ["train=balcony", "train.backbone=tiny", "train.exit_cache=offline",
+               "train.exit_cache_dir=exists", DATA], "train.exit_cache_dir='exists' is not a"),
+    ("train", ["train=balcony", "train.backbone=tiny", "train.exit_kind=ffn"],
+     "exit_kind='ffn': must be one of block, mlp, attention, norm"),
+    ("infer", ["run=exits-other", "prompt=hi"], "were trained on a backbone with weight hash"),
 ]
 # Not bad input: a k far beyond any budget drafts what the budget allows.
 HUGE_K = ("infer", ["run=tiny", "prompt=The game", "mode=ssd", "draft_layer=2",
@@ -127,6 +139,13 @@ def workdir(trained_tiny, wikitext_path, tmp_path_factory) -> Path:
     (work / "hf_badcfg" / "config.json").write_bytes(b'{"vocab_size": "\xe9"}')
     (work / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
     (work / "exists").mkdir()
+    (work / "exists" / "a-file").write_text("not a cache")
+    # Exit modules whose recorded backbone hash is not the backbone's.
+    exits = runs / "exits-other" / "exits"
+    exits.mkdir(parents=True)
+    (exits / "exit_modules.json").write_text(json.dumps({
+        "kind": "norm", "exit_layers": [2], "backbone": {
+            "path": str(runs / "tiny" / "checkpoint"), "format": "tinyskip", "weights_hash": "0" * 64}}))
     return work
 
 

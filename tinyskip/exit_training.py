@@ -140,11 +140,6 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
     optimizer = make_optimizer(modules, tc)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    metrics_path = run_dir / "metrics.jsonl"
-    if rank == 0:
-        make_dirs(run_dir)
-        write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
-        truncate_metrics(metrics_path, start)
     rows = slice(rank, None, world)
 
     def batch(step: int):
@@ -169,6 +164,11 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
                                      states_at, progress and rank == 0)
         build_s = time.perf_counter() - t0 if built else 0.0
 
+    metrics_path = run_dir / "metrics.jsonl"
+    if rank == 0:
+        make_dirs(run_dir)
+        write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
+        truncate_metrics(metrics_path, start)
     result = TrainResult(run_dir, start)
     train_time, train_tokens, window = 0.0, 0, []
     bar = None
