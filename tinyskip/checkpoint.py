@@ -20,7 +20,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,29 +69,39 @@ def load_run_job(run_dir: Path) -> Optional[dict]:
     return job
 
 
-def save_checkpoint(run_dir: Path, model: Transformer, tokenizer_file: Path,
-                    train_state: Optional[dict] = None) -> Path:
+def save_run_folder(run_dir: Path, name: str, fill: Callable[[Path], None]) -> Path:
+    """Replace ``<run>/<name>/`` by a folder ``fill`` writes, atomically.
+
+    Swap: final -> old, tmp -> final, then drop old. A crash between the renames leaves
+    ``.<name>-old`` complete, and loaders fall back to it; so it is dropped only once the
+    new folder is durable (publish_dir fsyncs it and the run folder).
+    """
     make_dirs(run_dir)
-    final, old = run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}-old"
-    for stale in run_dir.glob(f".{CHECKPOINT}-tmp-*"):     # left by a crash mid-save
+    final, old = run_dir / name, run_dir / f".{name}-old"
+    for stale in run_dir.glob(f".{name}-tmp-*"):     # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = temp_dir(run_dir, f".{CHECKPOINT}-tmp-")
-    (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)     # tied: stored once, as embed_tokens.weight
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
-    # Swap: final -> old, tmp -> final, then drop old. A crash between the renames leaves
-    # `old` complete, and resolve_checkpoint falls back to it; so `old` is dropped only
-    # once the new `final` is durable (publish_dir fsyncs it and the run folder).
+    tmp = temp_dir(run_dir, f".{name}-tmp-")
+    fill(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
     publish_dir(tmp, final, backup=old)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(run_dir: Path, model: Transformer, tokenizer_file: Path,
+                    train_state: Optional[dict] = None) -> Path:
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)     # tied: stored once, as embed_tokens.weight
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+
+    return save_run_folder(run_dir, CHECKPOINT, fill)
 
 
 def resolve_checkpoint(path: Path | str) -> Path:

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import make_dirs, publish_dir, temp_dir
-from .checkpoint import CheckpointError, read_json, weights_hash
+from .checkpoint import CheckpointError, read_json, save_run_folder, weights_hash
 from .exit_modules import ExitModules
 
 EXITS = "exits"
@@ -60,22 +58,15 @@ def exits_folder(path: Path) -> Optional[Path]:
 def save_exit_modules(run_dir: Path, modules: ExitModules, backbone: dict,
                       train_state: Optional[dict] = None) -> Path:
     """Write ``<run>/exits/`` atomically; ``backbone`` = {"path", "format", "weights_hash"}."""
-    make_dirs(run_dir)
-    final, old = run_dir / EXITS, run_dir / f".{EXITS}-old"
-    for stale in run_dir.glob(f".{EXITS}-tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = temp_dir(run_dir, f".{EXITS}-tmp-")
-    meta = {"kind": modules.kind, "exit_layers": modules.exit_layers, "backbone": backbone}
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    state = {k: v.detach().contiguous() for k, v in modules.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-    publish_dir(tmp, final, backup=old)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    def fill(tmp: Path) -> None:
+        meta = {"kind": modules.kind, "exit_layers": modules.exit_layers, "backbone": backbone}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        state = {k: v.detach().contiguous() for k, v in modules.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+
+    return save_run_folder(run_dir, EXITS, fill)
 
 
 def read_exit_meta(folder: Path) -> dict:
