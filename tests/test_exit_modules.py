@@ -1,6 +1,7 @@
 """Exit modules on a frozen backbone (Balcony): the modules, their training online and
 offline, their file, and every decoder reading exits through them."""
 
+import hashlib
 import json
 import shutil
 
@@ -91,60 +92,103 @@ def test_dee_reads_confidence_from_the_modules_and_equals_full_at_infinity(model
     assert always[1:] == generate(model, torch.cat([prompt, first], 1), 15, exit_layer=2).tokens[0]
 
 
+def _folder_digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def balcony(trained_tiny, wikitext_path, data_cache, tmp_path_factory):
-    """Block exit modules trained for a few steps on the tiny layerskip run."""
+    """Block exit modules (default exits) trained for a few steps on the tiny layerskip
+    run, online and offline: (root, job args, online result, offline result, backbone
+    folder digest before training)."""
     root = tmp_path_factory.mktemp("balcony")
     shutil.copytree(trained_tiny[2], root / "tiny")
-    overrides = tiny_train_overrides(wikitext_path, data_cache, root, "tiny-exits", max_steps=6,
-                                     eval_every=6, save_every=3, lr=1e-3)
-    job = compose_job("train", [o for o in overrides if not o.startswith(("model", "run="))]
-                      + ["train=balcony", "train.backbone=tiny", "run=tiny-exits",
-                         "train.exit_layers=[1,2]", "train.max_steps=6", "train.eval_every=6",
-                         "train.save_every=3", "train.bf16=false"])
-    return root, job
+    before = _folder_digest(root / "tiny")
+    overrides = tiny_train_overrides(wikitext_path, data_cache, root, "x", max_steps=6,
+                                     eval_every=6, save_every=3, lr=1e-3, bf16=False)
+    args = [o for o in overrides if not o.startswith(("model", "run="))] + [
+        "train=balcony", "train.backbone=tiny", "train.max_steps=6", "train.eval_every=6",
+        "train.save_every=3"]
+    online = train(compose_job("train", args + ["run=tiny-exits"]), progress=False)
+    offline = train(compose_job("train", args + ["run=tiny-exits-offline",
+                                                 "train.exit_cache=offline"]), progress=False)
+    return root, args, online, offline, before
 
 
-def test_training_leaves_the_backbone_bit_identical_and_writes_only_modules(balcony):
-    root, job = balcony
-    before = {k: v.clone() for k, v in load_source("tiny", None, str(root), None,
-                                                   torch.device("cpu")).model.state_dict().items()}
-    result = train(job, progress=False)
-    assert result.step == 6 and result.losses[-1] < result.losses[0]
-    after = load_source("tiny", None, str(root), None, torch.device("cpu")).model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+def test_training_leaves_the_backbone_untouched_and_writes_only_modules(balcony):
+    root, _, online, _, before = balcony
+    assert online.step == 6
+    assert _folder_digest(root / "tiny") == before        # weights, job.json, metrics: all
     exits = root / "tiny-exits" / "exits"
     meta = json.loads((exits / "exit_modules.json").read_text())
-    assert meta["kind"] == "block" and meta["exit_layers"] == [1, 2]
+    assert meta["kind"] == "block" and meta["exit_layers"] == [1, 2, 3]     # L/4, L/2, 3L/4
     assert meta["backbone"]["format"] == "tinyskip" and len(meta["backbone"]["weights_hash"]) == 64
     assert sorted(p.name for p in exits.iterdir()) == ["exit_modules.json",
                                                        "exit_modules.safetensors", "train_state.pt"]
-    # Evaluation reads the exits through the modules: exit 2's loss moved, exit 3's did not.
-    metrics = [json.loads(line) for line in (root / "tiny-exits" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == 6 and len(metrics[-1]["val_word_ppl"]) == 4
+
+
+def test_offline_training_reproduces_online_training_loss_for_loss(balcony):
+    root, _, online, offline, _ = balcony
+    assert offline.losses == online.losses
+    [cache] = list((root / ".hidden-cache").iterdir())
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["steps"] == 6 and meta["exit_layers"] == [1, 2, 3] and not meta["bf16_autocast"]
+    assert offline.last_eval["cache_build_s"] > 0 and online.last_eval["exit_cache"] == "online"
+
+
+def test_a_finished_run_resumes_with_its_default_exits(balcony):
+    root, args, _, _, _ = balcony
+    again = train(compose_job("train", args + ["run=tiny-exits", "train.resume=true"]),
+                  progress=False)
+    assert again.step == 6 and again.losses == []
+
+
+def test_the_backbones_own_run_folder_is_refused(balcony):
+    root, args, _, _, before = balcony
+    with pytest.raises(UserError, match="is a model's own run folder"):
+        train(compose_job("train", args + ["run=tiny"]), progress=False)
+    assert _folder_digest(root / "tiny") == before
+
+
+def test_evaluate_and_bench_read_the_exits_through_the_modules(balcony):
+    from tinyskip.bench import benchmark
+    from tinyskip.evaluate import evaluate
+
+    root = balcony[0]
+    base = ["split=validation", "max_batches=2"]
+    bare = evaluate(compose_job("evaluate", [f"checkpoint={root / 'tiny'}"] + base))
+    mods = evaluate(compose_job("evaluate", [f"checkpoint={root / 'tiny-exits'}"] + base))
+    assert all(a != b for a, b in zip(bare["loss"][:3], mods["loss"][:3]))
+    assert bare["loss"][3] == mods["loss"][3]               # exit L has no module
+    assert mods["checkpoint"].endswith("exits")
+    res = benchmark(compose_job("bench", [f"checkpoint={root / 'tiny-exits'}", "n_prompts=1",
+                                          "prompt_len=8", "max_new_tokens=6", "ssd_layers=[2]",
+                                          "ssd_k=[2]", "static_layers=[2]", "out_dir=null"]))
+    assert [r["mode"] for r in res["rows"]] == ["full", "static E=2", "ssd E=2 k=2"]
+    assert res["rows"][2]["agreement"] == 1.0
 
 
 def test_decoders_load_the_modules_with_their_backbone_and_refuse_another(balcony, tmp_path):
-    root, job = balcony
-    if not (root / "tiny-exits" / "exits").exists():
-        train(job, progress=False)
+    root = balcony[0]
     loaded = load_source("tiny-exits", None, str(root), None, torch.device("cpu"))
     assert loaded.model.exit_modules is not None and loaded.run_dir == root / "tiny-exits"
     prompt = torch.tensor([loaded.tokenizer.encode("the game was played")])
     full = decode(loaded.model, prompt, 12, ModeSpec("full")).tokens[0]
     assert decode(loaded.model, prompt, 12, ModeSpec("ssd", ssd=SSDConfig(2, 3))).tokens[0] == full
-    # Another backbone under the same path: refused with one line.
-    shutil.copytree(root, tmp_path / "r")
-    other = load_source("tiny", None, str(tmp_path / "r"), None, torch.device("cpu")).model
+    # Another backbone under the recorded path: refused with one line.
+    shutil.copytree(root / "tiny", tmp_path / "tiny")
+    shutil.copytree(root / "tiny-exits", tmp_path / "tiny-exits")
+    other = load_source("tiny", None, str(tmp_path), None, torch.device("cpu")).model
     other.norm.weight.data += 1
     from tinyskip.checkpoint import save_checkpoint
-    save_checkpoint(tmp_path / "r" / "tiny", other, tmp_path / "r" / "tiny" / "checkpoint" / "tokenizer.model")
-    meta_path = tmp_path / "r" / "tiny-exits" / "exits" / "exit_modules.json"
+    save_checkpoint(tmp_path / "tiny", other, root / "tiny" / "checkpoint" / "tokenizer.model")
+    meta_path = tmp_path / "tiny-exits" / "exits" / "exit_modules.json"
     meta = json.loads(meta_path.read_text())
-    meta["backbone"]["path"] = str(tmp_path / "r" / "tiny" / "checkpoint")
+    meta["backbone"]["path"] = str(tmp_path / "tiny" / "checkpoint")
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="trained on a backbone with weight hash"):
-        load_source("tiny-exits", None, str(tmp_path / "r"), None, torch.device("cpu"))
+        load_source("tiny-exits", None, str(tmp_path), None, torch.device("cpu"))
 
 
 def test_offline_and_online_training_give_the_same_loss_on_the_same_batch(trained_tiny):

@@ -11,6 +11,8 @@ token skipped at any time.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from .config import ModelConfig, UserError
@@ -56,7 +58,7 @@ class KVCache:
         v_buf.index_copy_(2, input_pos, v)
         return k_buf, v_buf
 
-    def copy_up(self, src: int, dst, pos: int) -> None:
+    def copy_up(self, src: int, dst: Iterable[int], pos: int) -> None:
         """Copy layer ``src``'s entries at ``pos`` into layers ``dst`` (the known-bad baseline
         of dynamic early exit: deeper layers then attend to a shallow layer's keys)."""
         for layer in dst:

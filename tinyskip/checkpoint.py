@@ -117,13 +117,19 @@ def resolve_checkpoint(path: Path | str) -> Path:
                           "train one with python -m tinyskip.train run=<name>)")
 
 
+def file_hash(*paths: Path) -> str:
+    """sha256 over the bytes of files, in order, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def weights_hash(ckpt: Path) -> str:
     """sha256 of a checkpoint's weights file: what results made with it are keyed by."""
-    h = hashlib.sha256()
-    with open(ckpt / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hash(ckpt / "model.safetensors")
 
 
 def load_model_config(ckpt: Path) -> ModelConfig:

@@ -14,7 +14,6 @@ backbone's weight hash, so modules never meet a backbone they were not trained o
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -22,7 +21,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, read_json, save_run_folder, weights_hash
+from .checkpoint import CheckpointError, file_hash, read_json, save_run_folder
 from .exit_modules import ExitModules
 
 EXITS = "exits"
@@ -30,20 +29,11 @@ META, WEIGHTS = "exit_modules.json", "exit_modules.safetensors"
 
 
 def backbone_hash(folder: Path) -> str:
-    """sha256 of a backbone's weights: a tinyskip checkpoint's model.safetensors, or every
-    weight file of a Hugging Face folder in name order (sharded checkpoints included)."""
-    folder = Path(folder)
-    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.model").is_file() \
-            and not (folder / "model.safetensors.index.json").is_file():
-        return weights_hash(folder)
+    """sha256 of a backbone's weight files in name order: a tinyskip checkpoint's
+    model.safetensors (= ``weights_hash``), or every shard of a Hugging Face folder."""
     from .hf_llama import weight_files
 
-    h = hashlib.sha256()
-    for file in weight_files(folder):
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return file_hash(*weight_files(Path(folder)))
 
 
 def exits_folder(path: Path) -> Optional[Path]:
@@ -88,6 +78,9 @@ def load_exit_modules(folder: Path, backbone, backbone_digest: str) -> ExitModul
     if want != backbone_digest:
         raise CheckpointError(f"exit modules in {folder} were trained on a backbone with weight "
                               f"hash {want[:12]}..., not this one ({backbone_digest[:12]}...)")
+    if meta["backbone"]["format"] not in ("tinyskip", "hf"):
+        raise CheckpointError(f"{folder / META} is corrupted (backbone format "
+                              f"{meta['backbone']['format']!r})")
     modules = ExitModules(backbone.config, meta["exit_layers"], meta["kind"])
     try:
         state = load_file(str(folder / WEIGHTS))
@@ -99,6 +92,4 @@ def load_exit_modules(folder: Path, backbone, backbone_digest: str) -> ExitModul
 
 
 def exit_modules_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    h.update((folder / WEIGHTS).read_bytes())
-    return h.hexdigest()
+    return file_hash(folder / WEIGHTS)

@@ -12,7 +12,7 @@ block E-1. An exit module replaces that final norm with its own computation:
 
 The head stays the backbone's (tied, frozen): only the modules train. Parameter names
 follow the Hugging Face Llama decoder layer (``self_attn.q_proj``, ``mlp.gate_proj``,
-``input_layernorm``...) plus ``norm``, stored under ``exit_modules.<E>.``.
+``input_layernorm``...) plus ``norm``, stored under ``by_exit.<E>.``.
 
 Modules with attention keep keys and values like any block, in extra slots of the KV
 cache (slot L + i for the i-th of them). Their keys and values at a position come from
@@ -53,7 +53,7 @@ class ExitModule(nn.Module):
     """One exit's module: (B, T, d) state after E blocks -> (B, T, d) normed state for
     the shared head."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, cache_slot: Optional[int]):
+    def __init__(self, cfg: ModelConfig, kind: str, cache_slot: int):
         from .model import MLP, Attention, RMSNorm
 
         super().__init__()
@@ -96,9 +96,8 @@ class ExitModules(nn.Module):
         L, slots = cfg.num_hidden_layers, 0
         modules = {}
         for e in self.exit_layers:
-            attends = kind in ("block", "attention")
-            modules[str(e)] = ExitModule(cfg, kind, L + slots if attends else None)
-            slots += attends
+            modules[str(e)] = module = ExitModule(cfg, kind, L + slots)
+            slots += module.has_attention
         self.by_exit = nn.ModuleDict(modules)
         self.cache_slots = slots           # extra KV-cache layers the modules need
 

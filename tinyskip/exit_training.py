@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import append_text, make_dirs, write_json_atomic
-from .checkpoint import CheckpointError, load_train_state, run_folder
+from .checkpoint import CHECKPOINT, CheckpointError, load_train_state, run_folder
 from .config import ConfigError, TrainConfig
 from .data import get_batch, prepare_corpus
 from .exit_checkpoint import (EXITS, exits_folder, load_exit_modules, save_exit_modules)
@@ -112,10 +112,22 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
                           f"{world} data-parallel processes")
     loaded, ref = _backbone(job, device)
     model = loaded.model.requires_grad_(False).eval()
-    L = model.num_layers
+    L, ctx = model.num_layers, model.config.max_position_embeddings
+    if tc.seq_len > ctx:
+        raise ConfigError(f"train.seq_len={tc.seq_len}: longer than the backbone's context "
+                          f"(max_position_embeddings={ctx})")
     exits = sorted(tc.exit_layers) if tc.exit_layers else default_exit_layers(L)
     check_exit_layers(exits, L)
     run_dir = run_folder(job.checkpoint_root, job.run_name)
+    if exits_folder(run_dir) is None and (run_dir / CHECKPOINT).exists() or \
+            loaded.run_dir is not None and run_dir.resolve() == loaded.run_dir.resolve():
+        raise CheckpointError(f"run={job.run_name!r} is a model's own run folder: exit modules "
+                              "go to a run of their own (give another run=<name>)")
+    # The job as it runs (and as job.json records it): the backbone's model config, its
+    # data settings (from its run's job.json) and the exits resolved.
+    data = run_data_config(loaded.run_dir, job.data)
+    job = dataclasses.replace(job, model=dataclasses.replace(model.config, path=job.model.path),
+                              data=data, train=dataclasses.replace(tc, exit_layers=exits))
     start, state = 0, None
     if tc.resume:
         folder = exits_folder(run_dir)
@@ -131,12 +143,9 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
                                   "train.resume=true, train.overwrite=true or another run=<name>")
         torch.manual_seed(tc.seed)
         modules = ExitModules(model.config, exits, tc.exit_kind).init_from(model)
-    model.attach_exit_modules(modules)
+    model.attach_exit_modules(modules, cast=False)     # fp32 master weights under autocast
     modules.train()
-    # The data the backbone was trained on (its run's job.json), tokenized its way.
-    data = run_data_config(loaded.run_dir, job.data)
     corpus = prepare_corpus(data, loaded.tokenizer_file)
-    job = dataclasses.replace(job, data=data, train=dataclasses.replace(tc, exit_layers=exits))
     optimizer = make_optimizer(modules, tc)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -153,12 +162,17 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
     cache, build_s = None, 0.0
     if tc.exit_cache == "offline":
         dtype = next(model.parameters()).dtype
+        # Everything the cached states depend on: the global batch and this rank's rows
+        # of it, and the autocast the states were computed under.
         meta = cache_meta(ref["weights_hash"], dataclasses.asdict(data), exits,
                           tc.batch_size // world, tc.seq_len, tc.seed, tc.max_steps,
                           model.config.hidden_size, dtype)
-        meta["rank"] = rank
+        meta.update(global_batch_size=tc.batch_size, world=world, rank=rank,
+                    bf16_autocast=tc.bf16, device=device.type)
         folder = Path(tc.exit_cache_dir) if tc.exit_cache_dir else \
             Path(job.checkpoint_root) / ".hidden-cache" / cache_key(meta)
+        if world > 1:
+            folder = folder / f"rank{rank}"
         t0 = time.perf_counter()
         cache, built = open_or_build(folder, meta, tc.exit_cache_dir is not None,
                                      states_at, progress and rank == 0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -74,34 +75,50 @@ def open_or_build(folder: Path, meta: dict, explicit: bool,
     """The cache in ``folder`` (reused when its meta matches, refused when a folder named
     by the user does not), else built by calling ``states_of(step)`` for every step.
     Returns the cache and whether it was built now."""
+    named = f"train.exit_cache_dir={str(folder)!r}"
     if (folder / "meta.json").is_file():
-        saved = json.loads((folder / "meta.json").read_text())
+        try:
+            saved = json.loads((folder / "meta.json").read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            saved = {}
         if saved == meta:
             return HiddenCache(folder, meta), False
         if explicit:
-            raise CheckpointError(f"train.exit_cache_dir={str(folder)!r}: this hidden-state "
-                                  f"cache was {_mismatch(saved, meta)}")
+            raise CheckpointError(f"{named}: this hidden-state cache was {_mismatch(saved, meta)}")
     elif explicit and folder.exists() and any(folder.iterdir()):
-        raise CheckpointError(f"train.exit_cache_dir={str(folder)!r} is not a hidden-state "
-                              "cache (no meta.json) and is not empty")
-    make_dirs(folder.parent)
-    tmp = temp_dir(folder.parent, f".{folder.name}-tmp-")
+        raise CheckpointError(f"{named} is not a hidden-state cache (no meta.json) and is not empty")
     shape = (meta["steps"], len(meta["exit_layers"]) + 1, meta["batch_size"], meta["seq_len"],
              meta["hidden_size"])
     dtype = getattr(torch, meta["dtype"])
-    array = np.memmap(tmp / "states.bin", dtype=_NUMPY[dtype], mode="w+", shape=shape)
-    steps = range(meta["steps"])
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="hidden-state cache", leave=False, disable=not sys.stderr.isatty())
-    for step in steps:
-        exits, last = states_of(step)                        # (n, B, T, d), (B, T, d)
-        both = torch.cat([exits, last[None]]).to(dtype).cpu()
-        array[step] = (both.view(torch.int16) if dtype == torch.bfloat16 else both).numpy()
-    array.flush()
-    del array
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if folder.exists():                                      # a stale cache under this key
-        raise CheckpointError(f"{folder} exists but holds another cache: remove it")
-    publish_dir(tmp, folder)
+    need = int(np.prod(shape)) * np.dtype(_NUMPY[dtype]).itemsize
+    make_dirs(folder.parent)
+    free = shutil.disk_usage(folder.parent).free
+    if need > free:           # a memmap that outgrows the disk dies of SIGBUS, not an error
+        raise CheckpointError(f"the hidden-state cache needs {need / 2**30:.1f} GiB and "
+                              f"{folder.parent} has {free / 2**30:.1f} GiB free")
+    for stale in folder.parent.glob(f".{folder.name}-tmp-*"):     # left by a crash
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = temp_dir(folder.parent, f".{folder.name}-tmp-")
+    try:
+        array = np.memmap(tmp / "states.bin", dtype=_NUMPY[dtype], mode="w+", shape=shape)
+        steps = range(meta["steps"])
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="hidden-state cache", leave=False,
+                         disable=not sys.stderr.isatty())
+        for step in steps:
+            exits, last = states_of(step)                        # (n, B, T, d), (B, T, d)
+            both = torch.cat([exits, last[None]]).to(dtype).cpu()
+            array[step] = (both.view(torch.int16) if dtype == torch.bfloat16 else both).numpy()
+        array.flush()
+        del array
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        # What stands at the destination now is empty, stale or unreadable (a match was
+        # returned above, a foreign cache named by the user refused): replace it.
+        if folder.exists():
+            shutil.rmtree(folder)
+        publish_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return HiddenCache(folder, meta), True

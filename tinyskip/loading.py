@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
-from .exit_checkpoint import exits_folder, load_exit_modules, read_exit_meta
+from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
+                              read_exit_meta)
 from .config import DEFAULT_RUN, ConfigError, DataConfig, ModelConfig, UserError
 from .data import load_tokenizer, prepare_corpus
 from .exit_classifier import FILE as CLASSIFIER_FILE, ExitClassifier, load_exit_classifier
@@ -84,18 +85,21 @@ class Loaded:
     tokenizer_file: Optional[Path]    # a SentencePiece file the data pipeline can use
     run_dir: Optional[Path] = None    # where this model's results go (calibration, classifier)
     exits: Optional[Path] = None      # the exit-module folder attached, if any
-    _digest: Optional[str] = None
+    _backbone_digest: Optional[str] = None
+
+    def backbone_hash(self) -> str:
+        """The backbone weights' hash (computed once, on demand: an 8B model is 16 GB)."""
+        if self._backbone_digest is None:
+            self._backbone_digest = backbone_hash(Path(self.source))
+        return self._backbone_digest
 
     def weights_hash(self) -> str:
-        """What results made with this model are keyed by: the weights' hash, combined
-        with the exit modules' when they are attached (computed once, on demand)."""
-        if self._digest is None:
-            from .exit_checkpoint import backbone_hash, exit_modules_hash
-            digest = backbone_hash(Path(self.source))
-            if self.exits is not None:
-                digest = hashlib.sha256((digest + exit_modules_hash(self.exits)).encode()).hexdigest()
-            self._digest = digest
-        return self._digest
+        """What results made with this model are keyed by: the backbone's hash, combined
+        with the exit modules' when they are attached."""
+        if self.exits is None:
+            return self.backbone_hash()
+        both = self.backbone_hash() + exit_modules_hash(self.exits)
+        return hashlib.sha256(both.encode()).hexdigest()
 
 
 def load_backbone(path: str, fmt: str, device: torch.device, dtype: str = "float32") -> Loaded:
@@ -125,9 +129,9 @@ def load_source(run: Optional[str], checkpoint: Optional[str], checkpoint_root: 
         return load_backbone(str(resolve_checkpoint(folder)), "tinyskip", device, dtype)
     backbone = read_exit_meta(exits)["backbone"]
     loaded = load_backbone(backbone["path"], backbone["format"], device, dtype)
-    modules = load_exit_modules(exits, loaded.model, loaded.weights_hash())
+    modules = load_exit_modules(exits, loaded.model, loaded.backbone_hash())
     loaded.model.attach_exit_modules(modules)
-    loaded.run_dir, loaded.exits, loaded._digest = exits.parent, exits, None
+    loaded.run_dir, loaded.exits = exits.parent, exits
     return loaded
 
 
@@ -147,7 +151,8 @@ def exit_classifier_for(loaded: Loaded, spec) -> Optional[ExitClassifier]:
     """The run's exit classifier when the mode is DEE with ``measure=classifier``."""
     if spec.dee is None or spec.dee.measure != "classifier":
         return None
-    return load_exit_classifier(loaded.run_dir / CLASSIFIER_FILE, loaded.weights_hash())
+    folder = loaded.run_dir or Path(loaded.source)
+    return load_exit_classifier(folder / CLASSIFIER_FILE, loaded.weights_hash())
 
 
 def read_calibration(path: Path, loaded: Loaded) -> dict:

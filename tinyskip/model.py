@@ -4,10 +4,12 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` minus its ``model.`` 
 (``embed_tokens``, ``layers.N.self_attn.q_proj``, ..., ``norm``, ``lm_head``), so the
 Llama shim is a rename.
 
-Exit l is the shared head (final ``norm`` + ``lm_head``) applied to the *output* of
-block l; the exit at the last block is the model's normal output. Decoders drive the
-model through three calls: ``embed``, ``run_layers(h, start, end, cache, pos)`` and
-``head``.
+Exit E (1..L, blocks run) is the shared head (final ``norm`` + ``lm_head``) applied to
+the *output* of block E-1, or, where exit modules are attached (exit_modules.py), the head
+after the exit's module; exit L is the model's normal output. Decoders drive the model
+through ``embed``, ``run_layers(h, start, end, cache, pos)`` and ``head`` /
+``head_at(h, exit, ...)``. (The training ``forward`` takes block indices 0..L-1 in
+``exit_layers``, as the trainer's exit weights are indexed.)
 """
 
 from __future__ import annotations
@@ -178,8 +180,10 @@ class Transformer(nn.Module):
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
-    def attach_exit_modules(self, modules) -> None:
-        """Serve exits through ``modules`` (an ``ExitModules``; None: bare shared head).
+    def attach_exit_modules(self, modules, cast: bool = True) -> None:
+        """Serve exits through ``modules`` (an ``ExitModules``; None: bare shared head),
+        moved to the backbone's device and, with ``cast``, its dtype (training keeps fp32
+        master weights under autocast instead).
 
         Kept outside the module tree on purpose: the backbone's state dict, weight hash,
         checkpoint and export stay the backbone's alone, and a frozen backbone is never
@@ -187,7 +191,7 @@ class Transformer(nn.Module):
         """
         if modules is not None:
             w = self.embed_tokens.weight
-            modules.to(w.device, w.dtype)
+            modules.to(w.device, w.dtype if cast else None)
         object.__setattr__(self, "exit_modules", modules)
         # Exits whose module attends: run_layers writes their keys and values.
         object.__setattr__(self, "_kv_exits", frozenset(
@@ -247,10 +251,18 @@ class Transformer(nn.Module):
             layer = self.layers[i]
             k, v = layer.self_attn.kv(layer.input_layernorm(h), ctx)
             cache.update(i, ctx.input_pos, k, v)
-        # Exit modules from the exit on attend over this position too (see exit_modules.py).
+        # Deeper exits' modules attend over this position too (see exit_modules.py); the
+        # module at ``start`` itself got its entry when block start-1 ran.
         for e in self._kv_exits:
-            if start <= e:
+            if start < e <= end:
                 self.exit_modules[e].write_kv(h, ctx)
+
+    def new_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> KVCache:
+        """A KV cache for this model: the L blocks' slots plus the attending exit modules'."""
+        w = self.embed_tokens.weight
+        slots = self.exit_modules.cache_slots if self.exit_modules is not None else 0
+        return KVCache(self.config, batch_size, max_seq_len, device or w.device, dtype or w.dtype,
+                       slots)
 
     def module_slots_after(self, exit: int) -> list[int]:
         """Cache slots of the attending exit modules deeper than ``exit``."""

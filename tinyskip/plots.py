@@ -103,3 +103,19 @@ def plot_exit_curves(ax, metrics: list[dict], key: str = "val_word_ppl",
     if log:
         ax.set_yscale("log")
     ax.legend(fontsize=7)
+
+
+def plot_exit_quality(ax_ppl, ax_agree, evals: dict[str, dict]) -> None:
+    """Per-exit word perplexity and top-1 agreement with the last exit, from evaluate's
+    JSON, one line per named evaluation; the x axis is the exit's relative depth E/L so
+    models of different depth share it."""
+    for name, ev in evals.items():
+        L = len(ev["word_ppl"])
+        depth = [e / L for e in range(1, L + 1)]
+        ax_ppl.plot(depth, ev["word_ppl"], "o-", label=name)
+        ax_agree.plot(depth, ev["agreement"], "o-", label=name)
+    ax_ppl.set(xlabel="exit depth E / L", ylabel="word-level perplexity", yscale="log")
+    ax_agree.set(xlabel="exit depth E / L", ylabel="top-1 agreement with the last exit",
+                 ylim=(0, 1.02))
+    ax_ppl.legend(fontsize=7)
+    ax_agree.legend(fontsize=7)

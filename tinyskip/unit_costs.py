@@ -9,7 +9,6 @@ import time
 
 import torch
 
-from .cache import KVCache
 from .model import Transformer
 
 
@@ -27,7 +26,7 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     L = model.num_layers
-    cache = KVCache(model.config, 1, pos + max_width, dev, dtype)
+    cache = model.new_cache(1, pos + max_width)
     x = torch.zeros(1, 1, dtype=torch.long, device=dev)
 
     def timed(fn) -> float:

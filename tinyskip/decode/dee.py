@@ -80,6 +80,10 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     n_new = one_prompt(model, prompt, max_new_tokens, "dee")
     T, dev = prompt.shape[1], prompt.device
     cache = cache if cache is not None else new_cache(model, prompt, n_new)
+    slots = L + (model.exit_modules.cache_slots if model.exit_modules is not None else 0)
+    if len(cache.k) < slots:
+        raise UserError(f"the cache has {len(cache.k)} layer slots; this model with its exit "
+                        f"modules needs {slots} (build it with model.new_cache)")
     head = ExitHead(model)
     stats = DecodeStats()
     out = [first_token(model, prompt, cache, stats, sampling, generator)]
@@ -123,7 +127,8 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                 model.propagate_kv(h, exit_at, L, cache, pos)
                 stats.calls["kv:1"] = stats.calls.get("kv:1", 0) + (L - exit_at)
             elif cfg.cache == "copy":
-                cache.copy_up(exit_at - 1, list(range(exit_at, L)) + model.module_slots_after(exit_at), pos)
+                deeper = list(range(exit_at, L)) + model.module_slots_after(exit_at)
+                cache.copy_up(exit_at - 1, deeper, pos)
             else:
                 waiting.h.append(h)
                 waiting.depth.append(exit_at)

@@ -54,9 +54,7 @@ def new_cache(model: Transformer, prompt: torch.Tensor, steps: int) -> KVCache:
     shapes, and so the compiled steps, at the price of attending over masked slots."""
     needed = prompt.shape[1] + steps
     size = min(model.config.max_position_embeddings, max(256, 1 << (needed - 1).bit_length()))
-    dtype = next(model.parameters()).dtype
-    extra = model.exit_modules.cache_slots if model.exit_modules is not None else 0
-    return KVCache(model.config, prompt.shape[0], size, prompt.device, dtype, extra)
+    return model.new_cache(prompt.shape[0], size, prompt.device)
 
 
 def one_prompt(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, mode: str) -> int:
@@ -88,8 +86,12 @@ def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, end_layer:
     """Run blocks [0, end_layer) over the prompt; returns the exit logits (B, V) of its last token."""
     t0 = time.perf_counter()
     h = model.run_layers(model.embed(prompt), 0, end_layer, cache, 0)
-    # Every prompt position through the exit's module (it may attend), the head on the last.
-    logits = model.lm_head(model.exit_state(h, end_layer, cache, 0)[:, -1])
+    # Only the last position reaches the head; an attending module needs the whole prompt.
+    module = model.exit_modules[end_layer] if model.exit_modules is not None and \
+        end_layer in model.exit_modules else None
+    if module is None or not module.has_attention:
+        h = h[:, -1:]
+    logits = model.lm_head(model.exit_state(h, end_layer, cache, prompt.shape[1] - h.shape[1]))[:, -1]
     sync(prompt.device)
     stats.prompt_tokens = prompt.shape[1]
     stats.prefill_s = time.perf_counter() - t0
