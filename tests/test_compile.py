@@ -73,3 +73,15 @@ def test_a_second_generation_reuses_every_graph(model, compiled):
     ssd_generate(model, prompt, 12, SSDConfig(2, 2), steps=compiled)
     generate(model, prompt, 12, steps=compiled)
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_steps_through_attending_exit_modules_trace_without_graph_breaks():
+    from tinyskip.exit_modules import ExitModules
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(max_position_embeddings=256)).eval()
+    model.attach_exit_modules(ExitModules(model.config, [2], "block").init_from(model))
+    steps, cache, head = Steps(model), model.new_cache(1, 32), ExitHead(model)
+    explain = torch._dynamo.explain(steps._token)(torch.tensor([[5]]), 2, cache,
+                                                  positions(3, 1, "cpu"), head.weight)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
