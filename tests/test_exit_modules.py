@@ -235,3 +235,25 @@ def test_bad_exit_layers_are_refused(layers, message):
 def test_zero_kl_and_ce_weights_are_refused():
     with pytest.raises(UserError, match="the exit modules would learn nothing"):
         compose_job("train", ["train=balcony", "train.kl_weight=0"])
+
+
+def test_exit_modules_train_on_a_hugging_face_llama_through_the_shim(trained_tiny, wikitext_path,
+                                                                     data_cache, tmp_path):
+    """A tiny random Llama in Hugging Face's layout (written by the export), trained
+    through ``model=hf_llama``: the modules record the folder and its weight hash."""
+    from tinyskip.hf_llama import export_hf
+
+    torch.manual_seed(3)
+    model = type(trained_tiny[0])(trained_tiny[0].config)          # random weights
+    hf = export_hf(model, trained_tiny[2] / "checkpoint" / "tokenizer.model", tmp_path / "hf")
+    data = [f"data.path={wikitext_path}", f"data.cache_dir={data_cache}", "data.max_rows=1000",
+            "data.vocab_size=300"]
+    job = compose_job("train", data + [
+        "train=balcony", "model=hf_llama", f"model.path={hf}", f"checkpoint_root={tmp_path}",
+        "run=hf-exits", "train.exit_kind=mlp", "train.max_steps=2", "train.eval_every=2",
+        "train.eval_batches=1", "train.batch_size=4", "train.seq_len=32", "train.bf16=false"])
+    assert train(job, progress=False).step == 2
+    meta = json.loads((tmp_path / "hf-exits" / "exits" / "exit_modules.json").read_text())
+    assert meta["backbone"]["format"] == "hf" and meta["backbone"]["path"] == str(hf.resolve())
+    loaded = load_source("hf-exits", None, str(tmp_path), None, torch.device("cpu"))
+    assert loaded.model.exit_modules.kind == "mlp" and loaded.model.exit_modules.exit_layers == [1, 2, 3]
