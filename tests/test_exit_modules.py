@@ -128,6 +128,36 @@ def test_training_leaves_the_backbone_untouched_and_writes_only_modules(balcony)
                                                        "exit_modules.safetensors", "train_state.pt"]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_optimiser_steps_change_the_modules_and_leave_the_backbone_bit_identical(trained_tiny, kind):
+    """In memory, as the trainer steps: the modules copy (never alias) the last block and
+    the final norm, and only their parameters reach the optimiser."""
+    from tinyskip.data import get_batch
+    from tinyskip.trainer import make_optimizer
+
+    model, corpus, _ = trained_tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tc = compose_job("train", ["train=balcony", "train.ce_weight=0.5"]).train
+    model.requires_grad_(False)
+    modules = ExitModules(model.config, [1, 3], kind).init_from(model)
+    module_before = {k: v.clone() for k, v in modules.state_dict().items()}
+    model.attach_exit_modules(modules, cast=False)
+    try:
+        optimizer = make_optimizer(modules, tc)
+        for step in range(3):
+            x, y = get_batch(corpus.tokens["train"], 4, 16, 0, step)
+            loss = exit_module_loss(model, *backbone_states(model, x, [1, 3]), y, [1, 3], tc)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        model.attach_exit_modules(None)
+        model.requires_grad_(True)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(not torch.equal(v, module_before[k]) for k, v in modules.state_dict().items())
+
+
 def test_offline_training_reproduces_online_training_loss_for_loss(balcony):
     root, _, online, offline, _ = balcony
     assert offline.losses == online.losses
