@@ -16,10 +16,9 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .cache import KVCache
-from .model import Transformer
+from .model import Transformer, linear
 
 
 def frequent_tokens(train_tokens: np.ndarray, vocab_size: int, n: int) -> torch.Tensor:
@@ -49,7 +48,7 @@ class ExitHead:
         """(B, T, d) hidden states after ``exit`` blocks at positions pos.. -> (B, T, N)
         logits (without a cache: a whole sequence from position 0; see
         ``Transformer.exit_state``)."""
-        return F.linear(self.model.exit_state(h, exit, cache, pos), self.weight)
+        return linear(self.model.exit_state(h, exit, cache, pos), self.weight)
 
     def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
         """Indices into the head's vocabulary -> token ids."""
