@@ -32,6 +32,7 @@ from .loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source
                       read_calibration, run_data_config)
 from .ltt import f1_loss
 from .quality import RougeL, continuation_nll, perplexity
+from .engine_levers import step_levers
 from .unit_costs import unit_costs
 
 
@@ -211,10 +212,12 @@ def benchmark(job: BenchJob) -> dict:
             r["family"] = "transformers"
             r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
             r.update(quality(r.pop("generated")))
+    # Last: measuring the levers compiles the step afresh under each (and resets Dynamo).
+    levers = step_levers(model, job.prompt_len + job.max_new_tokens // 2) if job.levers else None
     return {"checkpoint": str(loaded.exits or loaded.source), "device": str(device),
             "threads": torch.get_num_threads(), "prompts": len(prompts),
             "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
-            "costs": costs, "rows": rows, "hf": hf}
+            "costs": costs, "rows": rows, "hf": hf, "levers": levers}
 
 
 @entry_point("bench")

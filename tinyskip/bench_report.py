@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .atomic import make_dirs, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .engine_levers import format_levers
 
 CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "draft_vocab",
                "adaptive_threshold", "measure", "threshold", "exits", "cache", "calibration",
@@ -54,6 +55,8 @@ def format_table(res: dict) -> str:
         lines.append(f"{r['mode']:<46}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
                      f"{'':>33}{r['agreement']:>7.2f}{'':>13}{r['ppl']:>8.1f}"
                      f"{r['rouge_l']:>7.3f}   (transformers, same weights)")
+    if res.get("levers"):
+        lines += ["", format_levers(res["levers"])]
     return "\n".join(lines)
 
 
@@ -74,6 +77,8 @@ def format_markdown(res: dict) -> str:
                  _num(r["ppl"], ".1f"), _num(r["rouge_l"], ".3f"),
                  _num(r.get("predicted"), ".2f", "x"), _num(r.get("efficiency"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    if res.get("levers"):
+        lines += ["", format_levers(res["levers"])]
     return "\n".join(lines) + "\n"
 
 

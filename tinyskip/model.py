@@ -65,6 +65,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+# Whether compiled one-token calls on the CPU write their products (``linear``) and their
+# attention (``one_query_attention``) out as multiply-and-sum. Read while a graph is
+# traced, so Dynamo guards on them: the benchmark turns them off to measure what they buy.
+GEMV_IN_GRAPH = True
+ATTENTION_IN_GRAPH = True
+
+
+def _one_row_compiled(x: torch.Tensor) -> bool:
+    return x.shape[-2] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T -> (..., out).
 
@@ -75,9 +86,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     is 16k multiply-adds). Everywhere else (eager, prefill, verify widths > 1, GPUs) it is
     ``F.linear``.
     """
-    if x.shape[-2] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
+    if GEMV_IN_GRAPH and _one_row_compiled(x):
         return (x.unsqueeze(-2) * weight).sum(-1)     # (..., 1, in) * (out, in) -> (..., out)
     return F.linear(x, weight)
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per sequence over the cache, as plain reductions.
+
+    q (B, H, 1, hd); k, v (B, n_kv, S, hd), the cache's whole buffers; mask (1, S), True =
+    may attend. What SDPA computes, written so that inductor fuses it into a few loops
+    instead of calling SDPA's kernel, whose set-up outweighs one query's work.
+    """
+    B, H, _, hd = q.shape
+    n_kv = k.shape[1]
+    # Query heads grouped by the key/value head they share (head h reads kv head h // rep,
+    # as Hugging Face's repeat_kv): (B, H, 1, hd) -> (B, n_kv, rep, 1, hd).
+    q = q.reshape(B, n_kv, H // n_kv, 1, hd)
+    scores = (q * k.unsqueeze(2)).sum(-1) * hd ** -0.5         # (B, n_kv, rep, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    y = (p.unsqueeze(-1) * v.unsqueeze(2)).sum(-2)            # (B, n_kv, rep, hd)
+    return y.reshape(B, H, 1, hd)
 
 
 class Linear(nn.Linear):
@@ -140,8 +171,11 @@ class Attention(nn.Module):
         k, v = self.kv(x, ctx)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, ctx.input_pos, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
-                                               enable_gqa=self.n_kv != self.n_heads)
+            if ATTENTION_IN_GRAPH and _one_row_compiled(x):
+                y = one_query_attention(q, k, v, ctx.mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
+                                                   enable_gqa=self.n_kv != self.n_heads)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.n_kv != self.n_heads)
