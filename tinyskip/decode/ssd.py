@@ -86,8 +86,10 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             h_exit[:, m] = model.run_layers(model.embed(cur[None]), 0, E, cache,
                                             positions(p + m, 1, dev))[:, 0]
             stats.add_layers(E)
-        verify = step.states(h_exit[:, :m + 1], E, L, cache, positions(p, m + 1, dev),
-                             verifier)[1][0]                              # (m+1, V)
+        # (1, m+1, d) with strides of its own shape, not the buffer's: a compiled verify
+        # step is then one graph per width, whatever k sized the buffer.
+        states = h_exit[0, :m + 1].unsqueeze(0)
+        verify = step.states(states, E, L, cache, positions(p, m + 1, dev), verifier)[1][0]  # (m+1, V)
         stats.add_layers(L - E, width=m + 1)
         stats.add_head(width=m + 1)
         drafted = torch.cat(drafts).tolist() if drafts else []
