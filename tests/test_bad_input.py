@@ -52,7 +52,7 @@ CASES = [
     ("train", [f"train.seed={HUGE}"], f"TrainConfig.seed={HUGE}: must be in 0..4294967295"),
     ("infer", [f"seed={HUGE}", "prompt=hi"], f"seed={HUGE}: must be in 0..4294967295"),
     ("infer", ["temperature=1e-30", "prompt=hi"], "temperature=1e-30: must be 0 (greedy) or >= 0.0001"),
-    ("infer", ["mode=beam"], "mode='beam': must be one of full, static, ssd, dee"),
+    ("infer", ["mode=beam"], "mode=beam: no such option (available: dee, full, ssd, static)"),
     ("infer", ["prompt=hi", "out=no/such/dir/gen.json"], "out='no/such/dir/gen.json': folder "),
     ("evaluate", ["run=tiny", "seq_len=0"], "seq_len=0: must be >= 1"),
     ("evaluate", ["run=tiny", "batch_size=0"], "batch_size=0: must be >= 1"),

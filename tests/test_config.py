@@ -40,11 +40,13 @@ def test_primary_config_composes(entry):
 @pytest.mark.parametrize("entry,group,option", COMBINATIONS)
 def test_every_group_option_composes_with_every_primary(entry, group, option):
     extra = ["model.path=some/folder", "run=null"] if option == "hf_llama" else []
+    extra += {"static": ["exit_layer=1"], "ssd": ["draft_layer=1"]}.get(option, []) \
+        if group == "mode" else []
     compose(entry, [f"{group}={option}"] + extra)
 
 
 def test_combinations_cover_every_group():
-    assert {g for _, g, _ in COMBINATIONS} == {"model", "data", "train", "experiment"}
+    assert {g for _, g, _ in COMBINATIONS} == {"model", "data", "train", "experiment", "mode"}
 
 
 def test_model_presets_load_as_typed_dataclasses():
