@@ -135,7 +135,7 @@ def test_bench_sweeps_dee_measures_thresholds_and_cache_strategies(run_dir):
         assert rows[f"dee softmax>=inf {cache}"]["mean_exit"] == 4
         # every token after the first (prefill's, at exit 4) leaves at exit 1
         assert rows[f"dee softmax>=0 {cache}"]["mean_exit"] == pytest.approx((4 + 5 * 1) / 6)
-    assert "matmuls alone" in format_table(res)
+    assert "matrix products as eager calls" in format_table(res)
 
 
 def test_classifier_measure_trains_the_exit_classifier_beside_the_checkpoint(run_dir, tmp_path):

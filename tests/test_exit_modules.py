@@ -77,6 +77,30 @@ def test_greedy_ssd_with_an_exit_module_draft_equals_full_decoding(model_with_mo
 
 
 @pytest.mark.parametrize("model_with_modules", ["block", "attention"], indirect=True)
+def test_full_and_static_decoding_write_no_other_exits_module_keys(model_with_modules, monkeypatch):
+    """Full decoding reads no module and static exit only its own (whose forward writes
+    its keys): neither pays for the modules' keys on the way, and their tokens are those
+    of a pass that does."""
+    from tinyskip.exit_modules import ExitModule
+
+    model = model_with_modules
+    prompt = torch.randint(0, 97, (1, 6))
+    written = []
+    real = ExitModule.write_kv
+    monkeypatch.setattr(ExitModule, "write_kv",
+                        lambda self, h, ctx: written.append(h.shape[1]) or real(self, h, ctx))
+    full = generate(model, prompt, 12).tokens[0]
+    static = generate(model, prompt, 12, exit_layer=2).tokens[0]
+    assert written == []
+    ids = torch.tensor([prompt[0].tolist() + full[:-1]])
+    assert full == model(ids, exit_layers=[3])[0, 0, 5:].argmax(-1).tolist()
+    ids = torch.tensor([prompt[0].tolist() + static[:-1]])
+    assert static == model(ids, exit_layers=[1])[0, 0, 5:].argmax(-1).tolist()
+    ssd_generate(model, prompt, 12, SSDConfig(1, 2))
+    assert written          # the decoders that read other exits' modules still write them
+
+
+@pytest.mark.parametrize("model_with_modules", ["block", "attention"], indirect=True)
 @pytest.mark.parametrize("cache", ["propagate", "recompute", "copy"])
 def test_dee_reads_confidence_from_the_modules_and_equals_full_at_infinity(model_with_modules,
                                                                            cache):

@@ -283,9 +283,11 @@ class Transformer(nn.Module):
         return ctx
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: Optional[KVCache] = None,
-                   pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+                   pos: Union[int, torch.Tensor] = 0, exit_kv: bool = True) -> torch.Tensor:
         """Run blocks [start, end) on h (B, T, d) at absolute positions pos..pos+T-1
-        (``pos``: see ``context``).
+        (``pos``: see ``context``). ``exit_kv``: also write the keys and values of the
+        attending exit modules passed on the way (decoders that never read a module at
+        another exit than the one they leave by, full and static, pass False).
 
         Without a cache the call is a plain causal pass over positions 0..T-1. With one,
         each token attends to every cached position up to its own, so callers decode at
@@ -295,7 +297,7 @@ class Transformer(nn.Module):
         ctx = self.context(pos, h.shape[1], cache, h.shape[0])
         for i in range(start, end):       # (slicing a ModuleList builds a new one: slow)
             h = self.layers[i](h, ctx)
-            if cache is not None and i + 1 in self._kv_exits:
+            if exit_kv and cache is not None and i + 1 in self._kv_exits:
                 self.exit_modules[i + 1].write_kv(h, ctx)
         return h
 

@@ -41,7 +41,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     B, T = prompt.shape
     cache = new_cache(model, prompt, n_new)
     stats = DecodeStats()
-    logits = prefill(model, prompt, cache, E, stats)
+    # Only the module at E (if any) is read, and its own forward writes its keys and
+    # values: the modules passed on the way need none.
+    logits = prefill(model, prompt, cache, E, stats, exit_kv=False)
     out = torch.empty(B, n_new, dtype=torch.long, device=prompt.device)
     stops = torch.tensor(sorted(stop_set(eos_id)), dtype=torch.long, device=prompt.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
@@ -59,7 +61,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
         if n == n_new:
             break
         logits = step.token(tok[:, None], E, cache, positions(T + n - 1, 1, prompt.device),
-                            head)[1][:, -1]
+                            head, exit_kv=False)[1][:, -1]
     sync(prompt.device)
     stats.decode_s = time.perf_counter() - t0
     rows = [truncate_at_eos(r, eos_id)[0] for r in out[:, :n].tolist()]
