@@ -52,16 +52,24 @@ def test_one_query_attention_equals_sdpa_with_gqa(n_heads, n_kv):
 
 
 def test_the_linear_lever_is_the_eager_product():
-    """Outside a compiled graph ``linear`` is F.linear, whatever the switch says."""
+    """Outside a compiled graph ``linear`` is F.linear (1-D inputs included); compiled,
+    its multiply-and-sum computes the same product."""
     x, w = torch.randn(3, 1, 5), torch.randn(7, 5)
     assert torch.equal(model_module.linear(x, w), F.linear(x, w))
+    assert torch.equal(model_module.linear(x[0, 0], w), F.linear(x[0, 0], w))
+    compiled = torch.compile(model_module.linear, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), F.linear(x, w), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_step_levers_measures_every_lever_and_restores_the_switches(tiny_model):
-    res = step_levers(tiny_model, 5, reps=2)
+    model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH = False, True
+    try:
+        res = step_levers(tiny_model, 5, reps=2)
+        assert (model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH) == (False, True)
+    finally:
+        model_module.GEMV_IN_GRAPH = model_module.ATTENTION_IN_GRAPH = True
     assert list(res["levers"]) == [name for name, *_ in LEVERS]
     assert all(s > 0 for s in res["levers"].values()) and res["floor"] > 0
-    assert model_module.GEMV_IN_GRAPH and model_module.ATTENTION_IN_GRAPH
     table = format_levers(res)
     assert table.count("\n") == len(LEVERS) + 2 and "floor" in table

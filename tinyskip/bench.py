@@ -26,13 +26,13 @@ from .cli import entry_point
 from .config import DEEConfig, SSDConfig, UserError
 from .data import load_lines
 from .decode import DecodeStats, ModeSpec, Steps, decode
+from .engine_levers import step_levers
 from .hf_baseline import hf_rows
 from .jobs import BenchJob
 from .loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source, pick_device,
                       read_calibration, run_data_config)
 from .ltt import f1_loss
 from .quality import RougeL, continuation_nll, perplexity
-from .engine_levers import step_levers
 from .unit_costs import unit_costs
 
 

@@ -18,13 +18,11 @@ would cost if everything between its matrix-vector products were free.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from . import model as model_module
 from .model import Linear, Transformer
+from .unit_costs import median_seconds
 
 # (name, products in the graph, attention in the graph, C++ wrapper); None: eager.
 LEVERS = [("eager", None, None, None), ("torch.compile", False, False, False),
@@ -33,29 +31,20 @@ LEVERS = [("eager", None, None, None), ("torch.compile", False, False, False),
           ("+ C++ wrapper", True, True, True)]
 
 
-def _median_s(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def step_levers(model: Transformer, pos: int, reps: int = 50) -> dict:
     """Median seconds of a one-token full step (blocks, head, argmax) at position ``pos``
     under each lever in turn, and of the floor. Each compiled variant is its own graph
     (the products switch is guarded on), compiled before it is timed."""
     dev = model.lm_head.weight.device
-    cache = model.new_cache(1, pos + 1)
+    # The cache a generation at ``pos`` decodes with (at least 256 slots; decode/steps.py).
+    cache = model.new_cache(1, min(model.config.max_position_embeddings, max(256, pos + 1)))
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
     input_pos = torch.tensor([pos], device=dev)
 
     def step(tok, input_pos):
-        h = model.run_layers(model.embed(tok), 0, model.num_layers, cache, input_pos)
+        h = model.run_layers(model.embed(tok), 0, model.num_layers, cache, input_pos,
+                             exit_kv=False)          # as full decoding runs it
         return model.head(h).argmax(-1)
 
     mats = [m.weight for m in model.modules() if isinstance(m, Linear)]
@@ -74,12 +63,12 @@ def step_levers(model: Transformer, pos: int, reps: int = 50) -> dict:
                 torch._dynamo.reset()
                 fn = torch.compile(step, fullgraph=True, dynamic=False,
                                    options={"cpp_wrapper": cpp} if dev.type == "cpu" else None)
-            out["levers"][name] = _median_s(lambda: fn(tok, input_pos), reps)
+            out["levers"][name] = median_seconds(lambda: fn(tok, input_pos), reps, dev)
         model_module.GEMV_IN_GRAPH = True
         torch._dynamo.reset()
         floor = torch.compile(matrix_work, fullgraph=True, dynamic=False,
                               options={"cpp_wrapper": True} if dev.type == "cpu" else None)
-        out["floor"] = _median_s(floor, reps)
+        out["floor"] = median_seconds(floor, reps, dev)
     finally:
         model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH = saved
         torch._dynamo.reset()

@@ -73,7 +73,8 @@ ATTENTION_IN_GRAPH = True
 
 
 def _one_row_compiled(x: torch.Tensor) -> bool:
-    return x.shape[-2] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling()
+    return torch.compiler.is_compiling() and x.dim() > 1 and x.shape[-2] == 1 and \
+        x.device.type == "cpu"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

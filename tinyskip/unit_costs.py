@@ -12,6 +12,21 @@ import torch
 from .model import Transformer
 
 
+def median_seconds(fn, reps: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls after 5 warm-up calls (a GPU is
+    synchronised before each reading)."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) -> dict:
     """Median seconds of one block call and one head call on 1..max_width positions, and
@@ -29,17 +44,7 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
     cache = model.new_cache(1, pos + max_width)
     x = torch.zeros(1, 1, dtype=torch.long, device=dev)
 
-    def timed(fn) -> float:
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    timed = lambda fn: median_seconds(fn, reps, dev)
 
     def blocks(h, ctx):
         for layer in model.layers:
