@@ -86,3 +86,18 @@ def test_steps_through_attending_exit_modules_trace_without_graph_breaks():
     explain = torch._dynamo.explain(steps._token)(torch.tensor([[5]]), 2, cache,
                                                   positions(3, 1, "cpu"), head.weight, True)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
+
+
+def test_a_verify_width_compiles_once_whatever_k_sized_the_state_buffer(model, compiled):
+    """E = L accepts every draft, so the verify widths are known: k=2 over 10 tokens
+    verifies at width 3 from a 3-wide buffer, k=4 over 4 tokens at width 3 from a 5-wide
+    one. The second must reuse the first's graphs (a buffer stride in the guards would not)."""
+    from torch._dynamo.utils import counters
+
+    L = model.num_layers
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(4))
+    ssd_generate(model, prompt, 10, SSDConfig(L, 2), steps=compiled)
+    before = counters["stats"]["unique_graphs"]
+    g = ssd_generate(model, prompt, 4, SSDConfig(L, 4), steps=compiled)
+    assert g.stats.accept_hist[-1] == 1 and len(g.stats.accept_hist) == 3    # one width-3 verify
+    assert counters["stats"]["unique_graphs"] == before
