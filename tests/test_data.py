@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tinyskip.config import DataConfig
-from tinyskip.data import (DataError, count_words, eval_windows, get_batch, load_lines,
+from tinyskip.data import (IGNORE, DataError, count_words, eval_windows, get_batch, load_lines,
                            prepare_corpus)
 
 
@@ -81,3 +81,23 @@ def test_vocabulary_larger_than_the_data_supports_is_refused(wikitext_path, data
     cfg = DataConfig(path=wikitext_path, cache_dir=data_cache, max_rows=200, vocab_size=60000)
     with pytest.raises(DataError, match=r"data.vocab_size=60000 cannot be trained .*<= \d+"):
         prepare_corpus(cfg)
+
+
+@pytest.mark.parametrize("stride", [1, 3, 7, 10])
+def test_strided_windows_score_every_token_once_with_the_stated_context(stride):
+    tokens = np.arange(103, dtype=np.uint16)
+    seen = []
+    for x, y in eval_windows(tokens, 10, 4, stride=stride):
+        assert x.shape == y.shape and x.shape[1] == 10
+        for xs, ys in zip(x.numpy(), y.numpy()):
+            for j in np.flatnonzero(ys != IGNORE):
+                seen.append(ys[j])
+                # Window-relative position j: j + 1 tokens of context; the first window
+                # is the only one allowed less than seq_len - stride.
+                assert j + 1 >= 10 - stride or xs[0] == 0
+    assert seen == list(range(1, 103))
+
+
+def test_stride_larger_than_the_window_is_one_clear_error():
+    with pytest.raises(DataError, match="stride=11: must be in 1..seq_len=10"):
+        next(eval_windows(np.arange(50, dtype=np.uint16), 10, 2, stride=11))

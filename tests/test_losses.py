@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from tinyskip.config import ConfigError, TrainConfig
-from tinyskip.losses import (ChunkedCrossEntropy, cosine_lr, curriculum_exits, distillation_loss, early_exit_loss,
+from tinyskip.cross_entropy import ChunkedCrossEntropy, LinearCrossEntropy, linear_cross_entropy
+from tinyskip.losses import (cosine_lr, curriculum_exits, distillation_loss, early_exit_loss,
                              exit_scales, exit_weights, layerdrop_probs)
 
 
@@ -135,3 +136,28 @@ def test_chunked_cross_entropy_matches_torch_in_value_and_gradient(dtype):
     (ref * g).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
     assert torch.equal(a.detach(), logits)                # inputs are not modified
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_linear_cross_entropy_equals_linear_then_cross_entropy(bf16, monkeypatch):
+    # 300 rows over chunks of 128: two whole chunks and a tail.
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 128)
+    torch.manual_seed(2)
+    h0, w0 = torch.randn(300, 16), torch.randn(50, 16) * 0.5
+    y, g = torch.randint(0, 50, (300,)), torch.rand(300)
+    grads = []
+    for fused in (True, False):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if fused:
+                nll = linear_cross_entropy(h, w, y)
+            else:
+                nll = F.cross_entropy(F.linear(h, w).float(), y, reduction="none")
+        (nll * g).sum().backward()
+        grads.append((nll.detach(), h.grad, w.grad))
+    # bf16: both products round to bf16 (the unfused one once per output, the fused one
+    # once per chunk's contribution), so they agree to bf16's precision.
+    tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+    for fused, unfused in zip(*grads):
+        torch.testing.assert_close(fused, unfused, **tol)
+    assert grads[0][1].dtype == grads[0][2].dtype == torch.float32     # fp32 master grads

@@ -53,3 +53,22 @@ def test_agreement_with_the_last_exit_equals_a_hand_computation(tiny_model):
         assert math.isclose(ev["agreement"][e], agree, rel_tol=1e-6)
         assert math.isclose(ev["p_last_top"][e], p_top, rel_tol=1e-5)
     assert ev["agreement"][-1] == 1.0 and 0 < ev["agreement"][0] < 1
+
+
+@torch.no_grad()
+def test_strided_evaluation_scores_each_token_once_in_its_window(tiny_model):
+    """41 tokens, windows of 20 every 10: window 0 scores targets 1..20, the window from
+    10 targets 21..30 (10+ tokens of context), the one from 20 targets 31..40."""
+    tokens = np.random.default_rng(3).integers(0, 97, 41).astype(np.uint16)
+    ev = exit_perplexities(tiny_model, tokens, 12, seq_len=20, batch_size=2, stride=10)
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    expected = [0.0] * tiny_model.num_layers
+    for start, first in ((0, 0), (10, 10), (20, 10)):
+        window = ids[start: start + 21][None]
+        logits = tiny_model(window[:, :-1], exit_layers=list(range(tiny_model.num_layers)))
+        for e in range(tiny_model.num_layers):
+            expected[e] += F.cross_entropy(logits[e, 0, first:], window[0, 1 + first:],
+                                           reduction="sum").item()
+    assert ev["tokens"] == 40
+    for got, total in zip(ev["word_ppl"], expected):
+        assert math.isclose(got, math.exp(total / 12), rel_tol=1e-5)

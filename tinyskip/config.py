@@ -97,6 +97,12 @@ class ModelConfig:
     # One stop token, or a list (Llama 3 instruct models end a turn with any of several).
     eos_token_id: Any = None
     initializer_range: float = 0.02
+    # Dropout in training (off in eval and decoding): on the attention probabilities
+    # (Hugging Face's name), on each block's two residual branches, and on the embeddings.
+    # Models imported from Hugging Face start with all three off.
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    embedding_dropout: float = 0.0
     # A Hugging Face Llama folder or Hub id: its config.json and weights replace the
     # fields above (``model=hf_llama model.path=...``).
     path: Optional[str] = None
@@ -122,6 +128,9 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig.num_key_value_heads={self.num_key_value_heads}: must divide "
                 f"num_attention_heads={self.num_attention_heads}")
+        for name in ("attention_dropout", "hidden_dropout", "embedding_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)}: must be in [0, 1)")
         if self.head_dim % 2:
             raise ConfigError(f"ModelConfig.hidden_size={self.hidden_size}: head_dim "
                               f"{self.head_dim} must be even for rotary embeddings")
@@ -197,6 +206,10 @@ class TrainConfig:
     e_scale: float = 1.0
     curriculum: str = "none"
     curriculum_rotation: int = 2
+    # Each earlier exit scores this fraction of the batch's tokens (a fresh random subset
+    # per exit and step; the last exit scores them all): an unbiased estimate of the same
+    # loss for a fraction of the head's cost, which at d=128 equals all the blocks'.
+    exit_token_fraction: float = 1.0
     distill_weight: float = 0.0
     distill_temperature: float = 1.0          # also the exit modules' KL temperature
     # Exit modules on a frozen backbone (preset balcony, exit_training.py).
@@ -224,6 +237,9 @@ class TrainConfig:
         _probability(self, "layerdrop_p_max", "min_lr_ratio", "e_scale")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("TrainConfig.warmup_steps, weight_decay, grad_clip must be >= 0")
+        if not 0.0 < self.exit_token_fraction <= 1.0:
+            raise ConfigError(f"TrainConfig.exit_token_fraction={self.exit_token_fraction}: "
+                              "must be in (0, 1]")
         if self.distill_weight < 0:
             raise ConfigError(f"TrainConfig.distill_weight={self.distill_weight}: must be >= 0")
         if self.eval_batches < 0:

@@ -2,9 +2,11 @@
 
 Each non-empty line of a split is encoded and followed by EOS (the line break is a
 token the model predicts); blank lines are skipped. Word-level perplexity divides the
-total NLL by the split's word count: whitespace-separated words plus one line end per
-non-empty line, the convention of the classic word-level WikiText benchmark (where
-every line ends in ``<eos>``), so it is comparable across tokenizers.
+total NLL by the split's word count, so it is comparable across tokenizers: the
+whitespace-separated words plus one line end per *non-empty* line (244,102 on
+WikiText-2's test split). The published word-level convention also gives each blank line
+an end-of-line word (245,569): tinyskip never models blank lines, so it does not count
+them, which makes its perplexities slightly higher (ppl ** (244102 / 245569) converts).
 
 Caches live under ``DataConfig.cache_dir`` (default ``$TINYSKIP_CACHE`` or
 ``~/.cache/tinyskip``), keyed by the dataset fingerprint, the tokenizer settings (or
@@ -73,7 +75,8 @@ def _digest(*parts) -> str:
 
 
 def count_words(lines: list[str]) -> int:
-    """Whitespace-separated words plus one line end per non-empty line."""
+    """Whitespace-separated words plus one line end per non-empty line (blank lines are
+    not modelled, so not counted: see the module's docstring)."""
     return sum(len(line.split()) + 1 for line in lines if line.strip())
 
 
@@ -203,8 +206,19 @@ def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step
     return win[:, :-1], win[:, 1:]
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int = 0):
-    """Yield (x, y) batches of consecutive non-overlapping windows covering the split."""
+def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int = 0,
+                 stride: Optional[int] = None):
+    """Yield (x, y) batches of windows that score every token after the first once.
+
+    Without ``stride``: consecutive non-overlapping windows (a token's context is what
+    precedes it in its window). With one: windows of seq_len every ``stride`` tokens, each
+    scoring only its last ``stride`` targets (the first window scores all of its own), so
+    every scored token sees at least seq_len - stride tokens of context; unscored targets
+    are IGNORE (-100, cross-entropy's ignore_index).
+    """
+    if stride is not None:
+        yield from _strided_windows(tokens, seq_len, batch_size, max_batches, stride)
+        return
     n = (tokens.size - 1) // seq_len
     starts = list(range(0, n * seq_len, seq_len))
     tail = n * seq_len
@@ -218,3 +232,32 @@ def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
         # The remainder as one shorter window, so every token after the first is scored.
         win = torch.from_numpy(np.asarray(tokens[tail:], dtype=np.int64))[None]
         yield win[:, :-1], win[:, 1:]
+
+
+IGNORE = -100
+
+
+def _strided_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int,
+                     stride: int):
+    if not 1 <= stride <= seq_len:
+        raise DataError(f"stride={stride}: must be in 1..seq_len={seq_len}")
+    last = tokens.size - 1                   # targets are tokens 1..last
+    T = min(seq_len, last)
+    # Window starts 0, stride, 2*stride, ..., and one that ends exactly on the last target.
+    starts = list(range(0, last - T + 1, stride))
+    if starts[-1] + T < last:
+        starts.append(last - T)
+    scored_to = 0                            # targets up to this index are scored already
+    rows = []
+    for s in starts:
+        win = np.asarray(tokens[s: s + T + 1], dtype=np.int64)
+        y = win[1:].copy()
+        y[: max(scored_to - s, 0)] = IGNORE  # (B, T) targets s+1..s+T; earlier ones done
+        scored_to = s + T
+        rows.append((win[:-1], y))
+    for b, i in enumerate(range(0, len(rows), batch_size)):
+        if max_batches and b >= max_batches:
+            return
+        chunk = rows[i: i + batch_size]
+        yield (torch.from_numpy(np.stack([x for x, _ in chunk])),
+               torch.from_numpy(np.stack([y for _, y in chunk])))

@@ -29,9 +29,9 @@ def evaluate(job: EvaluateJob) -> dict:
                         f"(max_position_embeddings={ctx})")
     corpus = prepare_corpus(run_data_config(loaded.run_dir, job.data), loaded.tokenizer_file)
     ev = exit_perplexities(model, corpus.tokens[job.split], corpus.words[job.split], seq_len,
-                           job.batch_size, job.max_batches, progress=True)
+                           job.batch_size, job.max_batches, progress=True, stride=job.stride)
     return {"checkpoint": str(loaded.exits or loaded.source), "split": job.split, "seq_len": seq_len,
-            "words": corpus.words[job.split], "tokens": ev["tokens"],
+            "stride": job.stride, "words": corpus.words[job.split], "tokens": ev["tokens"],
             "loss": ev["loss"], "word_ppl": ev["word_ppl"], "agreement": ev["agreement"],
             "p_last_top": ev["p_last_top"]}
 
@@ -40,7 +40,8 @@ def evaluate(job: EvaluateJob) -> dict:
 def main(job: EvaluateJob) -> None:
     result = evaluate(job)
     print(f"{result['checkpoint']} on {result['split']} ({result['tokens']} tokens, "
-          f"{result['words']} words, windows of {result['seq_len']})")
+          f"{result['words']} words, windows of {result['seq_len']}"
+          + (f" every {result['stride']}" if result["stride"] else "") + ")")
     print(f"{'exit':>4} {'loss/token':>10} {'word ppl':>10} {'top-1 agree':>11} {'p(last top)':>11}")
     # Exit E = the head after E blocks (1..L), as in every decoding option.
     for exit, row in enumerate(zip(result["loss"], result["word_ppl"], result["agreement"],

@@ -100,7 +100,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
         "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": cfg.attention_dropout,
         "initializer_range": cfg.initializer_range, "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id, "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True}

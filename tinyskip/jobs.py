@@ -78,6 +78,7 @@ class EvaluateJob(CheckpointSource):
     split: str = "test"
     out: Optional[str] = None
     seq_len: Optional[int] = None             # None: the run's training seq_len
+    stride: Optional[int] = None              # sliding windows: context >= seq_len - stride
     batch_size: int = 16
     max_batches: int = 0                      # 0 = the whole split
     device: str = "auto"
@@ -91,6 +92,8 @@ class EvaluateJob(CheckpointSource):
                               "training seq_len)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError(f"stride={self.stride}: must be >= 1 (or null = no overlap)")
         if self.max_batches < 0:
             raise ConfigError(f"max_batches={self.max_batches}: must be >= 0 (0 = the whole split)")
         check_source(self)
@@ -296,5 +299,41 @@ class CalibrateJob(CheckpointSource):
         check_out(self)
 
 
-SCHEMAS: dict[str, type] = {"export": ExportJob, "train": TrainJob, "evaluate": EvaluateJob,
+@dataclass
+class TrainBenchJob:
+    """``python -m tinyskip.train_bench``: the plain and layerskip presets' training steps
+    timed side by side, with model FLOP utilisation against a peak measured in the run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    plain: TrainConfig = field(default_factory=TrainConfig)        # conf/train/plain.yaml
+    layerskip: TrainConfig = field(default_factory=TrainConfig)    # conf/train/layerskip.yaml
+    # Applied to both presets (None: each preset's own value).
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    bf16: Optional[bool] = None
+    compile: Optional[bool] = None
+    steps: int = 12                 # timed steps per preset and round, spread over the schedule
+    rounds: int = 3                 # presets alternate round by round (drift hits both alike)
+    warmup: int = 3                 # untimed steps per preset first (and the compile, if any)
+    threads: int = 0                # 0 = torch's default
+    peak_size: int = 2048           # the peak's square product: n x n @ n x n
+    device: str = "auto"
+    out: Optional[str] = None       # JSON with every measurement
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "rounds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.model.path:
+            raise ConfigError(f"model.path={self.model.path!r}: the training benchmark trains "
+                              "tinyskip models from scratch (give model=<preset>)")
+        if self.peak_size < 1:
+            raise ConfigError(f"peak_size={self.peak_size}: must be >= 1")
+        if self.warmup < 0 or self.threads < 0:
+            raise ConfigError(f"warmup={self.warmup}, threads={self.threads}: must be >= 0")
+        check_out(self)
+
+
+SCHEMAS: dict[str, type] = {"train_bench": TrainBenchJob, "export": ExportJob, "train": TrainJob, "evaluate": EvaluateJob,
                             "infer": InferJob, "bench": BenchJob, "calibrate": CalibrateJob}

@@ -7,11 +7,13 @@ Formulas follow ``early-exit-notes.md`` section 1 (LayerSkip, CALM). Blocks are 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, TrainConfig
+from .cross_entropy import ChunkedCrossEntropy, linear_cross_entropy
 
 
 def layerdrop_probs(cfg: TrainConfig, num_layers: int, step: int) -> list[float]:
@@ -79,39 +81,6 @@ def exit_weights(cfg: TrainConfig, num_layers: int, step: int) -> tuple[list[int
     return layers, w / w.sum()
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Per-row NLL of logits (N, V) in any dtype, computed in fp32 a chunk of rows at a time.
-
-    Same values as ``F.cross_entropy(logits.float(), targets, reduction="none")``, but no
-    fp32 copy of the whole logits tensor is ever made and the backward pass
-    (softmax - one-hot) runs chunk by chunk in cache: about 3x faster on the CPU for the
-    (exits x tokens, 8k) logits of early-exit training, where this loss costs as much as
-    all the blocks.
-    """
-
-    CHUNK = 128
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        c = ChunkedCrossEntropy.CHUNK
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for s in range(0, logits.shape[0], c):
-            lse[s:s + c] = torch.logsumexp(logits[s:s + c].float(), dim=-1)
-        ctx.save_for_backward(logits, targets, lse)
-        return lse - logits.gather(1, targets[:, None]).squeeze(1).float()
-
-    @staticmethod
-    def backward(ctx, grad_nll: torch.Tensor):
-        logits, targets, lse = ctx.saved_tensors
-        c = ChunkedCrossEntropy.CHUNK
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], c):
-            p = (logits[s:s + c].float() - lse[s:s + c, None]).exp_()     # softmax rows
-            p.scatter_add_(1, targets[s:s + c, None], -torch.ones_like(lse[s:s + c, None]))
-            grad[s:s + c] = p.mul_(grad_nll[s:s + c, None])
-        return grad, None
-
-
 def early_exit_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted CE over exits: logits (n, B, T, V), targets (B, T), weights (n,).
@@ -122,6 +91,36 @@ def early_exit_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
     nll = ChunkedCrossEntropy.apply(logits.reshape(n * B * T, V),
                                     targets.reshape(1, B * T).expand(n, -1).reshape(-1))
     per_exit = nll.view(n, B * T).mean(dim=1)
+    return (per_exit * weights.to(per_exit.device)).sum(), per_exit
+
+
+def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                      weights: torch.Tensor, fraction: float = 1.0,
+                      generator: Optional[torch.Generator] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``early_exit_loss`` from the states the head reads, states (n, B, T, d), through
+    the fused linear + cross-entropy (head_weight (V, d)): the logits are never held.
+
+    Every exit but the last scores a random ``fraction`` of the B*T tokens (a subset per
+    exit, drawn from ``generator``), so its mean CE is an unbiased estimate of the full
+    one for that fraction of the head's cost. Returns (weighted total, per-exit mean CE).
+    """
+    n, B, T, d = states.shape
+    N = B * T
+    flat, y = states.reshape(n, N, d), targets.reshape(N)
+    m = N if fraction >= 1.0 else max(1, round(fraction * N))
+    rows, row_targets, sizes = [], [], []
+    for i in range(n):
+        if i == n - 1 or m == N:
+            rows.append(flat[i])
+            row_targets.append(y)
+        else:
+            idx = torch.randperm(N, generator=generator)[:m].to(states.device)
+            rows.append(flat[i].index_select(0, idx))
+            row_targets.append(y.index_select(0, idx))
+        sizes.append(rows[-1].shape[0])
+    nll = linear_cross_entropy(torch.cat(rows), head_weight, torch.cat(row_targets))
+    per_exit = torch.stack([part.mean() for part in nll.split(sizes)])
     return (per_exit * weights.to(per_exit.device)).sum(), per_exit
 
 

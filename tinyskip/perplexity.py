@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import eval_windows
+from .data import IGNORE, eval_windows
 from .model import Transformer
 
 
@@ -24,7 +25,7 @@ def autocast(device: torch.device, bf16: bool):
 @torch.no_grad()
 def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_len: int,
                       batch_size: int = 16, max_batches: int = 0, bf16: bool = False,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, stride: Optional[int] = None) -> dict:
     """Loss (nats per token), word-level perplexity and agreement with the last exit, at
     every exit (lists run from exit 1 to exit L).
 
@@ -33,7 +34,8 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     probability the exit gives to the last exit's argmax (what speculative sampling
     accepts on). Exits are unembedded one at a time (not stacked) so that memory stays at
     one exit's logits. With ``max_batches`` only a prefix of the split is scored and the
-    word count is scaled by the fraction of tokens seen.
+    word count is scaled by the fraction of tokens seen. ``stride``: sliding windows, every
+    scored token with at least seq_len - stride tokens of context (``data.eval_windows``).
     """
     was_training = model.training
     model.eval()
@@ -43,14 +45,15 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     agree = torch.zeros(L, dtype=torch.float64)
     p_top = torch.zeros(L, dtype=torch.float64)
     n_tokens = 0
-    batches = eval_windows(tokens, seq_len, batch_size, max_batches)
+    batches = eval_windows(tokens, seq_len, batch_size, max_batches, stride)
     if progress:
         from tqdm import tqdm
-        total = math.ceil((tokens.size - 1) / seq_len / batch_size)
+        total = math.ceil((tokens.size - 1) / (stride or seq_len) / batch_size)
         batches = tqdm(batches, total=max_batches or total, desc="eval", leave=False,
                        disable=not sys.stderr.isatty())      # quiet in logs and pipes
     for x, y in batches:
         x, y = x.to(device), y.to(device)
+        scored = y != IGNORE                                                 # (B, T)
         with autocast(device, bf16):
             # Every exit's hidden state first (L x (B, T, d): small), so that the last
             # exit's argmax is known when the other exits are scored against it.
@@ -63,9 +66,10 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
                 logits = model.head_at(h, layer + 1).float()     # through its exit module
                 nll[layer] += F.cross_entropy(logits.flatten(0, 1), y.flatten(),
                                               reduction="sum").item()
-                agree[layer] += (logits.argmax(-1) == top).sum().item()
-                p_top[layer] += torch.softmax(logits, -1).gather(-1, top[..., None]).sum().item()
-        n_tokens += y.numel()
+                agree[layer] += ((logits.argmax(-1) == top) & scored).sum().item()
+                p_exit = torch.softmax(logits, -1).gather(-1, top[..., None]).squeeze(-1)
+                p_top[layer] += p_exit[scored].sum().item()
+        n_tokens += int(scored.sum())
     model.train(was_training)
     scored_words = words * n_tokens / max(tokens.size - 1, 1)
     loss = (nll / n_tokens).tolist()

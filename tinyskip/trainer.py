@@ -26,7 +26,8 @@ from .config import ConfigError, TrainConfig
 from .data import get_batch, prepare_corpus
 from .jobs import TrainJob
 from .loading import pick_device
-from .losses import cosine_lr, distillation_loss, early_exit_loss, exit_weights, layerdrop_probs
+from .losses import (cosine_lr, distillation_loss, early_exit_loss, exit_weights, layerdrop_probs,
+                     sampled_exit_loss)
 from .model import Transformer
 from .perplexity import autocast, exit_perplexities
 from .resume import check_model, check_recipe, truncate_metrics
@@ -87,6 +88,67 @@ def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
     return Transformer(cfg), corpus, None
 
 
+@dataclass
+class StepWork:
+    """What one training step ran: its loss, and the work a FLOP count needs."""
+
+    loss: torch.Tensor              # weighted total (detached)
+    per_exit: torch.Tensor          # (n_exits,) mean CE of each exit run (detached)
+    block_rows: list[int]           # sequences each block ran on (LayerDrop skips rows)
+    head_rows: int                  # tokens the shared head scored, over every exit
+
+
+def train_step(model: Transformer, step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               tc: TrainConfig, x: torch.Tensor, y: torch.Tensor, step: int,
+               rows: slice = slice(None), rank: int = 0) -> StepWork:
+    """One optimisation step of the LayerSkip recipe (LayerDrop, early-exit losses) on the
+    batch x, y (B, T); ``rows``: this rank's rows of the global batch.
+
+    Every random draw is a function of (seed, step, rank), so a resumed run replays what
+    the uninterrupted run did: LayerDrop and the exits' token subsets from a generator of
+    the global batch, dropout from torch's generator seeded per step and rank.
+    """
+    L = model.num_layers
+    layers, weights = exit_weights(tc, L, step)
+    g = torch.Generator().manual_seed(tc.seed * 7919 + step * 131)
+    draws = torch.rand(tc.batch_size, L, generator=g)[rows]
+    probs = layerdrop_probs(tc, L, step)
+    torch.manual_seed(tc.seed * 1_000_033 + step * 64 + rank)       # dropout masks
+    device = x.device
+    with autocast(device, tc.bf16):
+        if tc.distill_weight > 0:       # distillation needs every exit's whole logits
+            logits = step_model(x, layers, probs, draws)
+            loss, per_exit = early_exit_loss(logits, y, weights)
+            loss = loss + tc.distill_weight * distillation_loss(logits, weights,
+                                                                tc.distill_temperature)
+            head_rows = logits.shape[0] * y.numel()
+        else:
+            states = step_model(x, layers, probs, draws, head=False)
+            loss, per_exit = sampled_exit_loss(states, model.lm_head.weight, y, weights,
+                                               tc.exit_token_fraction, g)
+            m = y.numel() if tc.exit_token_fraction >= 1 else \
+                max(1, round(tc.exit_token_fraction * y.numel()))
+            head_rows = y.numel() + (len(layers) - 1) * m
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    optimizer.step()
+    # Blocks past the deepest exit never run; a row skips block l when its draw < p_l.
+    block_rows = [int((draws[:, l] >= probs[l]).sum()) if l <= layers[-1] else 0
+                  for l in range(L)]
+    return StepWork(loss.detach(), per_exit.detach(), block_rows, head_rows)
+
+
+def compile_blocks(model: Transformer) -> None:
+    """``train.compile``: each block compiled in place (one graph serves them all, the
+    weights being its inputs; the row count is dynamic). LayerDrop's row selection, the
+    exit set and the loss stay in Python, so a new exit set or drop rate never recompiles,
+    and the state dict keeps its names."""
+    for layer in model.layers:
+        layer.compile(dynamic=True)
+
+
 def train(job: TrainJob, progress: bool = True) -> TrainResult:
     tc = job.train
     if tc.preset == "balcony":               # exit modules on a frozen backbone
@@ -105,7 +167,6 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         device = torch.device("cuda", torch.cuda.current_device())
     model, corpus, state = _prepare_run(job, run_dir, rank)
     model.to(device).train()
-    L = model.num_layers
     optimizer = make_optimizer(model, tc)
     start = 0
     if state is not None:
@@ -121,7 +182,7 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=tc.layerdrop_p_max > 0)
     if tc.compile:
-        step_model = torch.compile(step_model, dynamic=True)
+        compile_blocks(model)
 
     result = TrainResult(run_dir, start)
     rows = slice(rank, None, world)
@@ -138,24 +199,10 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         lr = cosine_lr(tc, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        layers, weights = exit_weights(tc, L, step)
         x, y = get_batch(corpus.tokens["train"], tc.batch_size, tc.seq_len, tc.seed, step, rows)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # LayerDrop draws of the global batch depend only on (seed, step): resumable without
-        # RNG state, and each rank takes its rows' draws, so DDP drops as one process does.
-        g = torch.Generator().manual_seed(tc.seed * 7919 + step * 131)
-        draws = torch.rand(tc.batch_size, L, generator=g)[rows]
-        with autocast(device, tc.bf16):
-            logits = step_model(x, layers, layerdrop_probs(tc, L, step), draws)
-            loss, per_exit = early_exit_loss(logits, y, weights)
-            if tc.distill_weight > 0:
-                loss = loss + tc.distill_weight * distillation_loss(logits, weights,
-                                                                    tc.distill_temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
+        out = train_step(model, step_model, optimizer, tc, x.to(device), y.to(device), step,
+                         rows, rank)
+        loss, per_exit = out.loss, out.per_exit
         loss_value = loss.item()
         train_time += time.perf_counter() - t0
         train_tokens += x.numel() * world

@@ -1,0 +1,159 @@
+"""The training step: dropout, the fused and sampled exit loss, compiled blocks, FLOPs."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from tinyskip.config import ConfigError, ModelConfig, TrainConfig
+from tinyskip.losses import early_exit_loss, sampled_exit_loss
+from tinyskip.model import Transformer, causal_attention
+from tinyskip.train_bench import step_flops
+from tinyskip.trainer import compile_blocks, make_optimizer, train_step
+
+
+def dropout_model(**rates) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(tiny_config(**rates))
+
+
+def test_dropout_is_off_in_eval_and_on_in_training():
+    rates = dict(attention_dropout=0.2, hidden_dropout=0.2, embedding_dropout=0.2)
+    model, plain = dropout_model(**rates), dropout_model()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        model.eval(), plain.eval()
+        assert torch.equal(model(ids), plain(ids))           # eval: as if no dropout
+        model.train()
+        assert not torch.allclose(model(ids), plain(ids))     # training: masks applied
+        plain.train()
+        assert torch.equal(plain(ids), plain(ids))            # rates 0: nothing random
+
+
+@pytest.mark.parametrize("name", ["attention_dropout", "hidden_dropout", "embedding_dropout"])
+def test_each_dropout_acts_in_training(name):
+    model, plain = dropout_model(**{name: 0.5}), dropout_model()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert not torch.allclose(model.train()(ids), plain.train()(ids))
+
+
+def test_a_seeded_training_step_is_deterministic_under_dropout():
+    tc = TrainConfig(preset="layerskip", exit_scale="layerskip", e_scale=0.2,
+                     layerdrop_p_max=0.2, exit_token_fraction=0.5, bf16=False,
+                     batch_size=4)
+    x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
+    losses, weights = [], []
+    for run in range(2):
+        model = dropout_model(attention_dropout=0.1, hidden_dropout=0.1, embedding_dropout=0.1)
+        opt = make_optimizer(model.train(), tc)
+        torch.manual_seed(123 + run)           # the step reseeds: prior RNG use is irrelevant
+        losses.append([train_step(model, model, opt, tc, x, y, s).loss.item() for s in (7, 8)])
+        weights.append(model.layers[0].mlp.up_proj.weight.detach().clone())
+    assert losses[0] == losses[1] and torch.equal(*weights)
+    # ...and the step's own draws matter: another step index gives another loss.
+    model = dropout_model(attention_dropout=0.1, hidden_dropout=0.1, embedding_dropout=0.1)
+    opt = make_optimizer(model.train(), tc)
+    assert train_step(model, model, opt, tc, x, y, 9).loss.item() != losses[0][0]
+
+
+def test_dropout_rates_outside_zero_one_are_refused():
+    with pytest.raises(ConfigError, match=r"ModelConfig.hidden_dropout=1.0: must be in \[0, 1\)"):
+        tiny_config(hidden_dropout=1.0)
+
+
+def test_sampled_exit_loss_with_every_token_equals_the_logits_loss(tiny_model):
+    ids, y = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    w = torch.tensor([0.2, 0.3, 0.5])
+    states = tiny_model(ids, exit_layers=[0, 2, 3], head=False)           # (3, 2, 9, d)
+    total, per_exit = sampled_exit_loss(states, tiny_model.lm_head.weight, y, w)
+    ref_total, ref_per_exit = early_exit_loss(tiny_model(ids, exit_layers=[0, 2, 3]), y, w)
+    torch.testing.assert_close(per_exit, ref_per_exit)
+    torch.testing.assert_close(total, ref_total)
+
+
+def test_sampled_exit_loss_scores_a_subset_at_earlier_exits_and_all_at_the_last(tiny_model):
+    ids, y = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
+    states = tiny_model(ids, exit_layers=[1, 3], head=False)
+    w = torch.tensor([0.4, 0.6])
+    total, per_exit = sampled_exit_loss(states, tiny_model.lm_head.weight, y, w, 0.25,
+                                        torch.Generator().manual_seed(5))
+    idx = torch.randperm(20, generator=torch.Generator().manual_seed(5))[:5]   # 0.25 of 20
+    logits = tiny_model.lm_head(states).reshape(2, 20, -1)
+    expected = [F.cross_entropy(logits[0, idx], y.reshape(-1)[idx]),
+                F.cross_entropy(logits[1], y.reshape(-1))]
+    torch.testing.assert_close(per_exit, torch.stack(expected))
+    torch.testing.assert_close(total, (per_exit * w).sum())
+
+
+def test_exit_token_fraction_outside_zero_one_is_refused():
+    with pytest.raises(ConfigError, match="exit_token_fraction=0.0: must be in"):
+        TrainConfig(exit_token_fraction=0.0)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_bf16_causal_attention_equals_sdpa(gqa):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8)
+    k, v = torch.randn(2, 2 if gqa else 4, 16, 8), torch.randn(2, 2 if gqa else 4, 16, 8)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    got = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    torch.testing.assert_close(got.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_compiled_blocks_do_not_recompile_for_new_exit_sets_or_drop_rates():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = dropout_model()
+    tc = TrainConfig(preset="layerskip", exit_scale="layerskip", e_scale=0.2, curriculum="gradual",
+                     layerdrop_p_max=0.5, layerdrop_time="exp", max_steps=8, bf16=False,
+                     batch_size=4)
+    compile_blocks(model)
+    opt = make_optimizer(model.train(), tc)
+    x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
+    for step in range(8):                  # exit sets grow, drop rates rise, rows vary
+        train_step(model, model, opt, tc, x, y, step)
+    # One graph for the block (static first call, then one dynamic in the rows), whatever
+    # the exit set: compiling the whole forward instead makes one per exit set.
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert list(model.state_dict()) == list(dropout_model().state_dict())
+
+
+def test_step_flops_count_every_block_row_and_every_scored_token():
+    cfg = ModelConfig(name="t", vocab_size=50, hidden_size=16, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=24)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    tc = TrainConfig(exit_scale="uniform", e_scale=1.0, layerdrop_p_max=0.5,
+                     layerdrop_depth="uniform", exit_token_fraction=0.5, bf16=False, batch_size=4)
+    x, y = torch.randint(0, 50, (4, 8)), torch.randint(0, 50, (4, 8))
+    work = train_step(model, model, make_optimizer(model, tc), tc, x, y, step=3)
+    # Weights of a block: q, o (16x16), k, v (16x8), gate, up, down (16x24).
+    block = 2 * 256 + 2 * 128 + 3 * 384
+    assert work.head_rows == 32 + 2 * 16                     # last exit all, two exits half
+    assert all(0 <= r <= 4 for r in work.block_rows) and sum(work.block_rows) < 12
+    expected = sum(work.block_rows) * 8 * (6 * block + 12 * 8 * 16) + work.head_rows * 6 * 16 * 50
+    assert step_flops(model, work, 8) == expected
+
+
+def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, data_cache, tmp_path):
+    from tinyskip.cli import compose_job
+    from tinyskip.train_bench import bench_training, format_table
+
+    job = compose_job("train_bench", [
+        f"data.path={wikitext_path}", f"data.cache_dir={data_cache}", "data.max_rows=1000",
+        "data.vocab_size=300", "model=l4_d64", "batch_size=4", "seq_len=16", "steps=2",
+        "rounds=2", "warmup=1", "peak_size=256", "bf16=false", "layerskip.exit_token_fraction=0.5",
+        "layerskip.layerdrop_p_max=0.0"])
+    assert job.layerskip.exit_scale == "layerskip" and job.plain.exit_scale == "none"
+    result = bench_training(job)
+    plain, layerskip = result["rows"]
+    assert (plain["preset"], layerskip["preset"]) == ("plain", "layerskip")
+    assert plain["vs_plain"] == 1.0 and layerskip["exit_token_fraction"] == 0.5
+    # Without LayerDrop, the layerskip step only adds head work: more model FLOPs per step.
+    assert layerskip["gflop_per_step"] > plain["gflop_per_step"] > 0
+    assert 0 < plain["mfu_bf16"] and "| layerskip |" in format_table(result)

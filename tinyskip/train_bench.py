@@ -1,0 +1,143 @@
+"""``python -m tinyskip.train_bench``: the plain and layerskip presets' training steps,
+side by side in one process, against the machine's measured matmul peak.
+
+Each preset trains a fresh model of the same shape with the trainer's own step
+(``trainer.train_step``) on real batches. The timed steps are spread evenly over the
+preset's schedule (LayerDrop's rate and the rotating exit set change with the step, so
+the mean is the whole run's), and the presets alternate round by round so that drift
+in machine speed hits both alike.
+
+Model FLOPs, counted from what each step ran: 6 per weight per token for every block on
+every row it ran on (LayerDrop skips rows), 12 * T * d per token per block for
+attention's two products, and 6 * d * V for every token the shared head scored, at
+every exit. The fused loss' recomputation is not counted (utilisation of the model's
+work, not of the hardware). The peak is a large square product in bf16 (and fp32),
+measured by the same command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import torch
+
+from .atomic import write_json_atomic
+from .cli import entry_point
+from .config import ModelConfig, TrainConfig
+from .data import get_batch, prepare_corpus
+from .jobs import TrainBenchJob
+from .loading import pick_device
+from .losses import cosine_lr
+from .model import Transformer
+from .trainer import StepWork, compile_blocks, make_optimizer, train_step
+from .unit_costs import median_seconds
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int) -> float:
+    """FLOP/s of one (n x n) @ (n x n) product in ``dtype``: the roof training is held to."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n ** 3 / median_seconds(lambda: a @ b, 5, device)
+
+
+def step_flops(model: Transformer, work: StepWork, seq_len: int) -> float:
+    """Model FLOPs of one training step (forward and backward), from what it ran."""
+    cfg: ModelConfig = model.config
+    block_weights = sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)
+    per_token_block = 6 * block_weights + 12 * seq_len * cfg.hidden_size
+    return (sum(work.block_rows) * seq_len * per_token_block
+            + work.head_rows * 6 * cfg.hidden_size * cfg.vocab_size)
+
+
+def preset_configs(job: TrainBenchJob) -> dict[str, TrainConfig]:
+    shared = {k: getattr(job, k) for k in ("batch_size", "seq_len", "bf16", "compile")
+              if getattr(job, k) is not None}
+    return {name: dataclasses.replace(getattr(job, name), **shared)
+            for name in ("plain", "layerskip")}
+
+
+def bench_training(job: TrainBenchJob) -> dict:
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    device = pick_device(job.device)
+    corpus = prepare_corpus(job.data)
+    cfg = dataclasses.replace(job.model, vocab_size=corpus.vocab_size,
+                              bos_token_id=corpus.bos_id, eos_token_id=corpus.eos_id)
+    runs = {}
+    for name, tc in preset_configs(job).items():
+        torch.manual_seed(tc.seed)
+        model = Transformer(cfg).to(device).train()
+        if tc.compile:
+            compile_blocks(model)
+        n = job.steps * job.rounds
+        schedule = [round(i * tc.max_steps / n) for i in range(n)]
+        runs[name] = {"tc": tc, "model": model, "opt": make_optimizer(model, tc),
+                      "schedule": schedule, "time": 0.0, "tokens": 0, "flops": 0.0}
+
+    def one_step(run: dict, step: int) -> tuple[float, StepWork]:
+        tc = run["tc"]
+        t0 = time.perf_counter()
+        for group in run["opt"].param_groups:
+            group["lr"] = cosine_lr(tc, step)
+        x, y = get_batch(corpus.tokens["train"], tc.batch_size, tc.seq_len, tc.seed, step)
+        work = train_step(run["model"], run["model"], run["opt"], tc, x.to(device),
+                          y.to(device), step)
+        work.loss.item()                        # waits for the step, as the trainer does
+        return time.perf_counter() - t0, work
+
+    for run in runs.values():                   # warm-up (and compilation): untimed
+        for step in run["schedule"][:job.warmup]:
+            one_step(run, step)
+    for r in range(job.rounds):
+        for run in runs.values():
+            for step in run["schedule"][r::job.rounds]:
+                seconds, work = one_step(run, step)
+                run["time"] += seconds
+                run["tokens"] += run["tc"].batch_size * run["tc"].seq_len
+                run["flops"] += step_flops(run["model"], work, run["tc"].seq_len)
+
+    peaks = {"bf16": matmul_peak(torch.bfloat16, device, job.peak_size),
+             "fp32": matmul_peak(torch.float32, device, job.peak_size)}
+    rows = []
+    for name, run in runs.items():
+        tc = run["tc"]
+        rate = run["flops"] / run["time"]
+        rows.append({"preset": name, "tokens_per_s": run["tokens"] / run["time"],
+                     "ms_per_step": 1e3 * run["time"] / (job.steps * job.rounds),
+                     "gflop_per_step": run["flops"] / (job.steps * job.rounds) / 1e9,
+                     "gflop_per_s": rate / 1e9, "mfu_bf16": rate / peaks["bf16"],
+                     "mfu_fp32": rate / peaks["fp32"], "bf16": tc.bf16, "compile": tc.compile,
+                     "batch_size": tc.batch_size, "seq_len": tc.seq_len,
+                     "exit_token_fraction": tc.exit_token_fraction})
+    plain = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["vs_plain"] = row["tokens_per_s"] / plain
+    return {"model": cfg.name, "threads": torch.get_num_threads(), "device": str(device),
+            "peak_gflop_per_s": {k: v / 1e9 for k, v in peaks.items()}, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    peaks = result["peak_gflop_per_s"]
+    lines = [f"{result['model']} on {result['device']}, {result['threads']} threads; matmul peak "
+             f"{peaks['bf16']:.0f} GFLOP/s bf16, {peaks['fp32']:.0f} fp32",
+             "| preset | tokens/s | vs plain | ms/step | GFLOP/step | GFLOP/s | MFU (bf16 peak) "
+             "| MFU (fp32 peak) |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['preset']} | {r['tokens_per_s']:.0f} | {r['vs_plain']:.2f}x "
+                     f"| {r['ms_per_step']:.1f} | {r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} "
+                     f"| {r['mfu_bf16']:.1%} | {r['mfu_fp32']:.1%} |")
+    return "\n".join(lines)
+
+
+@entry_point("train_bench")
+def main(job: TrainBenchJob) -> None:
+    result = bench_training(job)
+    print(format_table(result))
+    if job.out:
+        write_json_atomic(job.out, result)
+
+
+if __name__ == "__main__":
+    main()
