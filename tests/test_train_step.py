@@ -11,7 +11,7 @@ from tinyskip.config import ConfigError, ModelConfig, TrainConfig
 from tinyskip.losses import early_exit_loss, sampled_exit_loss
 from tinyskip.model import Transformer, causal_attention
 from tinyskip.train_bench import step_flops
-from tinyskip.trainer import compile_blocks, make_optimizer, train_step
+from tinyskip.trainer import ExitObjective, compile_blocks, make_optimizer, train_step
 
 
 def dropout_model(**rates) -> Transformer:
@@ -40,23 +40,31 @@ def test_each_dropout_acts_in_training(name):
         assert not torch.allclose(model.train()(ids), plain.train()(ids))
 
 
-def test_a_seeded_training_step_is_deterministic_under_dropout():
-    tc = TrainConfig(preset="layerskip", exit_scale="layerskip", e_scale=0.2,
-                     layerdrop_p_max=0.2, exit_token_fraction=0.5, bf16=False,
-                     batch_size=4)
-    x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
-    losses, weights = [], []
-    for run in range(2):
-        model = dropout_model(attention_dropout=0.1, hidden_dropout=0.1, embedding_dropout=0.1)
-        opt = make_optimizer(model.train(), tc)
-        torch.manual_seed(123 + run)           # the step reseeds: prior RNG use is irrelevant
-        losses.append([train_step(model, model, opt, tc, x, y, s).loss.item() for s in (7, 8)])
-        weights.append(model.layers[0].mlp.up_proj.weight.detach().clone())
-    assert losses[0] == losses[1] and torch.equal(*weights)
-    # ...and the step's own draws matter: another step index gives another loss.
+def _step_losses(tc, steps, seed_before):
     model = dropout_model(attention_dropout=0.1, hidden_dropout=0.1, embedding_dropout=0.1)
     opt = make_optimizer(model.train(), tc)
-    assert train_step(model, model, opt, tc, x, y, 9).loss.item() != losses[0][0]
+    x, y = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(1)), \
+        torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(seed_before)             # the step reseeds: prior RNG use is irrelevant
+    objective = ExitObjective(model, tc)
+    losses = [train_step(objective, opt, tc, x, y, s).loss.item() for s in steps]
+    return losses, model.layers[0].mlp.up_proj.weight.detach().clone()
+
+
+def test_a_seeded_training_step_is_deterministic_under_dropout():
+    tc = TrainConfig(preset="layerskip", exit_scale="layerskip", e_scale=0.2,
+                     layerdrop_p_max=0.2, exit_token_fraction=0.5, bf16=False, batch_size=4)
+    (a, wa), (b, wb) = _step_losses(tc, (7, 8), 123), _step_losses(tc, (7, 8), 456)
+    assert a == b and torch.equal(wa, wb)
+
+
+def test_each_step_draws_its_own_dropout_masks():
+    # No LayerDrop, one exit, every token: steps 7 and 9 differ only in their masks.
+    tc = TrainConfig(bf16=False, batch_size=4, lr=1e-9, warmup_steps=0)
+    (first,), _ = _step_losses(tc, (7,), 0)
+    (again,), _ = _step_losses(tc, (7,), 0)
+    (other,), _ = _step_losses(tc, (9,), 0)
+    assert first == again and other != first
 
 
 def test_dropout_rates_outside_zero_one_are_refused():
@@ -68,7 +76,8 @@ def test_sampled_exit_loss_with_every_token_equals_the_logits_loss(tiny_model):
     ids, y = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
     w = torch.tensor([0.2, 0.3, 0.5])
     states = tiny_model(ids, exit_layers=[0, 2, 3], head=False)           # (3, 2, 9, d)
-    total, per_exit = sampled_exit_loss(states, tiny_model.lm_head.weight, y, w)
+    total, per_exit, scored = sampled_exit_loss(states, tiny_model.lm_head.weight, y, w)
+    assert scored == 3 * 18
     ref_total, ref_per_exit = early_exit_loss(tiny_model(ids, exit_layers=[0, 2, 3]), y, w)
     torch.testing.assert_close(per_exit, ref_per_exit)
     torch.testing.assert_close(total, ref_total)
@@ -78,8 +87,9 @@ def test_sampled_exit_loss_scores_a_subset_at_earlier_exits_and_all_at_the_last(
     ids, y = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
     states = tiny_model(ids, exit_layers=[1, 3], head=False)
     w = torch.tensor([0.4, 0.6])
-    total, per_exit = sampled_exit_loss(states, tiny_model.lm_head.weight, y, w, 0.25,
-                                        torch.Generator().manual_seed(5))
+    total, per_exit, scored = sampled_exit_loss(states, tiny_model.lm_head.weight, y, w, 0.25,
+                                                torch.Generator().manual_seed(5))
+    assert scored == 5 + 20
     idx = torch.randperm(20, generator=torch.Generator().manual_seed(5))[:5]   # 0.25 of 20
     logits = tiny_model.lm_head(states).reshape(2, 20, -1)
     expected = [F.cross_entropy(logits[0, idx], y.reshape(-1)[idx]),
@@ -94,13 +104,37 @@ def test_exit_token_fraction_outside_zero_one_is_refused():
 
 
 @pytest.mark.parametrize("gqa", [False, True])
-def test_bf16_causal_attention_equals_sdpa(gqa):
+def test_bf16_causal_attention_equals_sdpa_in_value_and_gradient(gqa, monkeypatch):
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
     torch.manual_seed(0)
-    q = torch.randn(2, 4, 16, 8)
-    k, v = torch.randn(2, 2 if gqa else 4, 16, 8), torch.randn(2, 2 if gqa else 4, 16, 8)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    got = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
-    torch.testing.assert_close(got.float(), ref, atol=3e-2, rtol=3e-2)
+    n_kv = 2 if gqa else 4
+    q0, k0, v0 = torch.randn(2, 4, 16, 8), torch.randn(2, n_kv, 16, 8), torch.randn(2, n_kv, 16, 8)
+    g = torch.randn(2, 4, 16, 8)
+    grads = []
+    for bf16 in (True, False):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out = causal_attention(*(t.bfloat16() for t in (q, k, v))) if bf16 else \
+            real_sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
+        out.float().backward(g)
+        grads.append([out.detach().float(), q.grad, k.grad, v.grad])
+    assert not calls                                   # bf16 on the CPU: the explicit path
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
+
+
+def test_attention_dropout_drops_attention_probabilities():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4).bfloat16() for _ in range(3))
+    torch.manual_seed(1)
+    dropped = causal_attention(q, k, v, dropout=0.5)
+    assert not torch.equal(dropped, causal_attention(q, k, v))
+    # Position 0 attends to itself alone: dropped it is 0, kept it is v / (1 - p).
+    first = dropped[0, :, 0]
+    assert all(torch.equal(r, torch.zeros_like(r)) or torch.allclose(r.float(), 2 * v[0, h, 0].float())
+               for h, r in enumerate(first))
 
 
 def test_compiled_blocks_do_not_recompile_for_new_exit_sets_or_drop_rates():
@@ -113,10 +147,10 @@ def test_compiled_blocks_do_not_recompile_for_new_exit_sets_or_drop_rates():
                      layerdrop_p_max=0.5, layerdrop_time="exp", max_steps=8, bf16=False,
                      batch_size=4)
     compile_blocks(model)
-    opt = make_optimizer(model.train(), tc)
+    opt, objective = make_optimizer(model.train(), tc), ExitObjective(model, tc)
     x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
     for step in range(8):                  # exit sets grow, drop rates rise, rows vary
-        train_step(model, model, opt, tc, x, y, step)
+        train_step(objective, opt, tc, x, y, step)
     # One graph for the block (static first call, then one dynamic in the rows), whatever
     # the exit set: compiling the whole forward instead makes one per exit set.
     assert counters["stats"]["unique_graphs"] <= 2
@@ -131,12 +165,15 @@ def test_step_flops_count_every_block_row_and_every_scored_token():
     tc = TrainConfig(exit_scale="uniform", e_scale=1.0, layerdrop_p_max=0.5,
                      layerdrop_depth="uniform", exit_token_fraction=0.5, bf16=False, batch_size=4)
     x, y = torch.randint(0, 50, (4, 8)), torch.randint(0, 50, (4, 8))
-    work = train_step(model, model, make_optimizer(model, tc), tc, x, y, step=3)
+    ran = [0] * 3              # rows each block really ran on, seen by hooks
+    for i, layer in enumerate(model.layers):
+        layer.register_forward_hook(lambda m, a, out, i=i: ran.__setitem__(i, ran[i] + out.shape[0]))
+    work = train_step(ExitObjective(model, tc), make_optimizer(model, tc), tc, x, y, step=3)
+    assert work.block_rows == ran and sum(ran) < 12          # LayerDrop skipped rows
     # Weights of a block: q, o (16x16), k, v (16x8), gate, up, down (16x24).
     block = 2 * 256 + 2 * 128 + 3 * 384
     assert work.head_rows == 32 + 2 * 16                     # last exit all, two exits half
-    assert all(0 <= r <= 4 for r in work.block_rows) and sum(work.block_rows) < 12
-    expected = sum(work.block_rows) * 8 * (6 * block + 12 * 8 * 16) + work.head_rows * 6 * 16 * 50
+    expected = sum(ran) * 8 * (6 * block + 12 * 8 * 16) + work.head_rows * 6 * 16 * 50
     assert step_flops(model, work, 8) == expected
 
 
@@ -157,3 +194,27 @@ def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, d
     # Without LayerDrop, the layerskip step only adds head work: more model FLOPs per step.
     assert layerskip["gflop_per_step"] > plain["gflop_per_step"] > 0
     assert 0 < plain["mfu_bf16"] and "| layerskip |" in format_table(result)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_data_parallel_step_with_layerdrop_and_an_untied_head(tied, tmp_path):
+    """DDP with find_unused_parameters (LayerDrop on) must see the head used inside its
+    forward: with the loss outside, an untied lm_head's gradient arrived twice."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Transformer(tiny_config(tie_word_embeddings=tied)).train()
+        tc = TrainConfig(exit_scale="layerskip", e_scale=0.2, layerdrop_p_max=0.5,
+                         layerdrop_depth="uniform", bf16=False, batch_size=4)
+        ddp = torch.nn.parallel.DistributedDataParallel(ExitObjective(model, tc),
+                                                        find_unused_parameters=True)
+        opt = make_optimizer(model, tc)
+        x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
+        before = model.lm_head.weight.detach().clone()
+        for step in range(3):
+            train_step(ddp, opt, tc, x, y, step)
+        assert not torch.equal(model.lm_head.weight, before)
+    finally:
+        dist.destroy_process_group()

@@ -26,11 +26,12 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """d NLL / d logits of rows (c, V): softmax (computed in fp32, returned in the logits'
-    dtype, as autograd's own cross-entropy gradient is) minus the targets' one-hot."""
-    p = torch.softmax(logits, dim=-1)
+    """d NLL / d logits of rows (c, V), computed in fp32 and rounded once to the logits'
+    dtype, as autograd's own cross-entropy gradient is: subtracting the one-hot in bf16
+    would zero the target's gradient wherever its probability rounds to 1."""
+    p = torch.softmax(logits, dim=-1, dtype=torch.float32)
     p[torch.arange(p.shape[0], device=p.device), targets] -= 1
-    return p
+    return p.to(logits.dtype)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -113,7 +114,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                          ) -> torch.Tensor:
     """Per-row NLL (N,) of ``F.linear(h, weight)`` against targets (N,), never holding the
-    (N, V) logits; under autocast the products run in its dtype, as ``F.linear``'s would."""
+    (N, V) logits; under autocast the products run in its dtype, as ``F.linear``'s would.
+    Targets are class ids (no ignore_index)."""
     dtype = _compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
         return LinearCrossEntropy.apply(h, weight, targets, dtype)

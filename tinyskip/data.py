@@ -6,7 +6,8 @@ total NLL by the split's word count, so it is comparable across tokenizers: the
 whitespace-separated words plus one line end per *non-empty* line (244,102 on
 WikiText-2's test split). The published word-level convention also gives each blank line
 an end-of-line word (245,569): tinyskip never models blank lines, so it does not count
-them, which makes its perplexities slightly higher (ppl ** (244102 / 245569) converts).
+them, which makes its perplexities slightly higher (ppl ** (244102 / 245569) is an
+optimistic bound on the published-convention figure: it leaves out the blank lines' loss).
 
 Caches live under ``DataConfig.cache_dir`` (default ``$TINYSKIP_CACHE`` or
 ``~/.cache/tinyskip``), keyed by the dataset fingerprint, the tokenizer settings (or

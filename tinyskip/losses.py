@@ -97,13 +97,14 @@ def early_exit_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
 def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
                       weights: torch.Tensor, fraction: float = 1.0,
                       generator: Optional[torch.Generator] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``early_exit_loss`` from the states the head reads, states (n, B, T, d), through
     the fused linear + cross-entropy (head_weight (V, d)): the logits are never held.
 
     Every exit but the last scores a random ``fraction`` of the B*T tokens (a subset per
-    exit, drawn from ``generator``), so its mean CE is an unbiased estimate of the full
-    one for that fraction of the head's cost. Returns (weighted total, per-exit mean CE).
+    exit, drawn from ``generator``; data-parallel ranks each draw positions of their own
+    rows), so its mean CE is an unbiased estimate of the full one for that fraction of
+    the head's cost. Returns (weighted total, per-exit mean CE, tokens scored in all).
     """
     n, B, T, d = states.shape
     N = B * T
@@ -121,7 +122,7 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
         sizes.append(rows[-1].shape[0])
     nll = linear_cross_entropy(torch.cat(rows), head_weight, torch.cat(row_targets))
     per_exit = torch.stack([part.mean() for part in nll.split(sizes)])
-    return (per_exit * weights.to(per_exit.device)).sum(), per_exit
+    return (per_exit * weights.to(per_exit.device)).sum(), per_exit, sum(sizes)
 
 
 def distillation_loss(logits: torch.Tensor, weights: torch.Tensor,

@@ -31,7 +31,7 @@ from .jobs import TrainBenchJob
 from .loading import pick_device
 from .losses import cosine_lr
 from .model import Transformer
-from .trainer import StepWork, compile_blocks, make_optimizer, train_step
+from .trainer import ExitObjective, StepWork, compile_blocks, make_optimizer, train_step
 from .unit_costs import median_seconds
 
 
@@ -73,7 +73,8 @@ def bench_training(job: TrainBenchJob) -> dict:
             compile_blocks(model)
         n = job.steps * job.rounds
         schedule = [round(i * tc.max_steps / n) for i in range(n)]
-        runs[name] = {"tc": tc, "model": model, "opt": make_optimizer(model, tc),
+        runs[name] = {"tc": tc, "model": model, "objective": ExitObjective(model, tc),
+                      "opt": make_optimizer(model, tc),
                       "schedule": schedule, "time": 0.0, "tokens": 0, "flops": 0.0}
 
     def one_step(run: dict, step: int) -> tuple[float, StepWork]:
@@ -82,8 +83,7 @@ def bench_training(job: TrainBenchJob) -> dict:
         for group in run["opt"].param_groups:
             group["lr"] = cosine_lr(tc, step)
         x, y = get_batch(corpus.tokens["train"], tc.batch_size, tc.seq_len, tc.seed, step)
-        work = train_step(run["model"], run["model"], run["opt"], tc, x.to(device),
-                          y.to(device), step)
+        work = train_step(run["objective"], run["opt"], tc, x.to(device), y.to(device), step)
         work.loss.item()                        # waits for the step, as the trainer does
         return time.perf_counter() - t0, work
 

@@ -98,37 +98,56 @@ class StepWork:
     head_rows: int                  # tokens the shared head scored, over every exit
 
 
-def train_step(model: Transformer, step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               tc: TrainConfig, x: torch.Tensor, y: torch.Tensor, step: int,
-               rows: slice = slice(None), rank: int = 0) -> StepWork:
+class ExitObjective(torch.nn.Module):
+    """The model and its early-exit loss as one module, so that a data-parallel wrapper
+    sees every weight used inside its forward: an untied ``lm_head`` read by a loss
+    outside it counts as unused there, and its gradient then arrives twice."""
+
+    def __init__(self, model: Transformer, tc: TrainConfig):
+        super().__init__()
+        self.model, self.tc = model, tc
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layers: list[int],
+                weights: torch.Tensor, probs: list[float], draws: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(weighted loss, per-exit mean CE, tokens the head scored over every exit)."""
+        tc = self.tc
+        if tc.distill_weight > 0:       # distillation needs every exit's whole logits
+            logits = self.model(x, layers, probs, draws)
+            loss, per_exit = early_exit_loss(logits, y, weights)
+            loss = loss + tc.distill_weight * distillation_loss(logits, weights,
+                                                                tc.distill_temperature)
+            return loss, per_exit, logits.shape[0] * y.numel()
+        states = self.model(x, layers, probs, draws, head=False)
+        return sampled_exit_loss(states, self.model.lm_head.weight, y, weights,
+                                 tc.exit_token_fraction, generator)
+
+
+def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc: TrainConfig,
+               x: torch.Tensor, y: torch.Tensor, step: int, rows: slice = slice(None),
+               rank: int = 0) -> StepWork:
     """One optimisation step of the LayerSkip recipe (LayerDrop, early-exit losses) on the
-    batch x, y (B, T); ``rows``: this rank's rows of the global batch.
+    batch x, y (B, T); ``objective``: an ``ExitObjective`` (or its data-parallel wrapper);
+    ``rows``: this rank's rows of the global batch.
 
     Every random draw is a function of (seed, step, rank), so a resumed run replays what
-    the uninterrupted run did: LayerDrop and the exits' token subsets from a generator of
-    the global batch, dropout from torch's generator seeded per step and rank.
+    the uninterrupted run did: LayerDrop from a generator of the global batch (each rank
+    keeps its rows' draws), the exits' token subsets from the same generator, and dropout
+    from torch's generator reseeded per (seed, step, rank). (Compiled blocks draw dropout
+    masks from inductor's own stream: a resume that toggles ``train.compile`` with
+    dropout on continues correctly but not bit for bit.)
     """
+    model = objective.module.model if hasattr(objective, "module") else objective.model
     L = model.num_layers
     layers, weights = exit_weights(tc, L, step)
     g = torch.Generator().manual_seed(tc.seed * 7919 + step * 131)
     draws = torch.rand(tc.batch_size, L, generator=g)[rows]
     probs = layerdrop_probs(tc, L, step)
-    torch.manual_seed(tc.seed * 1_000_033 + step * 64 + rank)       # dropout masks
-    device = x.device
-    with autocast(device, tc.bf16):
-        if tc.distill_weight > 0:       # distillation needs every exit's whole logits
-            logits = step_model(x, layers, probs, draws)
-            loss, per_exit = early_exit_loss(logits, y, weights)
-            loss = loss + tc.distill_weight * distillation_loss(logits, weights,
-                                                                tc.distill_temperature)
-            head_rows = logits.shape[0] * y.numel()
-        else:
-            states = step_model(x, layers, probs, draws, head=False)
-            loss, per_exit = sampled_exit_loss(states, model.lm_head.weight, y, weights,
-                                               tc.exit_token_fraction, g)
-            m = y.numel() if tc.exit_token_fraction >= 1 else \
-                max(1, round(tc.exit_token_fraction * y.numel()))
-            head_rows = y.numel() + (len(layers) - 1) * m
+    # Python hashes tuples of ints the same in every process (PYTHONHASHSEED only salts
+    # strings): distinct masks per (seed, step, rank), whatever the number of ranks.
+    torch.manual_seed(hash((tc.seed, step, rank)) & (2 ** 63 - 1))
+    with autocast(x.device, tc.bf16):
+        loss, per_exit, head_rows = objective(x, y, layers, weights, probs, draws, g)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tc.grad_clip > 0:
@@ -177,10 +196,10 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         make_dirs(run_dir)
         write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
         truncate_metrics(metrics_path, start)
-    step_model = model
+    objective = ExitObjective(model, tc)
     if world > 1:
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=tc.layerdrop_p_max > 0)
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, find_unused_parameters=tc.layerdrop_p_max > 0)
     if tc.compile:
         compile_blocks(model)
 
@@ -200,8 +219,8 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = get_batch(corpus.tokens["train"], tc.batch_size, tc.seq_len, tc.seed, step, rows)
-        out = train_step(model, step_model, optimizer, tc, x.to(device), y.to(device), step,
-                         rows, rank)
+        out = train_step(objective, optimizer, tc, x.to(device, non_blocking=True),
+                         y.to(device, non_blocking=True), step, rows, rank)
         loss, per_exit = out.loss, out.per_exit
         loss_value = loss.item()
         train_time += time.perf_counter() - t0
