@@ -81,8 +81,11 @@ def trained_tiny(wikitext_path, data_cache, tmp_path_factory):
     from tinyskip.trainer import train
 
     root = tmp_path_factory.mktemp("trained")
+    # Every exit on every token: a tiny model with 8 x 32-token batches learns usable
+    # exits in 150 steps only so (the DEE tests need exits that leave at mixed depths).
     job = compose_job("train", tiny_train_overrides(wikitext_path, data_cache, root, "tiny",
-                                                    max_steps=150, eval_every=150)
+                                                    max_steps=150, eval_every=150,
+                                                    exit_token_fraction=1.0)
                       + ["train=layerskip"])
     train(job, progress=False)
     model, ckpt = load_model(root / "tiny")

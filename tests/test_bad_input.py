@@ -154,7 +154,8 @@ def expand(wikitext_path, data_cache):
     def args(a) -> list[str]:
         if isinstance(a, Train):
             return (tiny_train_overrides(wikitext_path, data_cache, "checkpoints", a.run,
-                                         **{"max_steps": 150, "eval_every": 150, **a.train})
+                                         **{"max_steps": 150, "eval_every": 150,
+                                            "exit_token_fraction": 1.0, **a.train})
                     + ["train=layerskip"] + a.extra)
         data = [f"data.path={wikitext_path}", f"data.cache_dir={data_cache}",
                 "data.max_rows=1000", "data.vocab_size=300"]

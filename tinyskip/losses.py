@@ -96,32 +96,43 @@ def early_exit_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
 
 def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
                       weights: torch.Tensor, fraction: float = 1.0,
-                      generator: Optional[torch.Generator] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                      generator: Optional[torch.Generator] = None, rows: slice = slice(None),
+                      global_batch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``early_exit_loss`` from the states the head reads, states (n, B, T, d), through
     the fused linear + cross-entropy (head_weight (V, d)): the logits are never held.
 
-    Every exit but the last scores a random ``fraction`` of the B*T tokens (a subset per
-    exit, drawn from ``generator``; data-parallel ranks each draw positions of their own
-    rows), so its mean CE is an unbiased estimate of the full one for that fraction of
-    the head's cost. Returns (weighted total, per-exit mean CE, tokens scored in all).
+    Every exit but the last scores a random ``fraction`` of the global batch's tokens (a
+    subset per exit, drawn from ``generator`` over all ``global_batch`` rows; this
+    process holds ``rows`` of them and scores the drawn positions that fall in its rows),
+    so its mean CE is an unbiased estimate of the full one for that fraction of the
+    head's cost, and data-parallel ranks together score exactly what one process would.
+    Returns (weighted total, per-exit mean CE, tokens scored here).
     """
     n, B, T, d = states.shape
-    N = B * T
-    flat, y = states.reshape(n, N, d), targets.reshape(N)
-    m = N if fraction >= 1.0 else max(1, round(fraction * N))
-    rows, row_targets, sizes = [], [], []
+    Bg = global_batch or B
+    flat, y = states.reshape(n, B * T, d), targets.reshape(B * T)
+    m = Bg * T if fraction >= 1.0 else max(1, round(fraction * Bg * T))
+    # Global row -> index among this process's rows (-1: another rank's).
+    local = torch.full((Bg,), -1, dtype=torch.long)
+    local[torch.arange(Bg)[rows]] = torch.arange(B)
+    picked, row_targets, sizes = [], [], []
     for i in range(n):
-        if i == n - 1 or m == N:
-            rows.append(flat[i])
+        if i == n - 1 or m == Bg * T:
+            picked.append(flat[i])
             row_targets.append(y)
         else:
-            idx = torch.randperm(N, generator=generator)[:m].to(states.device)
-            rows.append(flat[i].index_select(0, idx))
+            pos = torch.randperm(Bg * T, generator=generator)[:m]         # global positions
+            lb = local[pos // T]
+            idx = (lb * T + pos % T)[lb >= 0].to(states.device)
+            picked.append(flat[i].index_select(0, idx))
             row_targets.append(y.index_select(0, idx))
-        sizes.append(rows[-1].shape[0])
-    nll = linear_cross_entropy(torch.cat(rows), head_weight, torch.cat(row_targets))
-    per_exit = torch.stack([part.mean() for part in nll.split(sizes)])
+        sizes.append(picked[-1].shape[0])
+    nll = linear_cross_entropy(torch.cat(picked), head_weight, torch.cat(row_targets))
+    # Sums over this process's share, divided by its share of the global count, so that
+    # the ranks' mean (what DDP's gradient averaging takes) is the global mean.
+    share = B / Bg
+    counts = [B * T if i == n - 1 or m == Bg * T else m * share for i in range(n)]
+    per_exit = torch.stack([part.sum() / c for part, c in zip(nll.split(sizes), counts)])
     return (per_exit * weights.to(per_exit.device)).sum(), per_exit, sum(sizes)
 
 

@@ -109,7 +109,8 @@ class ExitObjective(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, layers: list[int],
                 weights: torch.Tensor, probs: list[float], draws: torch.Tensor,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+                generator: torch.Generator, rows: slice = slice(None)
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(weighted loss, per-exit mean CE, tokens the head scored over every exit)."""
         tc = self.tc
         if tc.distill_weight > 0:       # distillation needs every exit's whole logits
@@ -120,7 +121,7 @@ class ExitObjective(torch.nn.Module):
             return loss, per_exit, logits.shape[0] * y.numel()
         states = self.model(x, layers, probs, draws, head=False)
         return sampled_exit_loss(states, self.model.lm_head.weight, y, weights,
-                                 tc.exit_token_fraction, generator)
+                                 tc.exit_token_fraction, generator, rows, tc.batch_size)
 
 
 def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc: TrainConfig,
@@ -131,8 +132,8 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc:
     ``rows``: this rank's rows of the global batch.
 
     Every random draw is a function of (seed, step, rank), so a resumed run replays what
-    the uninterrupted run did: LayerDrop from a generator of the global batch (each rank
-    keeps its rows' draws), the exits' token subsets from the same generator, and dropout
+    the uninterrupted run did: LayerDrop and the exits' token subsets from a generator of
+    the global batch (each rank keeps its rows' share, as one process would), and dropout
     from torch's generator reseeded per (seed, step, rank). (Compiled blocks draw dropout
     masks from inductor's own stream: a resume that toggles ``train.compile`` with
     dropout on continues correctly but not bit for bit.)
@@ -147,7 +148,7 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc:
     # strings): distinct masks per (seed, step, rank), whatever the number of ranks.
     torch.manual_seed(hash((tc.seed, step, rank)) & (2 ** 63 - 1))
     with autocast(x.device, tc.bf16):
-        loss, per_exit, head_rows = objective(x, y, layers, weights, probs, draws, g)
+        loss, per_exit, head_rows = objective(x, y, layers, weights, probs, draws, g, rows)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tc.grad_clip > 0:
