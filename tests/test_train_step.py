@@ -218,3 +218,29 @@ def test_data_parallel_step_with_layerdrop_and_an_untied_head(tied, tmp_path):
         assert not torch.equal(model.lm_head.weight, before)
     finally:
         dist.destroy_process_group()
+
+
+def test_ranks_sharing_a_batch_score_what_one_process_scores(tiny_model):
+    """Two ranks, each holding every other row, draw the earlier exits' positions over
+    the global batch: their mean loss (what DDP averages) equals one process's."""
+    ids, y = torch.randint(0, 97, (4, 10)), torch.randint(0, 97, (4, 10))
+    states = tiny_model(ids, exit_layers=[1, 3], head=False)          # (2, 4, 10, d)
+    w, head = torch.tensor([0.4, 0.6]), tiny_model.lm_head.weight
+    whole, _, n = sampled_exit_loss(states, head, y, w, 0.3, torch.Generator().manual_seed(3))
+    shards = [sampled_exit_loss(states[:, r::2], head, y[r::2], w, 0.3,
+                                torch.Generator().manual_seed(3), slice(r, None, 2), 4)
+              for r in (0, 1)]
+    torch.testing.assert_close((shards[0][0] + shards[1][0]) / 2, whole)
+    assert shards[0][2] + shards[1][2] == n              # every drawn position scored once
+
+
+def test_ranks_draw_different_dropout_masks():
+    tc = TrainConfig(bf16=False, batch_size=4, lr=1e-9, warmup_steps=0)
+    x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
+    losses = []
+    for rank in (0, 1):
+        model = dropout_model(hidden_dropout=0.1, embedding_dropout=0.1)
+        objective = ExitObjective(model.train(), tc)
+        losses.append(train_step(objective, make_optimizer(model, tc), tc, x, y, 7,
+                                 rank=rank).loss.item())
+    assert losses[0] != losses[1]

@@ -93,8 +93,8 @@ class EvaluateJob(CheckpointSource):
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
         if self.stride is not None and not 1 <= self.stride <= (self.seq_len or self.stride):
-            raise ConfigError(f"stride={self.stride}: must be in 1..seq_len (or null = no "
-                              "overlap)")
+            raise ConfigError(f"stride={self.stride}: must be in 1..seq_len={self.seq_len} (or "
+                              "null = no overlap)")
         if self.max_batches < 0:
             raise ConfigError(f"max_batches={self.max_batches}: must be >= 0 (0 = the whole split)")
         check_source(self)

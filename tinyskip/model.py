@@ -128,7 +128,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if n_kv != H:       # query head h reads kv head h // rep, as Hugging Face's repeat_kv
         k, v = k.repeat_interleave(H // n_kv, dim=1), v.repeat_interleave(H // n_kv, dim=1)
     T = q.shape[2]
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)      # (B, H, T, T), one rounding
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)                 # (B, H, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     p = torch.softmax(scores.masked_fill(~causal, float("-inf")).float(), dim=-1).to(q.dtype)
     if dropout > 0:
