@@ -77,10 +77,10 @@ def test_greedy_ssd_with_an_exit_module_draft_equals_full_decoding(model_with_mo
 
 
 @pytest.mark.parametrize("model_with_modules", ["block", "attention"], indirect=True)
-def test_full_and_static_decoding_write_no_other_exits_module_keys(model_with_modules, monkeypatch):
-    """Full decoding reads no module and static exit only its own (whose forward writes
-    its keys): neither pays for the modules' keys on the way, and their tokens are those
-    of a pass that does."""
+def test_decoders_write_only_the_module_keys_they_read(model_with_modules, monkeypatch):
+    """Full decoding reads no module, static exit only its own (whose forward writes its
+    keys) and SSD only its draft exit's: none pays for other modules' keys, and their
+    tokens are those of a pass that does."""
     from tinyskip.exit_modules import ExitModule
 
     model = model_with_modules
@@ -96,9 +96,46 @@ def test_full_and_static_decoding_write_no_other_exits_module_keys(model_with_mo
     assert full == model(ids, exit_layers=[3])[0, 0, 5:].argmax(-1).tolist()
     ids = torch.tensor([prompt[0].tolist() + static[:-1]])
     assert static == model(ids, exit_layers=[1])[0, 0, 5:].argmax(-1).tolist()
-    ssd_generate(model, prompt, 12, SSDConfig(1, 2))
-    assert written          # SSD writes them: its drafts at E attend over keys its blocks-only
-                            # and verify calls wrote at earlier positions
+    # SSD reads only its draft exit's module: its keys are written at every position the
+    # output passed (by the draft steps' own module calls, and by the blocks-only calls
+    # where a position ran no module: the prompt, a round's last draft), a deeper
+    # module's never. Its tokens still equal full decoding's.
+    # Blocks 1.. and module 1 add nothing to the residual, so module 1 predicts what the
+    # last exit does: every draft is accepted and every round ends with a blocks-only call.
+    with torch.no_grad():
+        for block in [*model.layers[1:], model.exit_modules[1]]:
+            block.self_attn.o_proj.weight.zero_()
+            if hasattr(block, "mlp"):
+                block.mlp.down_proj.weight.zero_()
+        model.exit_modules[1].norm.weight.copy_(model.norm.weight)
+    slots = {e: model.exit_modules[e].self_attn.layer_idx for e in (1, 2)}
+    filled = {slot: set() for slot in slots.values()}
+    update = KVCache.update
+    monkeypatch.setattr(KVCache, "update", lambda self, layer, pos, k, v: filled.get(
+        layer, set()).update(pos.tolist()) or update(self, layer, pos, k, v))
+    g = ssd_generate(model, prompt, 24, SSDConfig(1, 3))
+    assert g.tokens[0] == generate(model, prompt, 24).tokens[0]
+    assert g.stats.accepted == g.stats.drafted > 0
+    assert filled[slots[1]] >= set(range(6 + 24 - 1)) and filled[slots[2]] == set()
+
+
+@pytest.mark.parametrize("model_with_modules", ["mlp"], indirect=True)
+def test_module_calls_are_counted_and_priced(model_with_modules):
+    """A head call through an exit module is also a module call, which the benchmark
+    prices at the module's own measured cost (not as a bare head)."""
+    from tinyskip.unit_costs import unit_costs
+
+    model, prompt = model_with_modules, torch.randint(0, 97, (1, 6))
+    assert not any(k.startswith("module:") for k in generate(model, prompt, 8).stats.calls)
+    static = generate(model, prompt, 8, exit_layer=2).stats.calls
+    assert static["module:1"] == static["head:1"] == 8
+    ssd = ssd_generate(model, prompt, 8, SSDConfig(1, 2)).stats
+    # Every draft step reads module 1; the prefill's first token and the verifies do not.
+    assert ssd.calls["module:1"] == ssd.drafted > 0
+    dee = dee_generate(model, prompt, 8, DEEConfig("softmax", [0.0], [2])).stats.calls
+    assert dee["module:1"] == 7             # every token but prefill's leaves at exit 2
+    costs = unit_costs(model, 8, 2, reps=3)
+    assert costs["module:1"] > 0 and costs["module:2"] > 0
 
 
 @pytest.mark.parametrize("model_with_modules", ["block", "attention"], indirect=True)

@@ -44,7 +44,7 @@ def step_levers(model: Transformer, pos: int, reps: int = 50) -> dict:
 
     def step(tok, input_pos):
         h = model.run_layers(model.embed(tok), 0, model.num_layers, cache, input_pos,
-                             exit_kv=False)          # as full decoding runs it
+                             exit_kv=())          # as full decoding runs it
         return model.head(h).argmax(-1)
 
     mats = [m.weight for m in model.modules() if isinstance(m, Linear)]

@@ -315,11 +315,13 @@ class Transformer(nn.Module):
         return ctx
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: Optional[KVCache] = None,
-                   pos: Union[int, torch.Tensor] = 0, exit_kv: bool = True) -> torch.Tensor:
+                   pos: Union[int, torch.Tensor] = 0,
+                   exit_kv: Optional[tuple[int, ...]] = None) -> torch.Tensor:
         """Run blocks [start, end) on h (B, T, d) at absolute positions pos..pos+T-1
-        (``pos``: see ``context``). ``exit_kv``: also write the keys and values of the
-        attending exit modules passed on the way (decoders that never read a module at
-        another exit than the one they leave by, full and static, pass False).
+        (``pos``: see ``context``). ``exit_kv``: the exits whose attending modules get
+        their keys and values written on the way (None: every one passed). A decoder
+        writes only those it reads: DEE every exit, SSD its draft exit, full none, and
+        static exit none (its own module writes them when it runs).
 
         Without a cache the call is a plain causal pass over positions 0..T-1. With one,
         each token attends to every cached position up to its own, so callers decode at
@@ -329,7 +331,8 @@ class Transformer(nn.Module):
         ctx = self.context(pos, h.shape[1], cache, h.shape[0])
         for i in range(start, end):       # (slicing a ModuleList builds a new one: slow)
             h = self.layers[i](h, ctx)
-            if exit_kv and cache is not None and i + 1 in self._kv_exits:
+            if cache is not None and i + 1 in self._kv_exits and \
+                    (exit_kv is None or i + 1 in exit_kv):
                 self.exit_modules[i + 1].write_kv(h, ctx)
         return h
 
@@ -370,11 +373,17 @@ class Transformer(nn.Module):
         """What the head reads at exit ``exit`` (blocks run) from states h (B, T, d) at
         positions pos..: the exit's module output when it has one, else the final norm.
         Without a cache, h is a whole sequence from position 0 (causal attention)."""
-        if self.exit_modules is None or exit not in self.exit_modules:
+        module = self.exit_module(exit)
+        if module is None:
             return self.norm(h)
-        module = self.exit_modules[exit]
         ctx = self.context(pos, h.shape[1], cache, h.shape[0]) if module.has_attention else None
         return module(h, ctx)
+
+    def exit_module(self, exit: int) -> Optional[nn.Module]:
+        """The exit module at exit ``exit`` (blocks run), or None for a bare exit."""
+        if self.exit_modules is None or exit not in self.exit_modules:
+            return None
+        return self.exit_modules[exit]
 
     def head_at(self, h: torch.Tensor, exit: int, cache: Optional[KVCache] = None,
                 pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:

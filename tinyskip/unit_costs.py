@@ -29,8 +29,9 @@ def median_seconds(fn, reps: int, device: torch.device) -> float:
 
 @torch.no_grad()
 def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) -> dict:
-    """Median seconds of one block call and one head call on 1..max_width positions, and
-    of a whole one-token full step through the decoders' API.
+    """Median seconds of one block call, one head call and (on a model with exit modules)
+    one exit-module call on 1..max_width positions, and of a whole one-token full step
+    through the decoders' API.
 
     Blocks are timed cycling through all L (so weights stream from memory as in a real
     step) and the head right after them: ``head:w`` is (L blocks + head) - (L blocks),
@@ -58,6 +59,9 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
         t_blocks = timed(lambda: blocks(h0, ctx))
         costs[f"layer:{w}"] = t_blocks / L
         costs[f"head:{w}"] = max(timed(lambda: model.head(blocks(h0, ctx))) - t_blocks, 0.0)
+        if model.exit_modules is not None:     # the modules are of one kind: price the first
+            module = model.exit_module(model.exit_modules.exit_layers[0])
+            costs[f"module:{w}"] = timed(lambda: module(h0, ctx))
     # The step's matrix work alone: every weight of the blocks and the head applied to one
     # token, nothing else (no norms, RoPE, attention or bookkeeping): the floor the step's
     # time would reach if everything between the matmuls were free.

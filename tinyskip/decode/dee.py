@@ -113,13 +113,13 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                 continue
             c, logits = conf.check(e, h[0, 0], lambda: head.logits(h, e, cache, pos)[0, 0])
             if cfg.measure not in HEAD_FREE:
-                stats.add_head()
+                stats.add_head(module=model.exit_module(e) is not None)
             if c >= decayed_threshold(thresholds[e], len(out), n_new, cfg.decay_tau):
                 exit_at = e
                 break
         if logits is None or exit_at == L or cfg.measure in HEAD_FREE:
             logits = head.logits(h, exit_at, cache, pos)[0, 0]
-            stats.add_head()
+            stats.add_head(module=model.exit_module(exit_at) is not None)
         out.append(int(choose(logits[None], sampling, generator)))
         stats.add_exit(exit_at)
         if exit_at < L:

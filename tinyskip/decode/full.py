@@ -43,7 +43,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     stats = DecodeStats()
     # Only the module at E (if any) is read, and its own forward writes its keys and
     # values: the modules passed on the way need none.
-    logits = prefill(model, prompt, cache, E, stats, exit_kv=False)
+    logits = prefill(model, prompt, cache, E, stats, exit_kv=())
     out = torch.empty(B, n_new, dtype=torch.long, device=prompt.device)
     stops = torch.tensor(sorted(stop_set(eos_id)), dtype=torch.long, device=prompt.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
@@ -53,7 +53,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
         tok = choose(logits, sampling, generator)                       # (B,)
         out[:, n - 1] = tok
         stats.add_layers(E)             # the token's own pass (the first one's is in prefill)
-        stats.add_head()
+        stats.add_head(module=model.exit_module(E) is not None)
         if stops.numel():
             done |= torch.isin(tok, stops)
             if bool(done.all()):
@@ -61,7 +61,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
         if n == n_new:
             break
         logits = step.token(tok[:, None], E, cache, positions(T + n - 1, 1, prompt.device),
-                            head, exit_kv=False)[1][:, -1]
+                            head, exit_kv=())[1][:, -1]
     sync(prompt.device)
     stats.decode_s = time.perf_counter() - t0
     rows = [truncate_at_eos(r, eos_id)[0] for r in out[:, :n].tolist()]

@@ -48,7 +48,11 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     cache = new_cache(model, prompt, n_new)
     draft, verifier = ExitHead(model, draft_ids), ExitHead(model)
     stats = DecodeStats()
-    out = [first_token(model, prompt, cache, stats, sampling, generator)]
+    # Only the draft exit's module (if it attends) is ever read. Its keys at a position
+    # come from the draft step's own module call there, or, where a position only ran
+    # blocks (the prompt, the last draft), from run_layers: exit_kv names it there alone.
+    module_kv = (E,)
+    out = [first_token(model, prompt, cache, stats, sampling, generator, module_kv)]
     t0 = time.perf_counter()
     # Exit states of one round: at most k drafts plus the last committed token (the
     # buffer never exceeds what the budget can use, whatever k asks for).
@@ -61,12 +65,12 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         cur = torch.tensor([out[-1]], device=dev)   # (1,)
         drafts, q, have = [], [], 0                 # have: exit states computed so far
         for j in range(k):
-            h, dls = step.token(cur[None], E, cache, positions(p + j, 1, dev), draft)
+            h, dls = step.token(cur[None], E, cache, positions(p + j, 1, dev), draft, ())
             h_exit[:, j] = h[:, 0]
             have = j + 1
             dl = dls[0, 0]                                                # (N,)
             stats.add_layers(E)
-            stats.add_head(cost=draft.cost)
+            stats.add_head(cost=draft.cost, module=model.exit_module(E) is not None)
             if sampling.greedy:
                 idx = dl.argmax()
                 conf = max_prob(torch.softmax(dl.float(), -1)) if cfg.adaptive_threshold else 1.0
@@ -84,12 +88,13 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         if have < m + 1:    # the last draft (or t itself when m = 0) has no exit state yet
             # Blocks only: the draft head's proposal after the last draft is not needed.
             h_exit[:, m] = model.run_layers(model.embed(cur[None]), 0, E, cache,
-                                            positions(p + m, 1, dev))[:, 0]
+                                            positions(p + m, 1, dev), module_kv)[:, 0]
             stats.add_layers(E)
         # (1, m+1, d) with strides of its own shape, not the buffer's: a compiled verify
         # step is then one graph per width, whatever k sized the buffer.
         states = h_exit[0, :m + 1].unsqueeze(0)
-        verify = step.states(states, E, L, cache, positions(p, m + 1, dev), verifier)[1][0]  # (m+1, V)
+        verify = step.states(states, E, L, cache, positions(p, m + 1, dev), verifier,
+                             ())[1][0]                                           # (m+1, V)
         stats.add_layers(L - E, width=m + 1)
         stats.add_head(width=m + 1)
         drafted = torch.cat(drafts).tolist() if drafts else []

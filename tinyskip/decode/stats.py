@@ -15,9 +15,9 @@ def _add_hist(a: list[int], b: list[int]) -> list[int]:
 class DecodeStats:
     """Counters of one generation (or, summed with ``+``, of many).
 
-    ``calls`` counts block and head calls by how many tokens each processed ("layer:3" =
-    a block run on 3 positions at once; a head call over a small draft vocabulary counts
-    as its fraction of a full-vocabulary call), so a benchmark can predict the cost from
+    ``calls`` counts block, head and exit-module calls by how many tokens each processed
+    ("layer:3" = a block run on 3 positions at once; a head call over a small draft
+    vocabulary counts as its fraction of a full-vocabulary call), so a benchmark can predict the cost from
     unit costs measured per width. ``exit_hist[e]`` counts tokens that left at exit e
     (blocks run, 1..L; DEE, static and full fill it).
     """
@@ -37,9 +37,14 @@ class DecodeStats:
         key = f"layer:{width}"
         self.calls[key] = self.calls.get(key, 0) + blocks
 
-    def add_head(self, width: int = 1, cost: float = 1.0) -> None:
+    def add_head(self, width: int = 1, cost: float = 1.0, module: bool = False) -> None:
+        """One head call on ``width`` positions (``cost``: its share of a full-vocabulary
+        call); ``module``: through an exit module, counted too as a "module:width" call."""
         key = f"head:{width}"
         self.calls[key] = self.calls.get(key, 0) + cost
+        if module:
+            key = f"module:{width}"
+            self.calls[key] = self.calls.get(key, 0) + 1
 
     def add_exit(self, exit: int, count: int = 1) -> None:
         self.exit_hist = _add_hist(self.exit_hist, [0] * exit + [count])

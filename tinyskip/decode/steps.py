@@ -66,10 +66,12 @@ def one_prompt(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, mo
 
 
 def first_token(model: Transformer, prompt: torch.Tensor, cache: KVCache, stats: DecodeStats,
-                sampling: SamplingConfig, generator: Optional[torch.Generator]) -> int:
+                sampling: SamplingConfig, generator: Optional[torch.Generator],
+                exit_kv: Optional[tuple[int, ...]] = None) -> int:
     """Prefill the prompt (1, T) through all L blocks and choose the first new token,
-    counted as one full pass: the modes that exit early start from the full model."""
-    logits = prefill(model, prompt, cache, model.num_layers, stats)
+    counted as one full pass: the modes that exit early start from the full model
+    (``exit_kv``: see ``Transformer.run_layers``)."""
+    logits = prefill(model, prompt, cache, model.num_layers, stats, exit_kv)
     stats.add_layers(model.num_layers)
     stats.add_head()
     return int(choose(logits, sampling, generator))
@@ -81,14 +83,13 @@ def sync(device: torch.device) -> None:
 
 
 def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, end_layer: int,
-            stats: DecodeStats, exit_kv: bool = True) -> torch.Tensor:
+            stats: DecodeStats, exit_kv: Optional[tuple[int, ...]] = None) -> torch.Tensor:
     """Run blocks [0, end_layer) over the prompt; returns the exit logits (B, V) of its last
     token (``exit_kv``: see ``Transformer.run_layers``)."""
     t0 = time.perf_counter()
     h = model.run_layers(model.embed(prompt), 0, end_layer, cache, 0, exit_kv)
     # Only the last position reaches the head; an attending module needs the whole prompt.
-    module = model.exit_modules[end_layer] if model.exit_modules is not None and \
-        end_layer in model.exit_modules else None
+    module = model.exit_module(end_layer)
     if module is None or not module.has_attention:
         h = h[:, -1:]
     logits = model.lm_head(model.exit_state(h, end_layer, cache, prompt.shape[1] - h.shape[1]))[:, -1]
@@ -140,22 +141,25 @@ class Steps:
     # The head's weight goes in as a tensor, not the ExitHead: a compiled graph then takes it
     # as an input instead of guarding on a Python object that every generation rebuilds.
     def token(self, tok: torch.Tensor, end: int, cache: KVCache, input_pos: torch.Tensor,
-              head: ExitHead, exit_kv: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              head: ExitHead, exit_kv: Optional[tuple[int, ...]] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, T) through blocks [0, end) -> states (B, T, d), logits (B, T, N)
         (``exit_kv``: see ``Transformer.run_layers``)."""
         return self._token_fn(tok, end, cache, input_pos, head.weight, exit_kv)
 
     def states(self, h: torch.Tensor, start: int, end: int, cache: KVCache,
-               input_pos: torch.Tensor, head: ExitHead) -> tuple[torch.Tensor, torch.Tensor]:
-        """States (B, T, d) after ``start`` blocks through blocks [start, end) and a head."""
-        return self._states_fn(h, start, end, cache, input_pos, head.weight)
+               input_pos: torch.Tensor, head: ExitHead, exit_kv: Optional[tuple[int, ...]] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """States (B, T, d) after ``start`` blocks through blocks [start, end) and a head
+        (``exit_kv``: see ``Transformer.run_layers``)."""
+        return self._states_fn(h, start, end, cache, input_pos, head.weight, exit_kv)
 
     def _token(self, tok, end, cache, input_pos, weight, exit_kv):
         h = self.model.run_layers(self.model.embed(tok), 0, end, cache, input_pos, exit_kv)
         return h, linear(self.model.exit_state(h, end, cache, input_pos), weight)  # = ExitHead.logits
 
-    def _states(self, h, start, end, cache, input_pos, weight):
-        h = self.model.run_layers(h, start, end, cache, input_pos)
+    def _states(self, h, start, end, cache, input_pos, weight, exit_kv):
+        h = self.model.run_layers(h, start, end, cache, input_pos, exit_kv)
         return h, linear(self.model.exit_state(h, end, cache, input_pos), weight)
 
 
