@@ -3,7 +3,11 @@ offline, their file, and every decoder reading exits through them."""
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ from tinyskip.trainer import train
 from conftest import tiny_config, tiny_train_overrides
 
 KINDS = ["block", "mlp", "attention", "norm"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -227,6 +232,27 @@ def test_offline_training_reproduces_online_training_loss_for_loss(balcony):
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["steps"] == 6 and meta["exit_layers"] == [1, 2, 3] and not meta["bf16_autocast"]
     assert offline.last_eval["cache_build_s"] > 0 and online.last_eval["exit_cache"] == "online"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_two_data_parallel_processes_train_the_modules_as_one_does(balcony, mode):
+    """torchrun with two ranks, each on half of every batch (offline: each from its own
+    rank's cache), logs the same global loss, KL and validation loss as one process."""
+    root, args, _, _, _ = balcony
+    run = f"tiny-exits-ddp-{mode}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tinyskip.train", *args, f"run={run}", f"train.exit_cache={mode}"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [ddp] = [json.loads(l) for l in (root / run / "metrics.jsonl").read_text().splitlines()]
+    [one] = [json.loads(l) for l in (root / "tiny-exits" / "metrics.jsonl").read_text().splitlines()]
+    assert ddp["step"] == one["step"] == 6
+    assert ddp["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    # (abs: a module initialised from the last block starts at a KL of about 1e-7)
+    assert ddp["train_kl"] == pytest.approx(one["train_kl"], rel=1e-4, abs=1e-6)
+    assert ddp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
 
 
 def test_a_finished_run_resumes_with_its_default_exits(balcony):

@@ -216,24 +216,32 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
         if bar is not None:
             bar.update(1)
         last_step = step + 1 == tc.max_steps
-        if ((step + 1) % tc.eval_every == 0 or last_step) and rank == 0:
+        evaluating = (step + 1) % tc.eval_every == 0 or last_step
+        if evaluating:
+            # The step's loss and the window's KL per exit; rank means over equal-sized
+            # shards average to the global batch's (every rank takes part in the reduce).
+            logged = torch.cat([loss.detach().reshape(1), torch.stack(window).mean(0)]).double()
+            if world > 1:
+                dist.all_reduce(logged)
+                logged /= world
+            window = []
+        if evaluating and rank == 0:
             modules.eval()
             ev = exit_perplexities(model, corpus.tokens["validation"], corpus.words["validation"],
                                    tc.seq_len, tc.batch_size, tc.eval_batches, tc.bf16)
             modules.train()
             result.last_eval = {
-                "step": step + 1, "lr": cosine_lr(tc, step), "train_loss": loss.item(),
-                "train_kl": dict(zip(map(str, exits), torch.stack(window).mean(0).tolist())),
+                "step": step + 1, "lr": cosine_lr(tc, step), "train_loss": logged[0].item(),
+                "train_kl": dict(zip(map(str, exits), logged[1:].tolist())),
                 "tokens_per_s": train_tokens / train_time, "train_s": train_time,
                 "cache_build_s": build_s, "exit_cache": tc.exit_cache,
                 "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"],
                 "val_agreement": ev["agreement"], "val_p_last_top": ev["p_last_top"]}
             append_text(metrics_path, json.dumps(result.last_eval) + "\n")
-            window = []
         if ((step + 1) % tc.save_every == 0 or last_step) and rank == 0:
             save_exit_modules(run_dir, modules, ref, {"step": step + 1,
                                                       "optimizer": optimizer.state_dict()})
-        if world > 1 and ((step + 1) % tc.eval_every == 0 or last_step):
+        if world > 1 and evaluating:
             dist.barrier()
     if bar is not None:
         bar.close()
