@@ -36,6 +36,8 @@ def test_compiled_steps_trace_without_graph_breaks(model):
     explain = torch._dynamo.explain(steps._token)(tok, 4, cache, positions(3, 1, "cpu"), head.weight,
                                                   None)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
+    explain = torch._dynamo.explain(steps._blocks)(tok, 2, cache, positions(3, 1, "cpu"), (2,))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
     h = torch.zeros(1, 3, model.config.hidden_size)
     explain = torch._dynamo.explain(steps._states)(h, 2, 4, cache, positions(3, 3, "cpu"),
                                                    head.weight, ())

@@ -87,8 +87,8 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         m = len(drafts)
         if have < m + 1:    # the last draft (or t itself when m = 0) has no exit state yet
             # Blocks only: the draft head's proposal after the last draft is not needed.
-            h_exit[:, m] = model.run_layers(model.embed(cur[None]), 0, E, cache,
-                                            positions(p + m, 1, dev), module_kv)[:, 0]
+            h_exit[:, m] = step.blocks(cur[None], E, cache, positions(p + m, 1, dev),
+                                       module_kv)[:, 0]
             stats.add_layers(E)
         # (1, m+1, d) with strides of its own shape, not the buffer's: a compiled verify
         # step is then one graph per width, whatever k sized the buffer.

@@ -102,10 +102,10 @@ def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, end_layer:
 class Steps:
     """The per-token model calls of the decoding loops, eager or compiled.
 
-    ``token`` runs tokens (B, T) through blocks [0, end) and a head; ``states`` runs
+    ``token`` runs tokens (B, T) through blocks [0, end) and a head, ``blocks`` the same
+    without the head (SSD's last draft, whose proposal is not needed); ``states`` runs
     hidden states (B, T, d) after ``start`` blocks through blocks [start, end) and a head
-    (SSD's verify). Positions
-    are tensors and the cache hands attention its full buffers, so with ``compile=True``
+    (SSD's verify). Positions are tensors and the cache hands attention its full buffers, so with ``compile=True``
     each step is traced once per shape (``fullgraph``: no graph break) and never again as
     the sequence grows. Prefill and the per-layer steps of DEE stay eager.
     """
@@ -114,6 +114,7 @@ class Steps:
         self.model = model
         self.compiled = compile
         self._token_fn = self._wrap(self._token) if compile else self._token
+        self._blocks_fn = self._wrap(self._blocks) if compile else self._blocks
         self._states_fn = self._wrap(self._states) if compile else self._states
 
     def _wrap(self, fn: Callable) -> Callable:
@@ -147,6 +148,12 @@ class Steps:
         (``exit_kv``: see ``Transformer.run_layers``)."""
         return self._token_fn(tok, end, cache, input_pos, head.weight, exit_kv)
 
+    def blocks(self, tok: torch.Tensor, end: int, cache: KVCache, input_pos: torch.Tensor,
+               exit_kv: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+        """Tokens (B, T) through blocks [0, end) -> states (B, T, d), no head
+        (``exit_kv``: see ``Transformer.run_layers``)."""
+        return self._blocks_fn(tok, end, cache, input_pos, exit_kv)
+
     def states(self, h: torch.Tensor, start: int, end: int, cache: KVCache,
                input_pos: torch.Tensor, head: ExitHead, exit_kv: Optional[tuple[int, ...]] = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +162,11 @@ class Steps:
         return self._states_fn(h, start, end, cache, input_pos, head.weight, exit_kv)
 
     def _token(self, tok, end, cache, input_pos, weight, exit_kv):
-        h = self.model.run_layers(self.model.embed(tok), 0, end, cache, input_pos, exit_kv)
+        h = self._blocks(tok, end, cache, input_pos, exit_kv)
         return h, linear(self.model.exit_state(h, end, cache, input_pos), weight)  # = ExitHead.logits
+
+    def _blocks(self, tok, end, cache, input_pos, exit_kv):
+        return self.model.run_layers(self.model.embed(tok), 0, end, cache, input_pos, exit_kv)
 
     def _states(self, h, start, end, cache, input_pos, weight, exit_kv):
         h = self.model.run_layers(h, start, end, cache, input_pos, exit_kv)
