@@ -88,6 +88,9 @@ def test_steps_through_attending_exit_modules_trace_without_graph_breaks():
     explain = torch._dynamo.explain(steps._token)(torch.tensor([[5]]), 2, cache,
                                                   positions(3, 1, "cpu"), head.weight, None)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
+    explain = torch._dynamo.explain(steps._blocks)(torch.tensor([[5]]), 2, cache,
+                                                   positions(3, 1, "cpu"), (2,))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
 
 
 def test_a_verify_width_compiles_once_whatever_k_sized_the_state_buffer(model, compiled):

@@ -124,6 +124,47 @@ def test_decoders_write_only_the_module_keys_they_read(model_with_modules, monke
     assert filled[slots[1]] >= set(range(6 + 24 - 1)) and filled[slots[2]] == set()
 
 
+@pytest.mark.parametrize("model_with_modules", ["block", "attention"], indirect=True)
+def test_ssd_drafts_the_same_as_when_every_module_key_is_written(model_with_modules,
+                                                                 monkeypatch):
+    """The keys SSD leaves unwritten are never read: with every module's keys written
+    on every call, each draft, acceptance and token is the same (greedy and sampled;
+    adaptive drafting; a small draft vocabulary; drafts rejected and accepted)."""
+    from tinyskip.decode import SamplingConfig
+    from tinyskip.model import Transformer
+
+    model = model_with_modules
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    # Blocks 1.. add nothing, module 1 adds a little to what the last exit reads, and
+    # a scaled head sharpens both: drafts are sometimes accepted, sometimes not.
+    with torch.no_grad():
+        for block in [*model.layers[1:], model.exit_modules[1]]:
+            scale = 0.0 if block in model.layers else 0.5
+            block.self_attn.o_proj.weight.mul_(scale)
+            if hasattr(block, "mlp"):
+                block.mlp.down_proj.weight.mul_(scale)
+        model.exit_modules[1].norm.weight.copy_(model.norm.weight)
+        model.lm_head.weight.mul_(8)
+    cases = [(SSDConfig(1, 3), SamplingConfig(), None),
+             (SSDConfig(1, 3, adaptive_threshold=0.06), SamplingConfig(), None),
+             (SSDConfig(1, 3), SamplingConfig(temperature=1.0), None),
+             (SSDConfig(1, 3), SamplingConfig(temperature=0.8), torch.arange(0, 97, 2))]
+
+    def run_all():
+        return [ssd_generate(model, prompt, 20, cfg, sampling,
+                             generator=torch.Generator().manual_seed(5), draft_ids=ids)
+                for cfg, sampling, ids in cases]
+
+    lean = run_all()
+    real = Transformer.run_layers
+    monkeypatch.setattr(Transformer, "run_layers", lambda self, h, start, end, cache=None,
+                        pos=0, exit_kv=None: real(self, h, start, end, cache, pos, None))
+    for a, b in zip(lean, run_all()):
+        assert a.tokens == b.tokens
+        assert (a.stats.drafted, a.stats.accept_hist) == (b.stats.drafted, b.stats.accept_hist)
+    assert 0 < lean[0].stats.accepted < lean[0].stats.drafted
+
+
 @pytest.mark.parametrize("model_with_modules", ["mlp"], indirect=True)
 def test_module_calls_are_counted_and_priced(model_with_modules):
     """A head call through an exit module is also a module call, which the benchmark
@@ -176,7 +217,7 @@ def balcony(trained_tiny, wikitext_path, data_cache, tmp_path_factory):
                                      eval_every=6, save_every=3, lr=1e-3, bf16=False)
     args = [o for o in overrides if not o.startswith(("model", "run="))] + [
         "train=balcony", "train.backbone=tiny", "train.max_steps=6", "train.eval_every=6",
-        "train.save_every=3"]
+        "train.save_every=3", "train.device=cpu"]   # (a two-rank run here is on gloo)
     online = train(compose_job("train", args + ["run=tiny-exits"]), progress=False)
     offline = train(compose_job("train", args + ["run=tiny-exits-offline",
                                                  "train.exit_cache=offline"]), progress=False)

@@ -157,7 +157,7 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(overrides, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_with_two_processes_matches_one_process(overrides, tmp_path):
-    kw = dict(max_steps=12, eval_every=4, eval_batches=2, save_every=12)
+    kw = dict(max_steps=12, eval_every=4, eval_batches=2, save_every=12, device="cpu")
     job = compose_job("train", overrides("one", **kw))
     # The default preset is the LayerSkip recipe: the ranks must agree on LayerDrop draws
     # and on the early-exit losses, not only on a plain last-layer loss.

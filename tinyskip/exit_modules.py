@@ -16,10 +16,12 @@ follow the Hugging Face Llama decoder layer (``self_attn.q_proj``, ``mlp.gate_pr
 
 Modules with attention keep keys and values like any block, in extra slots of the KV
 cache (slot L + i for the i-th of them). Their keys and values at a position come from
-h_E there, so ``Transformer.run_layers`` writes them whenever a call runs block E-1
-(prefill, a draft step, a deferred recompute), and ``propagate_kv`` fills them from an
-earlier exit state like a deeper block's: the module then attends over every position,
-whatever path the position took.
+h_E there. A module's own forward writes them at the positions it runs on; where a
+position only ran blocks, ``Transformer.run_layers`` writes them as block E-1 runs, for
+the exits its caller reads (``exit_kv``: DEE every exit, SSD its draft exit, full and
+static none), and ``propagate_kv`` fills them from an earlier exit state like a deeper
+block's. A module a decoder reads then attends over every position, whatever path the
+position took.
 """
 
 from __future__ import annotations

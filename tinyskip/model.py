@@ -284,7 +284,8 @@ class Transformer(nn.Module):
             w = self.embed_tokens.weight
             modules.to(w.device, w.dtype if cast else None)
         object.__setattr__(self, "exit_modules", modules)
-        # Exits whose module attends: run_layers writes their keys and values.
+        # Exits whose module attends: run_layers writes their keys and values (those its
+        # caller's exit_kv names).
         object.__setattr__(self, "_kv_exits", frozenset(
             e for e in (modules.exit_layers if modules else []) if modules[e].has_attention))
 
@@ -348,7 +349,8 @@ class Transformer(nn.Module):
             k, v = layer.self_attn.kv(layer.input_layernorm(h), ctx)
             cache.update(i, ctx.input_pos, k, v)
         # Deeper exits' modules attend over this position too (see exit_modules.py); the
-        # module at ``start`` itself got its entry when block start-1 ran.
+        # module at ``start`` itself got its entry when block start-1 ran (DEE, the one
+        # caller, writes every exit's module keys as it goes).
         for e in self._kv_exits:
             if start < e <= end:
                 self.exit_modules[e].write_kv(h, ctx)

@@ -61,7 +61,8 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
         costs[f"head:{w}"] = max(timed(lambda: model.head(blocks(h0, ctx))) - t_blocks, 0.0)
         if model.exit_modules is not None:     # the modules are of one kind: price the first
             module = model.exit_module(model.exit_modules.exit_layers[0])
-            costs[f"module:{w}"] = timed(lambda: module(h0, ctx))
+            # Charged like the head: with the cache misses its weights cause after blocks.
+            costs[f"module:{w}"] = max(timed(lambda: module(blocks(h0, ctx), ctx)) - t_blocks, 0.0)
     # The step's matrix work alone: every weight of the blocks and the head applied to one
     # token, nothing else (no norms, RoPE, attention or bookkeeping): the floor the step's
     # time would reach if everything between the matmuls were free.
@@ -71,8 +72,8 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
     costs["matmuls"] = timed(lambda: [torch.nn.functional.linear(vecs[w.shape[1]], w) for w in mats])
     h1 = model.embed(x)
     costs["kv:1"] = timed(lambda: model.propagate_kv(h1, 0, L, cache, pos)) / L
-    step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, pos)[:, -1])
-                 .argmax(-1))
+    step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, pos, ())[:, -1])
+                 .argmax(-1))                        # as full decoding runs it: no module keys
     costs["step"] = step
     costs["overhead"] = (step - L * costs["layer:1"] - costs["head:1"]) / step
     return costs
