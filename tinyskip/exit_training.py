@@ -35,7 +35,7 @@ from .losses import cosine_lr, early_exit_loss, exit_kl
 from .model import Transformer
 from .perplexity import autocast, exit_perplexities
 from .resume import check_recipe, truncate_metrics
-from .trainer import TrainResult, init_distributed, make_optimizer
+from .trainer import TrainResult, init_distributed, make_optimizer, rank_mean
 
 
 def default_exit_layers(num_layers: int) -> list[int]:
@@ -218,12 +218,9 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
         last_step = step + 1 == tc.max_steps
         evaluating = (step + 1) % tc.eval_every == 0 or last_step
         if evaluating:
-            # The step's loss and the window's KL per exit; rank means over equal-sized
-            # shards average to the global batch's (every rank takes part in the reduce).
-            logged = torch.cat([loss.detach().reshape(1), torch.stack(window).mean(0)]).double()
-            if world > 1:
-                dist.all_reduce(logged)
-                logged /= world
+            # The step's loss and the window's KL per exit, over the global batch.
+            logged = rank_mean(torch.cat([loss.detach().reshape(1),
+                                          torch.stack(window).mean(0)]).double(), world)
             window = []
         if evaluating and rank == 0:
             modules.eval()

@@ -60,6 +60,16 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def rank_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of ``t`` over the ranks (every rank must call it): rank means over
+    equal-sized shards average to the global batch's. ``t`` lives on the training device
+    (NCCL reduces CUDA tensors only)."""
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t
+
+
 def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
     """Model, optimizer state and start step: fresh, or resumed from the run's checkpoint."""
     tc = job.train
@@ -236,13 +246,8 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{train_tokens / train_time:.0f}")
         last = step + 1 == tc.max_steps
         if (step + 1) % tc.eval_every == 0 or last:
-            # Rank means of equal-sized shards average to the global batch's mean. On the
-            # training device: NCCL reduces CUDA tensors only.
-            window = torch.tensor(sum(window_losses) / len(window_losses), dtype=torch.float64,
-                                  device=device)
-            if world > 1:
-                dist.all_reduce(window)
-                window /= world
+            window = rank_mean(torch.tensor(sum(window_losses) / len(window_losses),
+                                            dtype=torch.float64, device=device), world)
             if rank == 0:
                 ev = exit_perplexities(model, corpus.tokens["validation"], corpus.words["validation"],
                                        tc.seq_len, tc.batch_size, tc.eval_batches, tc.bf16)
