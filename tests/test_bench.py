@@ -112,3 +112,14 @@ def test_the_entry_point_writes_json_csv_markdown_and_a_pareto_plot(run_args, tm
     assert md[2].startswith("| mode |") and sum(line.startswith("| ssd E=2 k=2 |") for line in md) == 1
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(res["rows"][0]["ppl"]) and 0.0 <= res["rows"][0]["rouge_l"] <= 1.0
+
+
+def test_median_extra_seconds_is_what_the_first_call_adds_to_the_second():
+    import time
+
+    from tinyskip.unit_costs import median_extra_seconds
+
+    extra = median_extra_seconds(lambda: time.sleep(0.003), lambda: None, 9, torch.device("cpu"))
+    assert 0.002 < extra < 0.05
+    assert median_extra_seconds(lambda: None, lambda: time.sleep(0.003), 9,
+                                torch.device("cpu")) == 0.0      # never negative

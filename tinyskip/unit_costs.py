@@ -12,19 +12,30 @@ import torch
 from .model import Transformer
 
 
+def _seconds(fn, device: torch.device) -> float:
+    """Wall time of one ``fn()`` (a GPU is synchronised before the reading)."""
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def median_seconds(fn, reps: int, device: torch.device) -> float:
-    """Median wall time of ``fn()`` over ``reps`` calls after 5 warm-up calls (a GPU is
-    synchronised before each reading)."""
+    """Median wall time of ``fn()`` over ``reps`` calls after 5 warm-up calls."""
     for _ in range(5):
         fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_seconds(fn, device) for _ in range(reps))
+
+
+def median_extra_seconds(fn_with, fn_without, reps: int, device: torch.device) -> float:
+    """Median over ``reps`` of what ``fn_with()`` costs beyond ``fn_without()``, the two
+    timed back to back in each rep: the machine's drift between two separate medians
+    (here often larger than a head call) cancels out of each difference."""
+    for _ in range(5):
+        fn_with(), fn_without()
+    return max(statistics.median(_seconds(fn_with, device) - _seconds(fn_without, device)
+                                 for _ in range(reps)), 0.0)
 
 
 @torch.no_grad()
@@ -35,7 +46,7 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
 
     Blocks are timed cycling through all L (so weights stream from memory as in a real
     step) and the head right after them: ``head:w`` is (L blocks + head) - (L blocks),
-    which charges the head with the cache misses its weight causes. What a full step
+    timed back to back, which charges the head with the cache misses its weight causes. What a full step
     costs beyond L blocks and the head (embedding, attention set-up, argmax, Python)
     is the bookkeeping overhead.
     """
@@ -58,12 +69,13 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
         ctx = model.context(pos, w, cache, 1)
         t_blocks = timed(lambda: blocks(h0, ctx))
         costs[f"layer:{w}"] = t_blocks / L
-        costs[f"head:{w}"] = max(timed(lambda: model.head(blocks(h0, ctx))) - t_blocks, 0.0)
+        costs[f"head:{w}"] = median_extra_seconds(lambda: model.head(blocks(h0, ctx)),
+                                                  lambda: blocks(h0, ctx), reps, dev)
         if model.exit_modules is not None:     # the modules are of one kind: price the first
             module = model.exit_module(model.exit_modules.exit_layers[0])
-            # Timed alone: a difference against the blocks' time, as the head is priced,
-            # drowns a module's fraction of a millisecond in the blocks' run-to-run noise
-            # (measured: 0-2 ms for a norm module on l12_d256).
+            # Timed alone: even back to back, a difference against the blocks' time (as
+            # the head is priced) buries a small module in noise (a norm module on
+            # l12_d256: 58-120 us that way, 16-17 us alone).
             costs[f"module:{w}"] = timed(lambda: module(h0, ctx))
     # The step's matrix work alone: every weight of the blocks and the head applied to one
     # token, nothing else (no norms, RoPE, attention or bookkeeping): the floor the step's
