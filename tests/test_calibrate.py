@@ -121,6 +121,25 @@ def test_the_commands_chain_as_written_on_the_default_run(trained_tiny, tmp_path
         assert "tok/s" in lines[1] and "tok/s" in lines[3]
 
 
+@pytest.mark.slow
+def test_infer_without_any_prompt_continues_the_test_splits_openings(trained_tiny, tmp_path):
+    """The bare command run from a script (standard input empty, not a terminal)."""
+    from tinyskip.config import DataConfig
+    from tinyskip.infer import opening_prompts
+    from tinyskip.loading import run_data_config
+
+    shutil.copytree(trained_tiny[2], tmp_path / "checkpoints" / "l6_d128")
+    done = cli(tmp_path, "tinyskip.infer", "mode=ssd", "draft_layer=3", "k=4", "max_new_tokens=4",
+               stdin="")
+    assert done.returncode == 0, done.stderr[-1500:]
+    openings = opening_prompts(run_data_config(trained_tiny[2], DataConfig()))
+    lines = done.stdout.strip().splitlines()
+    assert len(openings) == 3 and len(lines) == 6
+    assert all(lines[2 * i].startswith(o) for i, o in enumerate(openings))
+    assert all(not o.startswith("=") and len(o.split()) == 12 for o in openings)
+    assert "test-split paragraphs" in done.stderr
+
+
 def test_bench_sweeps_dee_measures_thresholds_and_cache_strategies(run_dir):
     from tinyskip.bench import benchmark
     from tinyskip.bench_report import format_table

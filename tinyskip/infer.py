@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from .atomic import write_json_atomic
 from .cli import entry_point
-from .config import DEEConfig, SSDConfig, UserError
+from .config import DataConfig, DEEConfig, SSDConfig, UserError
+from .data import load_lines
 from .decode import ModeSpec, SamplingConfig, Steps, decode
 from .jobs import InferJob
 from .loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source, pick_device,
-                      read_calibration)
+                      read_calibration, run_data_config)
 
 
 def dee_config(job, loaded: Loaded) -> DEEConfig:
@@ -59,12 +60,23 @@ def mode_spec(job, loaded: Loaded) -> ModeSpec:
     return spec
 
 
-def read_prompts(job: InferJob) -> Iterator[str]:
+def read_prompts(job: InferJob, fallback: Callable[[], list[str]]) -> Iterator[str]:
+    """``prompt=``, else ``prompts_file=``, else standard input's lines; standard input
+    that is not a terminal and gives none falls back to ``fallback()`` (so the bare
+    command decodes something when run from a script)."""
     if job.prompt is not None:
         yield job.prompt
         return
     if job.prompts_file is None:
-        yield from _stdin_prompts()
+        given = False
+        for line in _stdin_prompts():
+            given = True
+            yield line
+        if not given and not sys.stdin.isatty():
+            prompts = fallback()
+            print(f"no prompt= or prompts_file= and nothing on standard input: continuing "
+                  f"the openings of {len(prompts)} test-split paragraphs", file=sys.stderr)
+            yield from prompts
         return
     path = Path(job.prompts_file)
     if not path.is_file():
@@ -94,6 +106,14 @@ def _stdin_prompts() -> Iterator[str]:
             yield line.rstrip("\n")
 
 
+def opening_prompts(data: DataConfig, n: int = 3, words: int = 12) -> list[str]:
+    """The first ``words`` words of the test split's first ``n`` paragraphs (headings,
+    the " = Title = " lines, skipped)."""
+    lines = [line.strip() for line in load_lines(data)[0]["test"]]
+    paragraphs = [line for line in lines if line and not line.startswith("=")]
+    return [" ".join(p.split()[:words]) for p in paragraphs[:n]]
+
+
 def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
     """Text of the new tokens as they read after the prompt (spacing kept), EOS as a newline."""
     stops = tok.stop_ids()
@@ -113,7 +133,8 @@ def generations(job: InferJob) -> Iterator[dict]:
     eos = tok.stop_ids() if job.stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(job.seed)
     steps = Steps(model, compile=job.compile)       # shared, so graphs compile once
-    for text in read_prompts(job):
+    for text in read_prompts(job, lambda: opening_prompts(run_data_config(loaded.run_dir,
+                                                                            job.data))):
         ids = tok.encode(text)
         prompt = torch.tensor([ids], dtype=torch.long, device=device)
         gen = decode(model, prompt, job.max_new_tokens, spec, sampling, eos, generator, draft_ids,
