@@ -219,8 +219,8 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
         evaluating = (step + 1) % tc.eval_every == 0 or last_step
         if evaluating:
             # The step's loss and the window's KL per exit, over the global batch.
-            logged = torch.cat([rank_mean(loss.detach().reshape(1).double(), world),
-                                          torch.stack(window).mean(0).double()])
+            logged = rank_mean(torch.cat([loss.detach().reshape(1),
+                                          torch.stack(window).mean(0)]).double(), world)
             window = []
         if evaluating and rank == 0:
             modules.eval()
