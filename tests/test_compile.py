@@ -106,3 +106,17 @@ def test_a_verify_width_compiles_once_whatever_k_sized_the_state_buffer(model, c
     g = ssd_generate(model, prompt, 4, SSDConfig(L, 4), steps=compiled)
     assert g.stats.accept_hist[-1] == 1 and len(g.stats.accept_hist) == 3    # one width-3 verify
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_compiled_ssd_runs_blocks_eagerly_only_for_the_prompt(model, compiled, monkeypatch):
+    """Every per-round call (drafts, the last draft's blocks-only call, the verify) goes
+    through a compiled step; only prefill runs blocks op by op."""
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(5))
+    ssd_generate(model, prompt, 12, SSDConfig(2, 2), steps=compiled)          # compiles
+    eager = []
+    real = Transformer.run_layers
+    monkeypatch.setattr(Transformer, "run_layers", lambda self, *a, **kw: (
+        eager.append(a[0].shape[1]) if not torch.compiler.is_compiling() else None)
+        or real(self, *a, **kw))
+    g = ssd_generate(model, prompt, 12, SSDConfig(2, 2), steps=compiled)
+    assert g.stats.rounds > 1 and eager == [6]

@@ -118,10 +118,14 @@ def test_decoders_write_only_the_module_keys_they_read(model_with_modules, monke
     update = KVCache.update
     monkeypatch.setattr(KVCache, "update", lambda self, layer, pos, k, v: filled.get(
         layer, set()).update(pos.tolist()) or update(self, layer, pos, k, v))
+    written.clear()
     g = ssd_generate(model, prompt, 24, SSDConfig(1, 3))
     assert g.tokens[0] == generate(model, prompt, 24).tokens[0]
     assert g.stats.accepted == g.stats.drafted > 0
     assert filled[slots[1]] >= set(range(6 + 24 - 1)) and filled[slots[2]] == set()
+    # Keys written apart from a module's own call: the prompt's, and at most one position
+    # per round (its last draft); the draft steps' module calls write the rest themselves.
+    assert 6 < sum(written) <= 6 + g.stats.rounds
 
 
 @pytest.mark.parametrize("model_with_modules", ["block", "attention"], indirect=True)
@@ -180,6 +184,10 @@ def test_module_calls_are_counted_and_priced(model_with_modules):
     assert ssd.calls["module:1"] == ssd.drafted > 0
     dee = dee_generate(model, prompt, 8, DEEConfig("softmax", [0.0], [2])).stats.calls
     assert dee["module:1"] == 7             # every token but prefill's leaves at exit 2
+    # A head-free measure (saturation: none at the first check, >= -1 at the second)
+    # reads the module once, for the token that leaves at exit 2.
+    dee = dee_generate(model, prompt, 8, DEEConfig("saturation", [-1.0], [1, 2])).stats.calls
+    assert dee["module:1"] == 7
     costs = unit_costs(model, 8, 2, reps=3)
     assert costs["module:1"] > 0 and costs["module:2"] > 0
 

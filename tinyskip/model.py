@@ -349,8 +349,8 @@ class Transformer(nn.Module):
             k, v = layer.self_attn.kv(layer.input_layernorm(h), ctx)
             cache.update(i, ctx.input_pos, k, v)
         # Deeper exits' modules attend over this position too (see exit_modules.py); the
-        # module at ``start`` itself got its entry when block start-1 ran (DEE, the one
-        # caller, writes every exit's module keys as it goes).
+        # module at ``start`` itself got its entry when block start-1 ran (DEE, its
+        # decoder, writes every exit's module keys as it goes).
         for e in self._kv_exits:
             if start < e <= end:
                 self.exit_modules[e].write_kv(h, ctx)

@@ -1,6 +1,7 @@
-"""What one block, one head call and one whole step cost on this machine, measured: the
-unit prices the benchmark predicts each mode's speed from, and the step's matrix work
-alone, the floor a step would reach if everything between the matmuls were free."""
+"""What one block, one head call, one exit-module call and one whole step cost on this
+machine, measured: the unit prices the benchmark predicts each mode's speed from, and the
+step's matrix work alone, the floor a step would reach if everything between the matmuls
+were free."""
 
 from __future__ import annotations
 

@@ -85,6 +85,7 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         raise UserError(f"the cache has {len(cache.k)} layer slots; this model with its exit "
                         f"modules needs {slots} (build it with model.new_cache)")
     head = ExitHead(model)
+    module_exits = set(model.exit_modules.exit_layers) if model.exit_modules is not None else set()
     stats = DecodeStats()
     out = [first_token(model, prompt, cache, stats, sampling, generator)]
     t0 = time.perf_counter()
@@ -113,13 +114,13 @@ def dee_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                 continue
             c, logits = conf.check(e, h[0, 0], lambda: head.logits(h, e, cache, pos)[0, 0])
             if cfg.measure not in HEAD_FREE:
-                stats.add_head(module=model.exit_module(e) is not None)
+                stats.add_head(module=e in module_exits)
             if c >= decayed_threshold(thresholds[e], len(out), n_new, cfg.decay_tau):
                 exit_at = e
                 break
         if logits is None or exit_at == L or cfg.measure in HEAD_FREE:
             logits = head.logits(h, exit_at, cache, pos)[0, 0]
-            stats.add_head(module=model.exit_module(exit_at) is not None)
+            stats.add_head(module=exit_at in module_exits)
         out.append(int(choose(logits[None], sampling, generator)))
         stats.add_exit(exit_at)
         if exit_at < L:

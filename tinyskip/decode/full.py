@@ -44,6 +44,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     # Only the module at E (if any) is read, and its own forward writes its keys and
     # values: the modules passed on the way need none.
     logits = prefill(model, prompt, cache, E, stats, exit_kv=())
+    through_module = model.exit_module(E) is not None      # (looked up once, not per token)
     out = torch.empty(B, n_new, dtype=torch.long, device=prompt.device)
     stops = torch.tensor(sorted(stop_set(eos_id)), dtype=torch.long, device=prompt.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
@@ -53,7 +54,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
         tok = choose(logits, sampling, generator)                       # (B,)
         out[:, n - 1] = tok
         stats.add_layers(E)             # the token's own pass (the first one's is in prefill)
-        stats.add_head(module=model.exit_module(E) is not None)
+        stats.add_head(module=through_module)
         if stops.numel():
             done |= torch.isin(tok, stops)
             if bool(done.all()):

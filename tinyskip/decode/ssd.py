@@ -52,6 +52,7 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     # come from the draft step's own module call there, or, where a position only ran
     # blocks (the prompt, the last draft), from run_layers: exit_kv names it there alone.
     module_kv = (E,)
+    through_module = model.exit_module(E) is not None      # (looked up once, not per draft)
     out = [first_token(model, prompt, cache, stats, sampling, generator, module_kv)]
     t0 = time.perf_counter()
     # Exit states of one round: at most k drafts plus the last committed token (the
@@ -70,7 +71,7 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             have = j + 1
             dl = dls[0, 0]                                                # (N,)
             stats.add_layers(E)
-            stats.add_head(cost=draft.cost, module=model.exit_module(E) is not None)
+            stats.add_head(cost=draft.cost, module=through_module)
             if sampling.greedy:
                 idx = dl.argmax()
                 conf = max_prob(torch.softmax(dl.float(), -1)) if cfg.adaptive_threshold else 1.0
