@@ -44,6 +44,8 @@ CASES = [
     # Rejected while the config is composed.
     ("train", ["model.hiden_size=64"], "model.hiden_size: no such key (did you mean model.hidden_size?)"),
     ("infer", ["mdoe=ssd"], "mdoe: no such key (did you mean mode?)"),
+    ("infer", ["mode=ssd", "mode.draft_layer=0"],
+     "mode.draft_layer=0: mode holds a value, not options (did you mean draft_layer=0?)"),
     ("train", ["model=l99"], "model=l99: no such option (available: hf_llama, l12_d256,"),
     ("train", ["train.max_steps=abc"], "train.max_steps='abc': Value 'abc' of type 'str' could not"),
     ("train", ["train.max_steps=0"], "TrainConfig.max_steps=0: must be > 0"),

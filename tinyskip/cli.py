@@ -103,6 +103,14 @@ def config_error(e: Exception) -> UserError:
         return UserError(_unknown_key(named.group(1) if named else cause.full_key, cause))
     if isinstance(cause, MissingMandatoryValue):
         return UserError(f"{cause.full_key}: a value is required (give {cause.full_key}=...)")
+    merging = re.match(r"Error merging override (\S+)", str(e))
+    if isinstance(cause, ValidationError) and merging and isinstance(cause.value, dict):
+        # ``mode.draft_layer=0``: a dotted override under a key that holds a plain value
+        # (the mode files put their options at the top level).
+        override = merging.group(1)
+        inner = override[len(str(cause.full_key)) + 1:]
+        return UserError(f"{override}: {cause.full_key} holds a value, not options "
+                         f"(did you mean {inner}?)")
     if isinstance(cause, ValidationError) and cause.full_key:
         return UserError(f"{cause.full_key}={cause.value!r}: "
                          f"{_one_line(cause.msg.split('full_key:')[0])}")
