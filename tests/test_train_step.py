@@ -141,12 +141,12 @@ def test_compiled_blocks_do_not_recompile_for_new_exit_sets_or_drop_rates():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    counters.clear()
     model = dropout_model()
     tc = TrainConfig(preset="layerskip", exit_scale="layerskip", e_scale=0.2, curriculum="gradual",
                      layerdrop_p_max=0.5, layerdrop_time="exp", max_steps=8, bf16=False,
                      batch_size=4)
-    compile_blocks(model)
+    assert compile_blocks(model)
+    counters.clear()                       # not the compiler probe's own graph
     opt, objective = make_optimizer(model.train(), tc), ExitObjective(model, tc)
     x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
     for step in range(8):                  # exit sets grow, drop rates rise, rows vary
@@ -155,6 +155,23 @@ def test_compiled_blocks_do_not_recompile_for_new_exit_sets_or_drop_rates():
     # the exit set: compiling the whole forward instead makes one per exit set.
     assert counters["stats"]["unique_graphs"] <= 2
     assert list(model.state_dict()) == list(dropout_model().state_dict())
+
+
+def test_blocks_train_eagerly_after_one_warning_where_the_compiler_is_missing(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    model = dropout_model()
+    with pytest.warns(UserWarning, match="torch.compile is unavailable here"):
+        assert not compile_blocks(model)
+    torch._dynamo.reset()
+    tc = TrainConfig(max_steps=2, bf16=False, batch_size=4)
+    opt, objective = make_optimizer(model.train(), tc), ExitObjective(model, tc)
+    x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
+    assert torch.isfinite(train_step(objective, opt, tc, x, y, 0).loss)
+    assert all(layer._compiled_call_impl is None for layer in model.layers)
 
 
 def test_step_flops_count_every_block_row_and_every_scored_token():

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,13 +171,26 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc:
     return StepWork(loss.detach(), per_exit.detach(), block_rows, head_rows)
 
 
-def compile_blocks(model: Transformer) -> None:
+def compile_blocks(model: Transformer) -> bool:
     """``train.compile``: each block compiled in place (one graph serves them all, the
     weights being its inputs; the row count is dynamic). LayerDrop's row selection, the
     exit set and the loss stay in Python, so a new exit set or drop rate never recompiles,
-    and the state dict keeps its names."""
+    and the state dict keeps its names.
+
+    Where torch.compile cannot build code (no C++ compiler, an unsupported device) the
+    blocks train eagerly after one warning line; returns whether they were compiled."""
+    device = model.embed_tokens.weight.device
+    try:
+        # A one-line graph on the training device: a missing compiler fails here, not in
+        # the middle of the first step's forward.
+        torch.compile(lambda t: t * 2 + 1, fullgraph=True)(torch.ones(2, device=device))
+    except Exception as e:
+        warnings.warn(f"torch.compile is unavailable here ({type(e).__name__}): training "
+                      "eagerly", stacklevel=2)
+        return False
     for layer in model.layers:
         layer.compile(dynamic=True)
+    return True
 
 
 def train(job: TrainJob, progress: bool = True) -> TrainResult:
