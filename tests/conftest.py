@@ -63,7 +63,8 @@ def data_cache(tmp_path_factory) -> str:
 def tiny_train_overrides(wikitext_path: str, data_cache: str, root, run: str, **train) -> list[str]:
     """Overrides for a seconds-long training run of a tiny model on a WikiText-2 slice."""
     base = {"max_steps": 40, "batch_size": 8, "seq_len": 32, "warmup_steps": 5, "lr": 1e-2,
-            "eval_every": 20, "eval_batches": 2, "save_every": 10, "bf16": False}
+            "eval_every": 20, "eval_batches": 2, "save_every": 10, "bf16": False,
+            "compile": False}
     base.update(train)
     return ([f"data.path={wikitext_path}", f"data.cache_dir={data_cache}", "data.max_rows=1000",
              "data.vocab_size=300", "model=l4_d64", "model.hidden_size=32",

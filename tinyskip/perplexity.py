@@ -54,21 +54,23 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         scored = y != IGNORE                                                 # (B, T)
+        targets = y[scored]                                                  # (N,)
         with autocast(device, bf16):
-            # Every exit's hidden state first (L x (B, T, d): small), so that the last
-            # exit's argmax is known when the other exits are scored against it.
+            # Every exit's hidden state first (L x (B, T, d): small); the head then reads
+            # only the scored positions (half of each window at stride seq_len / 2).
             h, states = model.embed(x), []
             for layer in range(L):
                 h = model.run_layers(h, layer, layer + 1)
                 states.append(h)
-            top = model.head(h).float().argmax(-1)                           # (B, T)
-            for layer, h in enumerate(states):
-                logits = model.head_at(h, layer + 1).float()     # through its exit module
-                nll[layer] += F.cross_entropy(logits.flatten(0, 1), y.flatten(),
-                                              reduction="sum").item()
-                agree[layer] += ((logits.argmax(-1) == top) & scored).sum().item()
-                p_exit = torch.softmax(logits, -1).gather(-1, top[..., None]).squeeze(-1)
-                p_top[layer] += p_exit[scored].sum().item()
+            # The last exit first, so that its argmax is known when the others are scored.
+            for layer in reversed(range(L)):
+                read = model.exit_state(states[layer], layer + 1)[scored]    # (N, d)
+                logits = model.lm_head(read).float()                         # (N, V)
+                if layer == L - 1:
+                    top = logits.argmax(-1)                                  # (N,)
+                nll[layer] += F.cross_entropy(logits, targets, reduction="sum").item()
+                agree[layer] += (logits.argmax(-1) == top).sum().item()
+                p_top[layer] += torch.softmax(logits, -1).gather(-1, top[:, None]).sum().item()
         n_tokens += int(scored.sum())
     model.train(was_training)
     scored_words = words * n_tokens / max(tokens.size - 1, 1)
