@@ -123,3 +123,17 @@ def test_median_extra_seconds_is_what_the_first_call_adds_to_the_second():
     assert 0.002 < extra < 0.05
     assert median_extra_seconds(lambda: None, lambda: time.sleep(0.003), 9,
                                 torch.device("cpu")) == 0.0      # never negative
+
+
+def test_median_extra_seconds_is_not_biased_by_which_call_comes_first():
+    import time
+
+    from tinyskip.unit_costs import median_extra_seconds
+
+    calls = []
+
+    def call():             # the same work either way; the first call of a pair is slower
+        time.sleep(0.004 if len(calls) % 2 == 0 else 0.001)
+        calls.append(1)
+
+    assert median_extra_seconds(call, call, 9, torch.device("cpu")) < 0.001
