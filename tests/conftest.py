@@ -60,6 +60,13 @@ def data_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tinyskip-cache"))
 
 
+# The recipe of the trained_tiny run, on top of the layerskip preset. Every exit on every
+# token: a tiny model with 8 x 32-token batches learns usable exits in 150 steps only so
+# (the DEE tests need exits that leave at mixed depths). e_scale pinned: the tests need
+# early exits that still differ from the last one, whatever the preset's own value.
+TINY_RUN = {"max_steps": 150, "eval_every": 150, "exit_token_fraction": 1.0, "e_scale": 0.2}
+
+
 def tiny_train_overrides(wikitext_path: str, data_cache: str, root, run: str, **train) -> list[str]:
     """Overrides for a seconds-long training run of a tiny model on a WikiText-2 slice."""
     base = {"max_steps": 40, "batch_size": 8, "seq_len": 32, "warmup_steps": 5, "lr": 1e-2,
@@ -82,11 +89,8 @@ def trained_tiny(wikitext_path, data_cache, tmp_path_factory):
     from tinyskip.trainer import train
 
     root = tmp_path_factory.mktemp("trained")
-    # Every exit on every token: a tiny model with 8 x 32-token batches learns usable
-    # exits in 150 steps only so (the DEE tests need exits that leave at mixed depths).
     job = compose_job("train", tiny_train_overrides(wikitext_path, data_cache, root, "tiny",
-                                                    max_steps=150, eval_every=150,
-                                                    exit_token_fraction=1.0)
+                                                    **TINY_RUN)
                       + ["train=layerskip"])
     train(job, progress=False)
     model, ckpt = load_model(root / "tiny")

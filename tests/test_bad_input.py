@@ -22,7 +22,7 @@ from tinyskip.config import DataConfig, ModelConfig, RopeScaling
 from tinyskip.data import load_lines, train_tokenizer
 from tinyskip.hf_llama import config_to_hf
 
-from conftest import tiny_train_overrides
+from conftest import TINY_RUN, tiny_train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 HUGE = 2 ** 70
@@ -156,8 +156,7 @@ def expand(wikitext_path, data_cache):
     def args(a) -> list[str]:
         if isinstance(a, Train):
             return (tiny_train_overrides(wikitext_path, data_cache, "checkpoints", a.run,
-                                         **{"max_steps": 150, "eval_every": 150,
-                                            "exit_token_fraction": 1.0, **a.train})
+                                         **{**TINY_RUN, **a.train})
                     + ["train=layerskip"] + a.extra)
         data = [f"data.path={wikitext_path}", f"data.cache_dir={data_cache}",
                 "data.max_rows=1000", "data.vocab_size=300"]
