@@ -46,6 +46,7 @@ CASES = [
     ("infer", ["mdoe=ssd"], "mdoe: no such key (did you mean mode?)"),
     ("infer", ["mode=ssd", "mode.draft_layer=0"],
      "mode.draft_layer=0: mode holds a value, not options (did you mean draft_layer=0?)"),
+    ("infer", ["seed.x=1"], "seed.x=1: seed holds a value, not options"),
     ("train", ["model=l99"], "model=l99: no such option (available: hf_llama, l12_d256,"),
     ("train", ["train.max_steps=abc"], "train.max_steps='abc': Value 'abc' of type 'str' could not"),
     ("train", ["train.max_steps=0"], "TrainConfig.max_steps=0: must be > 0"),

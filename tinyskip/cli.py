@@ -103,14 +103,17 @@ def config_error(e: Exception) -> UserError:
         return UserError(_unknown_key(named.group(1) if named else cause.full_key, cause))
     if isinstance(cause, MissingMandatoryValue):
         return UserError(f"{cause.full_key}: a value is required (give {cause.full_key}=...)")
-    merging = re.match(r"Error merging override (\S+)", str(e))
-    if isinstance(cause, ValidationError) and merging and isinstance(cause.value, dict):
+    merging = re.match(r"Error merging override [+~]*(\S+)", str(e))
+    if (isinstance(cause, ValidationError) and merging and isinstance(cause.value, dict)
+            and merging.group(1).startswith(f"{cause.full_key}.")):
         # ``mode.draft_layer=0``: a dotted override under a key that holds a plain value
-        # (the mode files put their options at the top level).
-        override = merging.group(1)
-        inner = override[len(str(cause.full_key)) + 1:]
-        return UserError(f"{override}: {cause.full_key} holds a value, not options "
-                         f"(did you mean {inner}?)")
+        # (the mode files put their options at the top level, so the hint is the same
+        # override without the prefix, when that names a key).
+        override, key = merging.group(1), str(cause.full_key)
+        inner = override[len(key) + 1:]
+        valid = "." not in key and inner.split("=", 1)[0] in _keys(cause.object_type, depth=1)
+        return UserError(f"{override}: {key} holds a value, not options"
+                         + (f" (did you mean {inner}?)" if valid else ""))
     if isinstance(cause, ValidationError) and cause.full_key:
         return UserError(f"{cause.full_key}={cause.value!r}: "
                          f"{_one_line(cause.msg.split('full_key:')[0])}")
