@@ -58,17 +58,25 @@ def test_agreement_with_the_last_exit_equals_a_hand_computation(tiny_model):
 @torch.no_grad()
 def test_strided_evaluation_scores_each_token_once_in_its_window(tiny_model):
     """41 tokens, windows of 20 every 10: window 0 scores targets 1..20, the window from
-    10 targets 21..30 (10+ tokens of context), the one from 20 targets 31..40."""
+    10 targets 21..30 (10+ tokens of context), the one from 20 targets 31..40; agreement
+    and the last exit's argmax probability count those scored positions only."""
+    tiny_model.layers[-1].mlp.down_proj.weight.mul_(300.0)     # a last block that changes things
     tokens = np.random.default_rng(3).integers(0, 97, 41).astype(np.uint16)
     ev = exit_perplexities(tiny_model, tokens, 12, seq_len=20, batch_size=2, stride=10)
     ids = torch.from_numpy(tokens.astype(np.int64))
-    expected = [0.0] * tiny_model.num_layers
+    L = tiny_model.num_layers
+    expected, agree, p_top = [0.0] * L, [0.0] * L, [0.0] * L
     for start, first in ((0, 0), (10, 10), (20, 10)):
         window = ids[start: start + 21][None]
-        logits = tiny_model(window[:, :-1], exit_layers=list(range(tiny_model.num_layers)))
-        for e in range(tiny_model.num_layers):
-            expected[e] += F.cross_entropy(logits[e, 0, first:], window[0, 1 + first:],
-                                           reduction="sum").item()
+        logits = tiny_model(window[:, :-1], exit_layers=list(range(L)))[:, 0, first:]
+        top = logits[-1].argmax(-1)
+        for e in range(L):
+            expected[e] += F.cross_entropy(logits[e], window[0, 1 + first:], reduction="sum").item()
+            agree[e] += (logits[e].argmax(-1) == top).sum().item()
+            p_top[e] += torch.softmax(logits[e], -1).gather(-1, top[:, None]).sum().item()
     assert ev["tokens"] == 40
-    for got, total in zip(ev["word_ppl"], expected):
-        assert math.isclose(got, math.exp(total / 12), rel_tol=1e-5)
+    for e in range(L):
+        assert math.isclose(ev["word_ppl"][e], math.exp(expected[e] / 12), rel_tol=1e-5)
+        assert math.isclose(ev["agreement"][e], agree[e] / 40, rel_tol=1e-6)
+        assert math.isclose(ev["p_last_top"][e], p_top[e] / 40, rel_tol=1e-5)
+    assert 0 < ev["agreement"][0] < 1

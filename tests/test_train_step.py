@@ -201,7 +201,8 @@ def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, d
     job = compose_job("train_bench", [
         f"data.path={wikitext_path}", f"data.cache_dir={data_cache}", "data.max_rows=1000",
         "data.vocab_size=300", "model=l4_d64", "batch_size=4", "seq_len=16", "steps=2",
-        "rounds=2", "warmup=1", "peak_size=256", "bf16=false", "layerskip.exit_token_fraction=0.5",
+        "rounds=2", "warmup=1", "peak_size=256", "bf16=false", "compile=false",
+        "layerskip.exit_token_fraction=0.5",
         "layerskip.layerdrop_p_max=0.0"])
     assert job.layerskip.exit_scale == "layerskip" and job.plain.exit_scale == "none"
     result = bench_training(job)
