@@ -185,8 +185,9 @@ def compile_blocks(model: Transformer) -> bool:
         # the middle of the first step's forward.
         torch.compile(lambda t: t * 2 + 1, fullgraph=True)(torch.ones(2, device=device))
     except Exception as e:
-        warnings.warn(f"torch.compile is unavailable here ({type(e).__name__}): training "
-                      "eagerly", stacklevel=2)
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        warnings.warn(f"torch.compile is unavailable here ({type(e).__name__}: {reason}): "
+                      "training eagerly", stacklevel=2)
         return False
     for layer in model.layers:
         layer.compile(dynamic=True)
