@@ -72,7 +72,7 @@ def read_prompts(job: InferJob, fallback: Callable[[], list[str]]) -> Iterator[s
         for line in _stdin_prompts():
             given = True
             yield line
-        if not given and not sys.stdin.isatty():
+        if not given and (sys.stdin is None or not sys.stdin.isatty()):
             prompts = fallback()
             print(f"no prompt= or prompts_file= and nothing on standard input: continuing "
                   f"the openings of {len(prompts)} test-split paragraphs", file=sys.stderr)
@@ -93,6 +93,8 @@ def read_prompts(job: InferJob, fallback: Callable[[], list[str]]) -> Iterator[s
 
 
 def _stdin_prompts() -> Iterator[str]:
+    if sys.stdin is None:           # a detached process has no standard input at all
+        return
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)

@@ -178,7 +178,9 @@ def compile_blocks(model: Transformer) -> bool:
     and the state dict keeps its names.
 
     Where torch.compile cannot build code (no C++ compiler, an unsupported device) the
-    blocks train eagerly after one warning line; returns whether they were compiled."""
+    blocks train eagerly after one warning line; returns whether they were compiled. The
+    probe is a one-line graph: it catches a missing tool chain, not every way the blocks'
+    own graph could fail."""
     device = model.embed_tokens.weight.device
     try:
         # A one-line graph on the training device: a missing compiler fails here, not in

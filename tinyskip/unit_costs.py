@@ -53,9 +53,10 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
 
     Blocks are timed cycling through all L (so weights stream from memory as in a real
     step) and the head right after them: ``head:w`` is (L blocks + head) - (L blocks),
-    timed back to back, which charges the head with the cache misses its weight causes. What a full step
-    costs beyond L blocks and the head (embedding, attention set-up, argmax, Python)
-    is the bookkeeping overhead.
+    timed back to back, which charges the head with the cache misses its weight causes.
+    ``module:w`` is the module alone on a hidden state (a difference of two calls is
+    noise at its size). What a full step costs beyond L blocks and the head (embedding,
+    attention set-up, argmax, Python) is the bookkeeping overhead.
     """
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
