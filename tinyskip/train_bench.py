@@ -69,13 +69,14 @@ def bench_training(job: TrainBenchJob) -> dict:
     for name, tc in preset_configs(job).items():
         torch.manual_seed(tc.seed)
         model = Transformer(cfg).to(device).train()
-        if tc.compile:
-            compile_blocks(model)
+        # Whether the blocks did compile: a fallback to eager shows in the row.
+        compiled = compile_blocks(model) if tc.compile else False
         n = job.steps * job.rounds
         schedule = [round(i * tc.max_steps / n) for i in range(n)]
         runs[name] = {"tc": tc, "model": model, "objective": ExitObjective(model, tc),
                       "opt": make_optimizer(model, tc),
-                      "schedule": schedule, "time": 0.0, "tokens": 0, "flops": 0.0}
+                      "schedule": schedule, "time": 0.0, "tokens": 0, "flops": 0.0,
+                      "compiled": compiled}
 
     def one_step(run: dict, step: int) -> tuple[float, StepWork]:
         tc = run["tc"]
@@ -111,7 +112,7 @@ def bench_training(job: TrainBenchJob) -> dict:
                      # The step's model FLOPs at the bf16 peak: its time if nothing but
                      # matrix work at full speed were left.
                      "floor_ms": 1e3 * run["flops"] / (job.steps * job.rounds) / peaks["bf16"],
-                     "mfu_fp32": rate / peaks["fp32"], "bf16": tc.bf16, "compile": tc.compile,
+                     "mfu_fp32": rate / peaks["fp32"], "bf16": tc.bf16, "compile": run["compiled"],
                      "batch_size": tc.batch_size, "seq_len": tc.seq_len,
                      "exit_token_fraction": tc.exit_token_fraction})
     plain = rows[0]["tokens_per_s"]

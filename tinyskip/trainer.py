@@ -228,8 +228,8 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, find_unused_parameters=tc.layerdrop_p_max > 0)
-    if tc.compile:
-        compile_blocks(model)
+    # Recorded with every evaluation: a fallback to eager blocks shows in the run's metrics.
+    compiled = compile_blocks(model) if tc.compile else False
 
     result = TrainResult(run_dir, start)
     rows = slice(rank, None, world)
@@ -271,7 +271,7 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
                 result.last_eval = {
                     "step": step + 1, "tokens": seen_tokens, "lr": lr,
                     "train_loss": window.item(),
-                    "tokens_per_s": train_tokens / train_time,
+                    "tokens_per_s": train_tokens / train_time, "compiled_blocks": compiled,
                     "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"],
                     "val_agreement": ev["agreement"], "val_p_last_top": ev["p_last_top"]}
                 append_text(metrics_path, json.dumps(result.last_eval) + "\n")
