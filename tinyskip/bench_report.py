@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .atomic import make_dirs, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .engine_levers import format_levers
+from .ssd_costs import format_round_costs
 
 CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "draft_vocab",
                "adaptive_threshold", "measure", "threshold", "exits", "cache", "calibration",
@@ -58,6 +59,8 @@ def format_table(res: dict) -> str:
                      f"{r['rouge_l']:>7.3f}   (transformers, same weights)")
     if res.get("levers"):
         lines += ["", format_levers(res["levers"])]
+    if res.get("ssd_costs"):
+        lines += ["", format_round_costs(res["ssd_costs"])]
     return "\n".join(lines)
 
 
@@ -80,6 +83,8 @@ def format_markdown(res: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if res.get("levers"):
         lines += ["", format_levers(res["levers"])]
+    if res.get("ssd_costs"):
+        lines += ["", format_round_costs(res["ssd_costs"])]
     return "\n".join(lines) + "\n"
 
 

@@ -192,6 +192,7 @@ class BenchJob(CheckpointSource):
     dee_calibrations: list[str] = field(default_factory=list)  # + the decoder each file certifies
     compile: bool = False                     # also every full/static/ssd row compiled, beside eager
     levers: bool = False                      # the compiled step's levers one by one, and the floor
+    ssd_costs: bool = False                   # the compiled SSD round's calls, per ssd_layers x ssd_k
     hf_baseline: bool = False                 # transformers' generate on the same weights
     hf_early_exit: list[int] = field(default_factory=list)   # + generate(assistant_early_exit=E)
     threads: int = 0                          # 0 = torch's default
