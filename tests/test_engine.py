@@ -65,7 +65,7 @@ def test_the_linear_lever_is_the_eager_product():
 def test_step_levers_measures_every_lever_and_restores_the_switches(tiny_model):
     model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH = False, True
     try:
-        res = step_levers(tiny_model, 5, reps=2)
+        res = step_levers(tiny_model, 5, 10, reps=2)
         assert (model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH) == (False, True)
     finally:
         model_module.GEMV_IN_GRAPH = model_module.ATTENTION_IN_GRAPH = True

@@ -214,6 +214,21 @@ def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, d
     assert 0 < plain["mfu_bf16"] and "| layerskip |" in format_table(result)
 
 
+def test_the_training_benchmark_reports_what_compiled_not_what_was_asked(wikitext_path,
+                                                                        data_cache, monkeypatch):
+    from tinyskip import train_bench
+    from tinyskip.cli import compose_job
+
+    asked = []
+    monkeypatch.setattr(train_bench, "compile_blocks", lambda model: asked.append(model) is None and False)
+    job = compose_job("train_bench", [
+        f"data.path={wikitext_path}", f"data.cache_dir={data_cache}", "data.max_rows=1000",
+        "data.vocab_size=300", "model=l4_d64", "batch_size=2", "seq_len=8", "steps=1",
+        "rounds=1", "warmup=0", "peak_size=64", "bf16=false", "compile=true"])
+    rows = train_bench.bench_training(job)["rows"]
+    assert len(asked) == 2 and [r["compile"] for r in rows] == [False, False]
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_data_parallel_step_with_layerdrop_and_an_untied_head(tied, tmp_path):
     """DDP with find_unused_parameters (LayerDrop on) must see the head used inside its

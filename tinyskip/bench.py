@@ -33,7 +33,7 @@ from .loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source
                       read_calibration, run_data_config)
 from .ltt import f1_loss
 from .quality import RougeL, continuation_nll, perplexity
-from .ssd_costs import round_costs
+from .ssd_costs import measured_acceptance, round_costs
 from .unit_costs import unit_costs
 
 
@@ -223,13 +223,12 @@ def benchmark(job: BenchJob) -> dict:
         # built), else the eager ones, with the draft vocabulary when the sweep has one;
         # beside the acceptance those rows measured.
         ssd = round_costs(model, compiled or eager, job.prompt_len + job.max_new_tokens // 2,
-                          job.ssd_layers, job.ssd_k, draft_ids if job.draft_vocab else None)
-        ssd["measured"] = [[r["draft_layer"], r["k"], r["acceptance"]] for r in rows
-                           if r["compiled"] == job.compile and r["mode"].startswith("ssd")
-                           and not r["adaptive_threshold"]
-                           and bool(r["draft_vocab"]) == bool(job.draft_vocab)]
+                          job.prompt_len + job.max_new_tokens, job.ssd_layers, job.ssd_k,
+                          draft_ids if job.draft_vocab else None)
+        ssd["measured"] = measured_acceptance(rows, job.compile, bool(job.draft_vocab))
     # Last: measuring the levers compiles the step afresh under each (and resets Dynamo).
-    levers = step_levers(model, job.prompt_len + job.max_new_tokens // 2) if job.levers else None
+    levers = step_levers(model, job.prompt_len + job.max_new_tokens // 2,
+                         job.prompt_len + job.max_new_tokens) if job.levers else None
     return {"checkpoint": str(loaded.exits or loaded.source), "device": str(device),
             "threads": torch.get_num_threads(), "prompts": len(prompts),
             "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import model as model_module
+from .decode.steps import cache_size
 from .model import Linear, Transformer
 from .unit_costs import median_seconds
 
@@ -32,13 +33,13 @@ LEVERS = [("eager", None, None, None), ("torch.compile", False, False, False),
 
 
 @torch.no_grad()
-def step_levers(model: Transformer, pos: int, reps: int = 50) -> dict:
+def step_levers(model: Transformer, pos: int, needed: int, reps: int = 50) -> dict:
     """Median seconds of a one-token full step (blocks, head, argmax) at position ``pos``
-    under each lever in turn, and of the floor. Each compiled variant is its own graph
-    (the products switch is guarded on), compiled before it is timed."""
+    of a generation of ``needed`` positions, under each lever in turn, and of the floor.
+    Each compiled variant is its own graph (the products switch is guarded on), compiled
+    before it is timed."""
     dev = model.lm_head.weight.device
-    # The cache a generation at ``pos`` decodes with (at least 256 slots; decode/steps.py).
-    cache = model.new_cache(1, min(model.config.max_position_embeddings, max(256, pos + 1)))
+    cache = model.new_cache(1, cache_size(model, needed), dev)    # the generation's own
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
     input_pos = torch.tensor([pos], device=dev)
 

@@ -47,12 +47,17 @@ def budget(model: Transformer, prompt: torch.Tensor, max_new_tokens: int) -> int
     return min(max_new_tokens, model.config.max_position_embeddings - prompt.shape[1])
 
 
+def cache_size(model: Transformer, needed: int) -> int:
+    """Slots of the cache a generation of ``needed`` positions (prompt + new tokens) decodes
+    with: rounded up to a power of two (at least 256, at most the context), so that
+    generations of similar lengths share shapes, and so the compiled steps, at the price of
+    attending over masked slots."""
+    return min(model.config.max_position_embeddings, max(256, 1 << (needed - 1).bit_length()))
+
+
 def new_cache(model: Transformer, prompt: torch.Tensor, steps: int) -> KVCache:
-    """A cache for the prompt and ``steps`` new tokens, its length rounded up to a power of
-    two (at least 256, at most the context): generations of similar lengths then share
-    shapes, and so the compiled steps, at the price of attending over masked slots."""
-    needed = prompt.shape[1] + steps
-    size = min(model.config.max_position_embeddings, max(256, 1 << (needed - 1).bit_length()))
+    """A cache for the prompt and ``steps`` new tokens (``cache_size`` slots)."""
+    size = cache_size(model, prompt.shape[1] + steps)
     return model.new_cache(prompt.shape[0], size, prompt.device)
 
 
