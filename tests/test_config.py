@@ -67,7 +67,7 @@ def test_model_presets_load_as_typed_dataclasses():
     ("train", "seed=3", "seed: no such key (did you mean train.seed?)"),
     ("infer", "mdoe=ssd", "mdoe: no such key (did you mean mode?)"),
     ("train", "model=l99", "model=l99: no such option (available: hf_llama, l12_d256, "
-                           "l12_d512, l4_d64, l6_d128)"),
+                           "l12_d512, l4_d64, l6_d128, l6_d192)"),
     ("train", "train.max_steps=abc", "train.max_steps='abc': Value 'abc' of type 'str' could "
                                      "not be converted to Integer"),
 ])
