@@ -96,3 +96,16 @@ def trained_tiny(wikitext_path, data_cache, tmp_path_factory):
     model, ckpt = load_model(root / "tiny")
     corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
     return model, corpus, root / "tiny"
+
+
+@pytest.fixture
+def no_cxx():
+    """Inductor pointed at a C++ compiler that does not exist (and no cached graphs to fall
+    back on), through its own ``config.patch``: monkeypatching the config module's entries
+    deletes them on undo, which breaks every later compile in the session."""
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": (None, "no-such-c++-compiler")}):
+        yield
+    torch._dynamo.reset()

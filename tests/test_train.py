@@ -37,16 +37,10 @@ def test_tiny_layerskip_run_lowers_the_loss_and_writes_metrics(overrides, tmp_pa
     assert ckpt == tmp_path / "r" / "checkpoint" and model.config.vocab_size == 300
 
 
-def test_a_compile_fallback_is_recorded_in_the_run_metrics(overrides, tmp_path, monkeypatch):
-    from torch._inductor import config as inductor_config
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+def test_a_compile_fallback_is_recorded_in_the_run_metrics(overrides, tmp_path, no_cxx):
     with pytest.warns(UserWarning, match="torch.compile is unavailable here"):
         train(compose_job("train", overrides(max_steps=4, eval_every=4, compile=True)),
               progress=False)
-    torch._dynamo.reset()
     [row] = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert row["compiled_blocks"] is False
 

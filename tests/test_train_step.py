@@ -157,12 +157,7 @@ def test_compiled_blocks_do_not_recompile_for_new_exit_sets_or_drop_rates():
     assert list(model.state_dict()) == list(dropout_model().state_dict())
 
 
-def test_blocks_train_eagerly_after_one_warning_where_the_compiler_is_missing(monkeypatch):
-    from torch._inductor import config as inductor_config
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+def test_blocks_train_eagerly_after_one_warning_where_the_compiler_is_missing(no_cxx):
     model = dropout_model()
     with pytest.warns(UserWarning, match="torch.compile is unavailable here"):
         assert not compile_blocks(model)
