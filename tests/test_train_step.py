@@ -215,7 +215,7 @@ def test_the_training_benchmark_reports_what_compiled_not_what_was_asked(wikitex
     from tinyskip.cli import compose_job
 
     asked = []
-    monkeypatch.setattr(train_bench, "compile_blocks", lambda model: asked.append(model) is None and False)
+    monkeypatch.setattr(train_bench, "compile_blocks", lambda model: asked.append(model) or False)
     job = compose_job("train_bench", [
         f"data.path={wikitext_path}", f"data.cache_dir={data_cache}", "data.max_rows=1000",
         "data.vocab_size=300", "model=l4_d64", "batch_size=2", "seq_len=8", "steps=1",

@@ -218,7 +218,7 @@ def benchmark(job: BenchJob) -> dict:
             r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
             r.update(quality(r.pop("generated")))
     ssd = None
-    if job.ssd_costs and job.ssd_layers:
+    if job.ssd_costs:
         # Priced through the compiled steps when the sweep compiles (their graphs already
         # built), else the eager ones, with the draft vocabulary when the sweep has one;
         # beside the acceptance those rows measured.

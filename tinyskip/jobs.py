@@ -192,7 +192,7 @@ class BenchJob(CheckpointSource):
     dee_calibrations: list[str] = field(default_factory=list)  # + the decoder each file certifies
     compile: bool = False                     # also every full/static/ssd row compiled, beside eager
     levers: bool = False                      # the compiled step's levers one by one, and the floor
-    ssd_costs: bool = False                   # the compiled SSD round's calls, per ssd_layers x ssd_k
+    ssd_costs: bool = False                   # an SSD round's calls priced, per ssd_layers x ssd_k
     hf_baseline: bool = False                 # transformers' generate on the same weights
     hf_early_exit: list[int] = field(default_factory=list)   # + generate(assistant_early_exit=E)
     threads: int = 0                          # 0 = torch's default
@@ -210,6 +210,9 @@ class BenchJob(CheckpointSource):
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.ssd_layers and not self.ssd_k:
             raise ConfigError("ssd_k=[]: give at least one k for the ssd_layers rows (or ssd_layers=[])")
+        if self.ssd_costs and not self.ssd_layers:
+            raise ConfigError("ssd_costs=true prices SSD rounds at the ssd_layers exits: give "
+                              "ssd_layers=[...] (or ssd_costs=false)")
         if self.threads < 0:
             raise ConfigError(f"threads={self.threads}: must be >= 0 (0 = torch's default)")
         # DEE rows are measures x thresholds x caches: one list without the other makes none.
