@@ -72,6 +72,8 @@ CASES = [
     ("bench", ["run=tiny", "dee_measures=[bogus]", "dee_thresholds=[0.5]"], "'bogus' is not one of"),
     ("bench", ["run=tiny", "hf_early_exit=[2]"], "hf_early_exit=[2]: needs hf_baseline=true"),
     ("bench", ["run=tiny", "ssd_costs=true", "ssd_layers=[]"], "ssd_costs=true prices SSD rounds"),
+    ("bench", ["run=tiny", "ssd_costs=true", "ssd_k=[300]", "max_new_tokens=4"],
+     "past this generation's 128-slot cache"),
     ("bench", ["run=tiny", "dee_calibrations=[nope.json]"], "dee_calibrations: 'nope.json' does not exist"),
     ("bench", ["run=tiny", "out_dir=latin1.txt"], "out_dir='latin1.txt' is a file: give a folder"),
     # Rejected when the run, its files or the data are looked at.

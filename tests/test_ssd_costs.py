@@ -59,6 +59,7 @@ def test_round_costs_makes_the_calls_a_real_round_makes(draft_ids):
     assert set(priced_calls) <= set(real_calls)
     # Every kind of call is priced, the verify at width k + 1 only.
     assert {c[0] for c in priced_calls} == {"token", "blocks", "states"}
+    assert {c[1][1][1] for c in priced_calls if c[0] == "states"} == {k + 1}
     assert sorted(costs) == sorted(["layers", "ks", "compiled", "full", f"draft:{E}",
                                     f"blocks:{E}", f"verify:{E}:{k + 1}"])
 

@@ -26,6 +26,7 @@ from .cli import entry_point
 from .config import DEEConfig, SSDConfig, UserError
 from .data import load_lines
 from .decode import DecodeStats, ModeSpec, Steps, decode
+from .decode.steps import cache_size
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
 from .jobs import BenchJob
@@ -137,6 +138,12 @@ def benchmark(job: BenchJob) -> dict:
     if job.hf_baseline and loaded.tokenizer_file is None:
         raise UserError("hf_baseline=true compares with a tinyskip checkpoint exported to "
                         "transformers: give run= or checkpoint=")
+    mid, needed = job.prompt_len + job.max_new_tokens // 2, job.prompt_len + job.max_new_tokens
+    if job.ssd_costs and mid + max(job.ssd_k) + 1 > cache_size(model, needed):
+        # Refused before the sweep, not after it: the priced verify would run past the cache.
+        raise UserError(f"ssd_costs=true with ssd_k={job.ssd_k}: a round at position {mid} "
+                        f"verifies {max(job.ssd_k) + 1} positions, past this generation's "
+                        f"{cache_size(model, needed)}-slot cache (give a smaller k)")
     labelled = [(s.label, s, None) for s in bench_specs(job, L)]
     labelled += [(f"{s.label} calibrated", s, path) for path, s in calibrated_specs(job, loaded)]
     for _, spec, _ in labelled:
@@ -222,13 +229,11 @@ def benchmark(job: BenchJob) -> dict:
         # Priced through the compiled steps when the sweep compiles (their graphs already
         # built), else the eager ones, with the draft vocabulary when the sweep has one;
         # beside the acceptance those rows measured.
-        ssd = round_costs(model, compiled or eager, job.prompt_len + job.max_new_tokens // 2,
-                          job.prompt_len + job.max_new_tokens, job.ssd_layers, job.ssd_k,
+        ssd = round_costs(model, compiled or eager, mid, needed, job.ssd_layers, job.ssd_k,
                           draft_ids if job.draft_vocab else None)
         ssd["measured"] = measured_acceptance(rows, job.compile, bool(job.draft_vocab))
     # Last: measuring the levers compiles the step afresh under each (and resets Dynamo).
-    levers = step_levers(model, job.prompt_len + job.max_new_tokens // 2,
-                         job.prompt_len + job.max_new_tokens) if job.levers else None
+    levers = step_levers(model, mid, needed) if job.levers else None
     return {"checkpoint": str(loaded.exits or loaded.source), "device": str(device),
             "threads": torch.get_num_threads(), "prompts": len(prompts),
             "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
