@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from tinyskip.config import ConfigError, TrainConfig
-from tinyskip.cross_entropy import ChunkedCrossEntropy, LinearCrossEntropy, linear_cross_entropy
-from tinyskip.losses import (cosine_lr, curriculum_exits, distillation_loss, early_exit_loss,
+from tinyskip.cross_entropy import (ChunkedCrossEntropy, LinearCrossEntropy, linear_cross_entropy,
+                                     linear_distilled_cross_entropy)
+from tinyskip.losses import (cosine_lr, curriculum_exits, early_exit_loss, exit_kl,
                              exit_scales, exit_weights, layerdrop_probs)
 
 
@@ -99,11 +100,10 @@ def test_layerdrop_time_scale_exp_rises_from_zero_to_one():
     assert layerdrop_probs(TrainConfig(), 3, 50) == [0.0, 0.0, 0.0]
 
 
-def test_distillation_is_zero_when_exits_match_the_final_layer_and_positive_otherwise():
+def test_exit_kl_is_zero_when_exits_match_the_final_layer_and_positive_otherwise():
     same = torch.randn(1, 2, 4, 9).expand(3, -1, -1, -1)
-    w = torch.tensor([0.25, 0.25, 0.5])
-    assert float(distillation_loss(same, w)) == pytest.approx(0.0, abs=1e-6)
-    assert float(distillation_loss(torch.randn(3, 2, 4, 9), w)) > 0
+    torch.testing.assert_close(exit_kl(same), torch.zeros(2), atol=1e-6, rtol=0)
+    assert bool((exit_kl(torch.randn(3, 2, 4, 9)) > 0).all())
 
 
 def test_cosine_schedule():
@@ -167,3 +167,50 @@ def test_fused_linear_cross_entropy_equals_linear_then_cross_entropy(bf16, monke
     fused_h, ref_h = grads[0][1][:100], grads[1][1][:100]
     assert ((fused_h - ref_h).norm(dim=1) <= 0.1 * ref_h.norm(dim=1)).all()
     assert grads[0][1].dtype == grads[0][2].dtype == torch.float32     # fp32 master grads
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_distilled_cross_entropy_equals_linear_then_ce_and_kl(bf16, temperature,
+                                                                    monkeypatch):
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 64)     # four whole chunks and a tail
+    torch.manual_seed(3)
+    h0, t0, w0 = torch.randn(300, 16), torch.randn(300, 16) * 2, torch.randn(50, 16) * 0.5
+    y, gn, gk = torch.randint(0, 50, (300,)), torch.rand(300), torch.rand(300)
+    out = []
+    for fused in (True, False):
+        h, t, w = (x.clone().requires_grad_() for x in (h0, t0, w0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if fused:
+                nll, kl = linear_distilled_cross_entropy(h, t, w, y, temperature)
+            else:
+                z, zt = F.linear(h, w).float(), F.linear(t.detach(), w).float().detach()
+                nll = F.cross_entropy(z, y, reduction="none")
+                kl = F.kl_div(F.log_softmax(z / temperature, -1),
+                              F.log_softmax(zt / temperature, -1), log_target=True,
+                              reduction="none").sum(-1) * temperature ** 2
+        ((nll * gn).sum() + (kl * gk).sum()).backward()
+        assert t.grad is None                            # the teacher gets no gradient
+        out.append((nll.detach(), kl.detach(), h.grad, w.grad))
+    for fused, unfused in zip(*out):
+        scale = unfused.abs().max().item()
+        tol = dict(atol=1e-2 * scale, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused, unfused, **tol)
+    assert bool((out[0][1] > 0).all())
+
+
+def test_compiled_distillation_kernels_equal_the_eager_ones(monkeypatch):
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 64)     # whole chunks and a tail
+    torch.manual_seed(4)
+    h0, t0, w0 = torch.randn(150, 16), torch.randn(150, 16), torch.randn(50, 16)
+    y, gn, gk = torch.randint(0, 50, (150,)), torch.rand(150), torch.rand(150)
+    out = []
+    for compiled in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll, kl = linear_distilled_cross_entropy(h, t0, w, y, 2.0, compiled)
+        ((nll * gn).sum() + (kl * gk).sum()).backward()
+        out.append((nll.detach(), kl.detach(), h.grad, w.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, atol=1e-2 * b.abs().max().item(), rtol=2e-2)
+

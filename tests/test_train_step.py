@@ -187,6 +187,12 @@ def test_step_flops_count_every_block_row_and_every_scored_token():
     assert work.head_rows == 32 + 2 * 16                     # last exit all, two exits half
     expected = sum(ran) * 8 * (6 * block + 12 * 8 * 16) + work.head_rows * 6 * 16 * 50
     assert step_flops(model, work, 8) == expected
+    # Distillation: the teacher's logits for the two earlier exits' 16 tokens, forward only.
+    tc = dataclasses.replace(tc, distill_weight=0.5)
+    work = train_step(ExitObjective(model, tc), make_optimizer(model, tc), tc, x, y, step=3)
+    assert work.teacher_rows == 2 * 16
+    assert step_flops(model, work, 8) == (sum(work.block_rows) * 8 * (6 * block + 12 * 8 * 16)
+                                          + (64 * 6 + 32 * 2) * 16 * 50)
 
 
 def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, data_cache, tmp_path):
@@ -254,12 +260,53 @@ def test_ranks_sharing_a_batch_score_what_one_process_scores(tiny_model):
     ids, y = torch.randint(0, 97, (4, 10)), torch.randint(0, 97, (4, 10))
     states = tiny_model(ids, exit_layers=[1, 3], head=False)          # (2, 4, 10, d)
     w, head = torch.tensor([0.4, 0.6]), tiny_model.lm_head.weight
-    whole, _, n = sampled_exit_loss(states, head, y, w, 0.3, torch.Generator().manual_seed(3))
-    shards = [sampled_exit_loss(states[:, r::2], head, y[r::2], w, 0.3,
-                                torch.Generator().manual_seed(3), slice(r, None, 2), 4)
-              for r in (0, 1)]
-    torch.testing.assert_close((shards[0][0] + shards[1][0]) / 2, whole)
-    assert shards[0][2] + shards[1][2] == n              # every drawn position scored once
+    for distill in (0.0, 0.7):
+        whole, _, n = sampled_exit_loss(states, head, y, w, 0.3, torch.Generator().manual_seed(3),
+                                        distill_weight=distill)
+        shards = [sampled_exit_loss(states[:, r::2], head, y[r::2], w, 0.3,
+                                    torch.Generator().manual_seed(3), slice(r, None, 2), 4,
+                                    distill_weight=distill)
+                  for r in (0, 1)]
+        torch.testing.assert_close((shards[0][0] + shards[1][0]) / 2, whole)
+        assert shards[0][2] + shards[1][2] == n          # every drawn position scored once
+
+
+def hand_distillation(states, head, y, w, idx, weight, t):
+    """CE of every exit (earlier exit i on positions idx[i], the last on all) + weight *
+    the weighted mean of KL(last || exit i) on idx[i], from F.kl_div on whole logits."""
+    logits = F.linear(states, head).reshape(states.shape[0], -1, head.shape[0])   # (n, BT, V)
+    targets = y.reshape(-1)
+    ce = [F.cross_entropy(logits[i, j], targets[j]) for i, j in enumerate(idx)]
+    ce.append(F.cross_entropy(logits[-1], targets))
+    kl = torch.stack([F.kl_div(F.log_softmax(logits[i, j] / t, dim=-1),
+                               F.log_softmax(logits[-1, j].detach() / t, dim=-1),
+                               log_target=True, reduction="batchmean") * t * t
+                      for i, j in enumerate(idx)])
+    return (torch.stack(ce) * w).sum() + weight * (kl * w[:-1]).sum() / w[:-1].sum()
+
+
+@pytest.mark.parametrize("fraction, t", [(1.0, 1.0), (0.25, 2.0)])
+def test_sampled_self_distillation_equals_the_hand_computed_loss_and_gradient(
+        tiny_model, fraction, t):
+    ids, y = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
+    w = torch.tensor([0.2, 0.3, 0.5])
+    head = tiny_model.lm_head.weight
+    states = tiny_model(ids, exit_layers=[0, 2, 3], head=False).detach().requires_grad_()
+    total, _, _ = sampled_exit_loss(states, head, y, w, fraction,
+                                    torch.Generator().manual_seed(5), distill_weight=0.6,
+                                    temperature=t)
+    got = torch.autograd.grad(total, [states, head])
+    g = torch.Generator().manual_seed(5)      # each earlier exit draws its own positions
+    idx = [torch.arange(20) if fraction == 1.0 else torch.randperm(20, generator=g)[:5]
+           for _ in range(2)]
+    ref = hand_distillation(states, head, y, w, idx, 0.6, t)
+    torch.testing.assert_close(total, ref)
+    for a, b in zip(got, torch.autograd.grad(ref, [states, head])):
+        torch.testing.assert_close(a, b)
+    # The teacher is detached: the last exit's gradient is the CE's alone.
+    plain = sampled_exit_loss(states, head, y, w, fraction, torch.Generator().manual_seed(5))[0]
+    torch.testing.assert_close(got[0][-1], torch.autograd.grad(plain, states)[0][-1])
+    assert float(total.detach()) > float(plain.detach())
 
 
 def test_ranks_draw_different_dropout_masks():

@@ -210,6 +210,8 @@ class TrainConfig:
     # per exit and step; the last exit scores them all): an unbiased estimate of the same
     # loss for a fraction of the head's cost, which at d=128 equals all the blocks'.
     exit_token_fraction: float = 1.0
+    # Self-distillation of the earlier exits (layerskip): distill_weight times their
+    # weighted mean KL(p_last || p_exit) on the tokens they score (losses.py).
     distill_weight: float = 0.0
     distill_temperature: float = 1.0          # also the exit modules' KL temperature
     # Exit modules on a frozen backbone (preset balcony, exit_training.py).

@@ -1,7 +1,7 @@
 """Cross-entropy over an 8k vocabulary without materialising what it does not need.
 
 At the widths tinyskip trains (d = 128..256) one exit's head and cross-entropy cost about
-as much as all the blocks, and early-exit training runs several exits per step. Two
+as much as all the blocks, and early-exit training runs several exits per step. Three
 autograd functions keep that cost down:
 
 - ``ChunkedCrossEntropy``: per-row NLL of logits that already exist (exit modules'
@@ -11,9 +11,14 @@ autograd functions keep that cost down:
   (N, V) logits are made one chunk of rows at a time and dropped; the backward pass
   recomputes each chunk (one extra N x d x V product) instead of keeping N x V logits and
   their gradient in memory, so the whole loss runs in cache.
+- ``LinearDistilledCrossEntropy``: per-row NLL and KL(teacher || student) of an early
+  exit's hidden states, the teacher's through the same head (self-distillation),
+  chunked the same way, each chunk's student logits shared by both losses.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +114,102 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_h[s:s + c] = (g @ wc) * scale                                 # (c, d)
             grad_w += (g.T @ (hc[s:s + c] * scale.to(ctx.dtype))).float()      # (V, d)
         return grad_h, grad_w.to(weight.dtype), None, None
+
+
+def kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0
+            ) -> torch.Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)) * T^2 over the last dimension, in
+    fp32 (the T^2 keeps gradient magnitudes independent of T); shapes broadcast."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1) * temperature ** 2
+
+
+def _distill_values(z: torch.Tensor, zt: torch.Tensor, targets: torch.Tensor,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row NLL and KL(p_t || p_s) * T^2 (c,) of student logits z and teacher logits
+    zt (c, V), in fp32."""
+    return _nll(z, targets), kl_rows(z, zt, temperature)
+
+
+def _distill_grad(z: torch.Tensor, zt: torch.Tensor, targets: torch.Tensor,
+                  grad_nll: torch.Tensor, grad_kl: torch.Tensor, temperature: float
+                  ) -> torch.Tensor:
+    """d (grad_nll . NLL + grad_kl . KL T^2) / dz (c, V): g_nll * (softmax(z) - onehot)
+    + g_kl * T * (softmax(z / T) - softmax(zt / T)), in fp32, rounded once to z's dtype
+    (as in ``_softmax_minus_onehot``)."""
+    zf = z.float()
+    g = torch.softmax(zf, dim=-1) * grad_nll[:, None]
+    g[torch.arange(g.shape[0], device=g.device), targets] -= grad_nll
+    g += (torch.softmax(zf / temperature, dim=-1) - torch.softmax(zt.float() / temperature, dim=-1)
+          ) * (grad_kl * temperature)[:, None]
+    return g.to(z.dtype)
+
+
+@functools.cache
+def _compiled(kernel):
+    """The kernel as one fused inductor loop nest (about 3x faster on the CPU than its
+    eager ops, whose (c, V) fp32 intermediates leave the cache); any row count."""
+    return torch.compile(kernel, dynamic=True)
+
+
+class LinearDistilledCrossEntropy(torch.autograd.Function):
+    """Per-row NLL (N,) and KL(softmax(t W^T / T) || softmax(h W^T / T)) * T^2 (N,) of
+    student rows h (N, d) against targets and teacher rows t (N, d), one head weight
+    (V, d): an early exit's cross-entropy and its self-distillation in one pass, each
+    student chunk's logits made once for both (a separate KL would make them again).
+
+    The teacher is a constant: no gradient reaches t, nor W through it. Products and
+    dtypes as in ``LinearCrossEntropy``; ``compiled``: the elementwise work of each
+    chunk through ``torch.compile`` (the trainer asks for it when its blocks compiled).
+    Call through ``linear_distilled_cross_entropy``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+                targets: torch.Tensor, temperature: float, dtype: torch.dtype,
+                compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        c = LinearCrossEntropy.CHUNK
+        values = _compiled(_distill_values) if compiled else _distill_values
+        hc, tc, wc = h.to(dtype), teacher.to(dtype), weight.to(dtype)
+        nll = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        kl = torch.empty_like(nll)
+        for i in range(0, h.shape[0], c):
+            rows = slice(i, i + c)
+            nll[rows], kl[rows] = values(hc[rows] @ wc.T, tc[rows] @ wc.T, targets[rows],
+                                         temperature)
+        ctx.save_for_backward(h, teacher, weight, targets)
+        ctx.temperature, ctx.dtype, ctx.compiled = temperature, dtype, compiled
+        return nll, kl
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor, grad_kl: torch.Tensor):
+        h, teacher, weight, targets = ctx.saved_tensors
+        c = LinearCrossEntropy.CHUNK
+        grad = _compiled(_distill_grad) if ctx.compiled else _distill_grad
+        hc, tc, wc = h.to(ctx.dtype), teacher.to(ctx.dtype), weight.to(ctx.dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for i in range(0, h.shape[0], c):
+            rows = slice(i, i + c)
+            g = grad(hc[rows] @ wc.T, tc[rows] @ wc.T, targets[rows], grad_nll[rows],
+                     grad_kl[rows], ctx.temperature)                          # (c, V) again
+            grad_h[rows] = g @ wc                                              # (c, d)
+            grad_w += (g.T @ hc[rows]).float()                                 # (V, d)
+        return grad_h, None, grad_w.to(weight.dtype), None, None, None, None
+
+
+def linear_distilled_cross_entropy(h: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+                                   targets: torch.Tensor, temperature: float = 1.0,
+                                   compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (NLL, KL(p_teacher || p_student) * T^2), each (N,), of student rows h
+    (N, d) and teacher rows (N, d, detached) through ``F.linear(., weight)``, never
+    holding the (N, V) logits; products in autocast's dtype, as in
+    ``linear_cross_entropy``."""
+    dtype = _compute_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):
+        return LinearDistilledCrossEntropy.apply(h, teacher.detach(), weight, targets,
+                                                 temperature, dtype, compiled)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor

@@ -10,10 +10,10 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError, TrainConfig
-from .cross_entropy import ChunkedCrossEntropy, linear_cross_entropy
+from .cross_entropy import (ChunkedCrossEntropy, kl_rows, linear_cross_entropy,
+                            linear_distilled_cross_entropy)
 
 
 def layerdrop_probs(cfg: TrainConfig, num_layers: int, step: int) -> list[float]:
@@ -97,7 +97,9 @@ def early_exit_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
 def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
                       weights: torch.Tensor, fraction: float = 1.0,
                       generator: Optional[torch.Generator] = None, rows: slice = slice(None),
-                      global_batch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                      global_batch: Optional[int] = None, distill_weight: float = 0.0,
+                      temperature: float = 1.0, compiled: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``early_exit_loss`` from the states the head reads, states (n, B, T, d), through
     the fused linear + cross-entropy (head_weight (V, d)): the logits are never held.
 
@@ -106,6 +108,13 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
     process holds ``rows`` of them and scores the drawn positions that fall in its rows),
     so its mean CE is an unbiased estimate of the full one for that fraction of the
     head's cost, and data-parallel ranks together score exactly what one process would.
+
+    ``distill_weight`` > 0 adds self-distillation on the same tokens: that weight times
+    the exits' weighted mean of KL(p_last || p_exit) at ``temperature`` (times T^2), the
+    last exit's distribution detached (the teacher), so each earlier exit learns to agree
+    with the last one, which is what SSD's acceptance and DEE's exit rate follow. It
+    shares the fused, chunked pass of those exits' CE: no (m, V) logits are held
+    (``compiled``: its elementwise kernels through torch.compile).
     Returns (weighted total, per-exit mean CE, tokens scored here).
     """
     n, B, T, d = states.shape
@@ -115,48 +124,48 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
     # Global row -> index among this process's rows (-1: another rank's).
     local = torch.full((Bg,), -1, dtype=torch.long)
     local[torch.arange(Bg)[rows]] = torch.arange(B)
-    picked, row_targets, sizes = [], [], []
-    for i in range(n):
-        if i == n - 1 or m == Bg * T:
-            picked.append(flat[i])
-            row_targets.append(y)
+    rows_of = []                        # each earlier exit's scored rows of flat[i]
+    for _ in range(n - 1):
+        if m == Bg * T:
+            rows_of.append(None)
         else:
             pos = torch.randperm(Bg * T, generator=generator)[:m]         # global positions
             lb = local[pos // T]
-            idx = (lb * T + pos % T)[lb >= 0].to(states.device)
-            picked.append(flat[i].index_select(0, idx))
-            row_targets.append(y.index_select(0, idx))
-        sizes.append(picked[-1].shape[0])
-    nll = linear_cross_entropy(torch.cat(picked), head_weight, torch.cat(row_targets))
+            rows_of.append((lb * T + pos % T)[lb >= 0].to(states.device))
+
+    def take(i: int, idx: Optional[torch.Tensor]) -> torch.Tensor:
+        return flat[i] if idx is None else flat[i].index_select(0, idx)
+
+    picked = [take(i, idx) for i, idx in enumerate(rows_of)]
+    row_targets = [y if idx is None else y.index_select(0, idx) for idx in rows_of]
+    sizes = [p.shape[0] for p in picked] + [B * T]          # the last exit: every token
+    if distill_weight > 0 and n > 1:
+        # The teacher: the last exit's states at each earlier exit's scored positions.
+        teacher = torch.cat([take(n - 1, idx) for idx in rows_of])
+        nll_early, kl_rows = linear_distilled_cross_entropy(
+            torch.cat(picked), teacher, head_weight, torch.cat(row_targets), temperature,
+            compiled)
+        nll = torch.cat([nll_early, linear_cross_entropy(flat[-1], head_weight, y)])
+    else:
+        nll = linear_cross_entropy(torch.cat(picked + [flat[-1]]), head_weight,
+                                   torch.cat(row_targets + [y]))
     # Sums over this process's share, divided by its share of the global count, so that
     # the ranks' mean (what DDP's gradient averaging takes) is the global mean.
     share = B / Bg
     counts = [B * T if i == n - 1 or m == Bg * T else m * share for i in range(n)]
     per_exit = torch.stack([part.sum() / c for part, c in zip(nll.split(sizes), counts)])
-    return (per_exit * weights.to(per_exit.device)).sum(), per_exit, sum(sizes)
-
-
-def distillation_loss(logits: torch.Tensor, weights: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Weighted KL(p_final || p_exit) of every exit but the last (the last is the teacher).
-
-    logits (n, B, T, V) with the final layer last; the teacher is detached; the usual T^2
-    factor keeps gradient magnitudes independent of the temperature.
-    """
-    if logits.shape[0] < 2:
-        return logits.new_zeros(())
-    kl = exit_kl(logits, temperature)
-    w = weights[:-1].to(kl.device)
-    return (kl * w).sum() / w.sum().clamp_min(1e-12)
+    total = (per_exit * weights.to(per_exit.device)).sum()
+    if distill_weight > 0 and n > 1:
+        kl = torch.stack([part.sum() / c for part, c in zip(kl_rows.split(sizes[:-1]), counts)])
+        w = weights[:-1].to(per_exit.device)
+        total = total + distill_weight * (kl * w).sum() / w.sum().clamp_min(1e-12)
+    return total, per_exit, sum(sizes)
 
 
 def exit_kl(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_final || p_exit) (n-1,) of each exit against the last (detached) one, over
     logits (n, B, T, V), mean over tokens, times T^2 (Hinton's scaling)."""
-    t = temperature
-    teacher = F.log_softmax(logits[-1].detach().float() / t, dim=-1)        # (B, T, V)
-    student = F.log_softmax(logits[:-1].float() / t, dim=-1)               # (n-1, B, T, V)
-    return (teacher.exp() * (teacher - student)).sum(-1).mean(dim=(1, 2)) * t * t
+    return kl_rows(logits[:-1], logits[-1].detach(), temperature).mean(dim=(1, 2))
 
 
 def cosine_lr(cfg: TrainConfig, step: int) -> float:

@@ -27,8 +27,7 @@ from .config import ConfigError, TrainConfig
 from .data import get_batch, prepare_corpus
 from .jobs import TrainJob
 from .loading import pick_device
-from .losses import (cosine_lr, distillation_loss, early_exit_loss, exit_weights, layerdrop_probs,
-                     sampled_exit_loss)
+from .losses import cosine_lr, exit_weights, layerdrop_probs, sampled_exit_loss
 from .model import Transformer
 from .perplexity import autocast, exit_perplexities
 from .resume import check_model, check_recipe, truncate_metrics
@@ -107,16 +106,19 @@ class StepWork:
     per_exit: torch.Tensor          # (n_exits,) mean CE of each exit run (detached)
     block_rows: list[int]           # sequences each block ran on (LayerDrop skips rows)
     head_rows: int                  # tokens the shared head scored, over every exit
+    teacher_rows: int = 0           # tokens whose last-exit logits distillation made again
 
 
 class ExitObjective(torch.nn.Module):
     """The model and its early-exit loss as one module, so that a data-parallel wrapper
     sees every weight used inside its forward: an untied ``lm_head`` read by a loss
-    outside it counts as unused there, and its gradient then arrives twice."""
+    outside it counts as unused there, and its gradient then arrives twice.
+    ``compiled``: the distillation's elementwise kernels go through torch.compile (set
+    where the blocks compiled, so a fallback to eager blocks is eager here too)."""
 
-    def __init__(self, model: Transformer, tc: TrainConfig):
+    def __init__(self, model: Transformer, tc: TrainConfig, compiled: bool = False):
         super().__init__()
-        self.model, self.tc = model, tc
+        self.model, self.tc, self.compiled = model, tc, compiled
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, layers: list[int],
                 weights: torch.Tensor, probs: list[float], draws: torch.Tensor,
@@ -124,15 +126,10 @@ class ExitObjective(torch.nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(weighted loss, per-exit mean CE, tokens the head scored over every exit)."""
         tc = self.tc
-        if tc.distill_weight > 0:       # distillation needs every exit's whole logits
-            logits = self.model(x, layers, probs, draws)
-            loss, per_exit = early_exit_loss(logits, y, weights)
-            loss = loss + tc.distill_weight * distillation_loss(logits, weights,
-                                                                tc.distill_temperature)
-            return loss, per_exit, logits.shape[0] * y.numel()
         states = self.model(x, layers, probs, draws, head=False)
         return sampled_exit_loss(states, self.model.lm_head.weight, y, weights,
-                                 tc.exit_token_fraction, generator, rows, tc.batch_size)
+                                 tc.exit_token_fraction, generator, rows, tc.batch_size,
+                                 tc.distill_weight, tc.distill_temperature, self.compiled)
 
 
 def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc: TrainConfig,
@@ -168,7 +165,10 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc:
     # Blocks past the deepest exit never run; a row skips block l when its draw < p_l.
     block_rows = [int((draws[:, l] >= probs[l]).sum()) if l <= layers[-1] else 0
                   for l in range(L)]
-    return StepWork(loss.detach(), per_exit.detach(), block_rows, head_rows)
+    # Distillation scores the earlier exits' tokens through the head once more, as the
+    # teacher (forward only): every scored token but the last exit's own.
+    teacher_rows = head_rows - y.numel() if tc.distill_weight > 0 else 0
+    return StepWork(loss.detach(), per_exit.detach(), block_rows, head_rows, teacher_rows)
 
 
 def compile_blocks(model: Transformer) -> bool:
@@ -224,12 +224,12 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         make_dirs(run_dir)
         write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
         truncate_metrics(metrics_path, start)
-    objective = ExitObjective(model, tc)
+    # Recorded with every evaluation: a fallback to eager blocks shows in the run's metrics.
+    compiled = compile_blocks(model) if tc.compile else False
+    objective = ExitObjective(model, tc, compiled)
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, find_unused_parameters=tc.layerdrop_p_max > 0)
-    # Recorded with every evaluation: a fallback to eager blocks shows in the run's metrics.
-    compiled = compile_blocks(model) if tc.compile else False
 
     result = TrainResult(run_dir, start)
     rows = slice(rank, None, world)
