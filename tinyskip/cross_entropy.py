@@ -148,8 +148,10 @@ def _distill_grad(z: torch.Tensor, zt: torch.Tensor, targets: torch.Tensor,
 
 @functools.cache
 def _compiled(kernel):
-    """The kernel as one fused inductor loop nest (about 3x faster on the CPU than its
-    eager ops, whose (c, V) fp32 intermediates leave the cache); any row count."""
+    """The kernel as fused inductor loops, for any row count: its eager ops each sweep
+    (c, V) fp32 intermediates. At the quality preset's shapes (1638 rows, d 192, V 8k,
+    2 threads, forward and backward) the whole CE + KL pass took 138 ms instead of 174
+    (the CE alone: 59 ms)."""
     return torch.compile(kernel, dynamic=True)
 
 
