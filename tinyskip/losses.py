@@ -142,7 +142,7 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
     if distill_weight > 0 and n > 1:
         # The teacher: the last exit's states at each earlier exit's scored positions.
         teacher = torch.cat([take(n - 1, idx) for idx in rows_of])
-        nll_early, kl_rows = linear_distilled_cross_entropy(
+        nll_early, kl_per_row = linear_distilled_cross_entropy(
             torch.cat(picked), teacher, head_weight, torch.cat(row_targets), temperature,
             compiled)
         nll = torch.cat([nll_early, linear_cross_entropy(flat[-1], head_weight, y)])
@@ -156,7 +156,7 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
     per_exit = torch.stack([part.sum() / c for part, c in zip(nll.split(sizes), counts)])
     total = (per_exit * weights.to(per_exit.device)).sum()
     if distill_weight > 0 and n > 1:
-        kl = torch.stack([part.sum() / c for part, c in zip(kl_rows.split(sizes[:-1]), counts)])
+        kl = torch.stack([part.sum() / c for part, c in zip(kl_per_row.split(sizes[:-1]), counts)])
         w = weights[:-1].to(per_exit.device)
         total = total + distill_weight * (kl * w).sum() / w.sum().clamp_min(1e-12)
     return total, per_exit, sum(sizes)

@@ -43,13 +43,13 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int) -> float:
 
 
 def step_flops(model: Transformer, work: StepWork, seq_len: int) -> float:
-    """Model FLOPs of one training step (forward and backward), from what it ran; the
-    distillation teacher's logits are a forward product only."""
+    """Model FLOPs of one training step (forward and backward), from what it ran
+    (recomputation not counted: the distillation teacher's logits are the last exit's)."""
     cfg: ModelConfig = model.config
     block_weights = sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)
     per_token_block = 6 * block_weights + 12 * seq_len * cfg.hidden_size
     return (sum(work.block_rows) * seq_len * per_token_block
-            + (6 * work.head_rows + 2 * work.teacher_rows) * cfg.hidden_size * cfg.vocab_size)
+            + work.head_rows * 6 * cfg.hidden_size * cfg.vocab_size)
 
 
 def preset_configs(job: TrainBenchJob) -> dict[str, TrainConfig]:

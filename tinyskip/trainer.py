@@ -106,7 +106,6 @@ class StepWork:
     per_exit: torch.Tensor          # (n_exits,) mean CE of each exit run (detached)
     block_rows: list[int]           # sequences each block ran on (LayerDrop skips rows)
     head_rows: int                  # tokens the shared head scored, over every exit
-    teacher_rows: int = 0           # tokens whose last-exit logits distillation made again
 
 
 class ExitObjective(torch.nn.Module):
@@ -165,10 +164,7 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc:
     # Blocks past the deepest exit never run; a row skips block l when its draw < p_l.
     block_rows = [int((draws[:, l] >= probs[l]).sum()) if l <= layers[-1] else 0
                   for l in range(L)]
-    # Distillation scores the earlier exits' tokens through the head once more, as the
-    # teacher (forward only): every scored token but the last exit's own.
-    teacher_rows = head_rows - y.numel() if tc.distill_weight > 0 else 0
-    return StepWork(loss.detach(), per_exit.detach(), block_rows, head_rows, teacher_rows)
+    return StepWork(loss.detach(), per_exit.detach(), block_rows, head_rows)
 
 
 def compile_blocks(model: Transformer) -> bool:
