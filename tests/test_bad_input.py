@@ -50,6 +50,8 @@ CASES = [
     ("train", ["model=l99"], "model=l99: no such option (available: hf_llama, l12_d256,"),
     ("train", ["train.max_steps=abc"], "train.max_steps='abc': Value 'abc' of type 'str' could not"),
     ("train", ["train.max_steps=0"], "TrainConfig.max_steps=0: must be > 0"),
+    ("train", ["train.distill_weight=nan"], "TrainConfig.distill_weight=nan: must be >= 0"),
+    ("train", ["train.distill_temperature=inf"], "TrainConfig.distill_temperature=inf: must be > 0"),
     ("train", ["model=l4_d64", "train.seq_len=600"], "train.seq_len=600: longer than the model's "
                                                      "context, model.max_position_embeddings=512"),
     ("train", [f"train.seed={HUGE}"], f"TrainConfig.seed={HUGE}: must be in 0..4294967295"),

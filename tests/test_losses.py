@@ -204,13 +204,17 @@ def test_compiled_distillation_kernels_equal_the_eager_ones(monkeypatch):
     torch.manual_seed(4)
     h0, t0, w0 = torch.randn(150, 16), torch.randn(150, 16), torch.randn(50, 16)
     y, gn, gk = torch.randint(0, 50, (150,)), torch.rand(150), torch.rand(150)
+    from torch._dynamo.utils import counters
+
     out = []
+    counters.clear()
     for compiled in (False, True):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             nll, kl = linear_distilled_cross_entropy(h, t0, w, y, 2.0, compiled)
         ((nll * gn).sum() + (kl * gk).sum()).backward()
         out.append((nll.detach(), kl.detach(), h.grad, w.grad))
+    assert counters["stats"]["unique_graphs"] >= 2       # both kernels really compiled
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, atol=1e-2 * b.abs().max().item(), rtol=2e-2)
 

@@ -316,3 +316,22 @@ def test_ranks_draw_different_dropout_masks():
         losses.append(train_step(objective, make_optimizer(model, tc), tc, x, y, 7,
                                  rank=rank).loss.item())
     assert losses[0] != losses[1]
+
+
+def test_the_objective_applies_the_runs_distillation_settings():
+    """ExitObjective's loss is the sampled exit loss with the run's weight and temperature
+    (a dropped setting would train without distillation, silently)."""
+    model = dropout_model().eval()
+    with torch.no_grad():      # confident exits: at small logits KL * T^2 hardly depends on T
+        model.norm.weight.mul_(10)
+    x, y = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    layers, weights = [0, 2, 3], torch.tensor([0.2, 0.3, 0.5])
+    tc = TrainConfig(exit_token_fraction=0.5, distill_weight=0.6, distill_temperature=2.0,
+                     batch_size=2)
+    loss, _, _ = ExitObjective(model, tc)(x, y, layers, weights, [0.0] * 4,
+                                          torch.ones(2, 4), torch.Generator().manual_seed(9))
+    states = model(x, layers, [0.0] * 4, torch.ones(2, 4), head=False)
+    ref, _, _ = sampled_exit_loss(states, model.lm_head.weight, y, weights, 0.5,
+                                  torch.Generator().manual_seed(9), global_batch=2,
+                                  distill_weight=0.6, temperature=2.0)
+    torch.testing.assert_close(loss, ref)

@@ -8,6 +8,7 @@ Library modules take these dataclasses; only the entry points know about Hydra
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -28,8 +29,8 @@ class ConfigError(UserError, ValueError):
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value <= 0:
-            raise ConfigError(f"{type(obj).__name__}.{name}={value}: must be > 0")
+        if not (value > 0 and math.isfinite(value)):        # nan and inf slip past "<= 0"
+            raise ConfigError(f"{type(obj).__name__}.{name}={value}: must be > 0 (and finite)")
 
 
 def _probability(obj: Any, *names: str) -> None:
@@ -242,8 +243,9 @@ class TrainConfig:
         if not 0.0 < self.exit_token_fraction <= 1.0:
             raise ConfigError(f"TrainConfig.exit_token_fraction={self.exit_token_fraction}: "
                               "must be in (0, 1]")
-        if self.distill_weight < 0:
-            raise ConfigError(f"TrainConfig.distill_weight={self.distill_weight}: must be >= 0")
+        if not (self.distill_weight >= 0 and math.isfinite(self.distill_weight)):
+            raise ConfigError(f"TrainConfig.distill_weight={self.distill_weight}: must be >= 0 "
+                              "(and finite)")
         if self.eval_batches < 0:
             raise ConfigError(f"TrainConfig.eval_batches={self.eval_batches}: must be >= 0 "
                               "(0 = the whole validation split)")

@@ -139,7 +139,8 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
     picked = [take(i, idx) for i, idx in enumerate(rows_of)]
     row_targets = [y if idx is None else y.index_select(0, idx) for idx in rows_of]
     sizes = [p.shape[0] for p in picked] + [B * T]          # the last exit: every token
-    if distill_weight > 0 and n > 1:
+    distill = distill_weight > 0 and n > 1
+    if distill:
         # The teacher: the last exit's states at each earlier exit's scored positions.
         teacher = torch.cat([take(n - 1, idx) for idx in rows_of])
         nll_early, kl_per_row = linear_distilled_cross_entropy(
@@ -155,8 +156,8 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
     counts = [B * T if i == n - 1 or m == Bg * T else m * share for i in range(n)]
     per_exit = torch.stack([part.sum() / c for part, c in zip(nll.split(sizes), counts)])
     total = (per_exit * weights.to(per_exit.device)).sum()
-    if distill_weight > 0 and n > 1:
-        kl = torch.stack([part.sum() / c for part, c in zip(kl_per_row.split(sizes[:-1]), counts)])
+    if distill:
+        kl = torch.stack([part.sum() / c for part, c in zip(kl_per_row.split(sizes[:-1]), counts[:-1])])
         w = weights[:-1].to(per_exit.device)
         total = total + distill_weight * (kl * w).sum() / w.sum().clamp_min(1e-12)
     return total, per_exit, sum(sizes)
