@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from tinyskip.config import ConfigError, TrainConfig
 from tinyskip.cross_entropy import (ChunkedCrossEntropy, LinearCrossEntropy, linear_cross_entropy,
-                                     linear_distilled_cross_entropy)
+                                     linear_distilled_cross_entropy, teacher_distribution)
 from tinyskip.losses import (cosine_lr, curriculum_exits, early_exit_loss, exit_kl,
                              exit_scales, exit_weights, layerdrop_probs)
 
@@ -173,19 +173,21 @@ def test_fused_linear_cross_entropy_equals_linear_then_cross_entropy(bf16, monke
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_fused_distilled_cross_entropy_equals_linear_then_ce_and_kl(bf16, temperature,
                                                                     monkeypatch):
-    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 64)     # four whole chunks and a tail
+    # Two exits' students at the same 150 positions: two whole chunks of 64 and a tail each.
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 64)
     torch.manual_seed(3)
-    h0, t0, w0 = torch.randn(300, 16), torch.randn(300, 16) * 2, torch.randn(50, 16) * 0.5
-    y, gn, gk = torch.randint(0, 50, (300,)), torch.rand(300), torch.rand(300)
+    h0, t0, w0 = torch.randn(2, 150, 16), torch.randn(150, 16) * 2, torch.randn(50, 16) * 0.5
+    y, gn, gk = torch.randint(0, 50, (150,)), torch.rand(2, 150), torch.rand(2, 150)
     out = []
     for fused in (True, False):
         h, t, w = (x.clone().requires_grad_() for x in (h0, t0, w0))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if fused:
-                nll, kl = linear_distilled_cross_entropy(h, t, w, y, temperature)
+                teacher = teacher_distribution(t, w, temperature)
+                nll, kl = linear_distilled_cross_entropy(h, teacher, w, y, temperature)
             else:
                 z, zt = F.linear(h, w).float(), F.linear(t.detach(), w).float().detach()
-                nll = F.cross_entropy(z, y, reduction="none")
+                nll = F.cross_entropy(z.transpose(1, 2), y.expand(2, -1), reduction="none")
                 kl = F.kl_div(F.log_softmax(z / temperature, -1),
                               F.log_softmax(zt / temperature, -1), log_target=True,
                               reduction="none").sum(-1) * temperature ** 2
@@ -199,22 +201,25 @@ def test_fused_distilled_cross_entropy_equals_linear_then_ce_and_kl(bf16, temper
     assert bool((out[0][1] > 0).all())
 
 
-def test_compiled_distillation_kernels_equal_the_eager_ones(monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])     # T = 1 has its own branches
+def test_compiled_distillation_kernels_equal_the_eager_ones(temperature, monkeypatch):
     monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 64)     # whole chunks and a tail
     torch.manual_seed(4)
-    h0, t0, w0 = torch.randn(150, 16), torch.randn(150, 16), torch.randn(50, 16)
-    y, gn, gk = torch.randint(0, 50, (150,)), torch.rand(150), torch.rand(150)
+    h0, t0, w0 = torch.randn(2, 150, 16), torch.randn(150, 16), torch.randn(50, 16)
+    y, gn, gk = torch.randint(0, 50, (150,)), torch.rand(2, 150), torch.rand(2, 150)
     from torch._dynamo.utils import counters
 
     out = []
+    torch._dynamo.reset()           # graphs from the other temperature would be reused
     counters.clear()
     for compiled in (False, True):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            nll, kl = linear_distilled_cross_entropy(h, t0, w, y, 2.0, compiled)
+            teacher = teacher_distribution(t0, w, temperature, compiled)
+            nll, kl = linear_distilled_cross_entropy(h, teacher, w, y, temperature, compiled)
         ((nll * gn).sum() + (kl * gk).sum()).backward()
-        out.append((nll.detach(), kl.detach(), h.grad, w.grad))
-    assert counters["stats"]["unique_graphs"] >= 2       # both kernels really compiled
+        out.append((teacher[0], teacher[1], nll.detach(), kl.detach(), h.grad, w.grad))
+    assert counters["stats"]["unique_graphs"] >= 3       # the three kernels really compiled
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, atol=1e-2 * b.abs().max().item(), rtol=2e-2)
 

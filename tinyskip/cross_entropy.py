@@ -11,9 +11,11 @@ autograd functions keep that cost down:
   (N, V) logits are made one chunk of rows at a time and dropped; the backward pass
   recomputes each chunk (one extra N x d x V product) instead of keeping N x V logits and
   their gradient in memory, so the whole loss runs in cache.
-- ``LinearDistilledCrossEntropy``: per-row NLL and KL(teacher || student) of an early
-  exit's hidden states, the teacher's through the same head (self-distillation),
-  chunked the same way, each chunk's student logits shared by both losses.
+- ``LinearDistilledCrossEntropy``: per-row NLL and KL(teacher || student) of the early
+  exits' hidden states at shared positions against the teacher's distribution
+  (made once by ``teacher_distribution`` from the last exit through the same head:
+  self-distillation), chunked the same way, each chunk's student logits shared by both
+  losses.
 """
 
 from __future__ import annotations
@@ -125,92 +127,133 @@ def kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     return (t.exp() * (t - s)).sum(-1) * temperature ** 2
 
 
-def _distill_values(z: torch.Tensor, zt: torch.Tensor, targets: torch.Tensor,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row NLL and KL(p_t || p_s) * T^2 (c,) of student logits z and teacher logits
-    zt (c, V), in fp32."""
-    return _nll(z, targets), kl_rows(z, zt, temperature)
+def _distill_values(z: torch.Tensor, p_t: torch.Tensor, neg_entropy: torch.Tensor,
+                    targets: torch.Tensor, temperature: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row NLL and KL(p_t || p_s) * T^2 (c,) of student logits z (c, V) against the
+    teacher's probabilities at T (c, V) and their sum(p_t log p_t) (c,), in fp32:
+    KL = sum(p_t log p_t) - sum(p_t log p_s), so the teacher's logarithm is taken once
+    for every exit. At T = 1 one log-softmax serves both losses."""
+    zf = z.float()
+    log_p = F.log_softmax(zf / temperature, dim=-1)
+    if temperature == 1.0:
+        nll = -log_p.gather(1, targets[:, None]).squeeze(1)
+    else:
+        nll = F.cross_entropy(zf, targets, reduction="none")
+    return nll, (neg_entropy - (p_t * log_p).sum(-1)) * temperature ** 2
 
 
-def _distill_grad(z: torch.Tensor, zt: torch.Tensor, targets: torch.Tensor,
+def _distill_grad(z: torch.Tensor, p_t: torch.Tensor, targets: torch.Tensor,
                   grad_nll: torch.Tensor, grad_kl: torch.Tensor, temperature: float
                   ) -> torch.Tensor:
     """d (grad_nll . NLL + grad_kl . KL T^2) / dz (c, V): g_nll * (softmax(z) - onehot)
-    + g_kl * T * (softmax(z / T) - softmax(zt / T)), in fp32, rounded once to z's dtype
-    (as in ``_softmax_minus_onehot``)."""
+    + g_kl * T * (softmax(z / T) - p_t), in fp32, rounded once to z's dtype (as in
+    ``_softmax_minus_onehot``); at T = 1 one softmax serves both terms."""
     zf = z.float()
-    g = torch.softmax(zf, dim=-1) * grad_nll[:, None]
+    p = torch.softmax(zf, dim=-1)
+    if temperature == 1.0:
+        g = p * (grad_nll + grad_kl)[:, None] - p_t * grad_kl[:, None]
+    else:
+        g = p * grad_nll[:, None] + (torch.softmax(zf / temperature, dim=-1) - p_t) * (
+            grad_kl * temperature)[:, None]
     g[torch.arange(g.shape[0], device=g.device), targets] -= grad_nll
-    g += (torch.softmax(zf / temperature, dim=-1) - torch.softmax(zt.float() / temperature, dim=-1)
-          ) * (grad_kl * temperature)[:, None]
     return g.to(z.dtype)
 
 
 @functools.cache
 def _compiled(kernel):
     """The kernel as fused inductor loops, for any row count: its eager ops each sweep
-    (c, V) fp32 intermediates. At the quality preset's shapes (1638 rows, d 192, V 8k,
-    2 threads, forward and backward) the whole CE + KL pass took 138 ms instead of 174
-    (the CE alone: 59 ms)."""
+    (c, V) fp32 intermediates."""
     return torch.compile(kernel, dynamic=True)
 
 
-class LinearDistilledCrossEntropy(torch.autograd.Function):
-    """Per-row NLL (N,) and KL(softmax(t W^T / T) || softmax(h W^T / T)) * T^2 (N,) of
-    student rows h (N, d) against targets and teacher rows t (N, d), one head weight
-    (V, d): an early exit's cross-entropy and its self-distillation in one pass, each
-    student chunk's logits made once for both (a separate KL would make them again).
+def _teacher_values(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(z / T) (c, V) and its sum(p log p) (c,), in fp32, of teacher logits z."""
+    log_p = F.log_softmax(z.float() / temperature, dim=-1)
+    p = log_p.exp()
+    return p, (p * log_p).sum(-1)
 
-    The teacher is a constant: no gradient reaches t, nor W through it. Products and
-    dtypes as in ``LinearCrossEntropy``; ``compiled``: the elementwise work of each
-    chunk through ``torch.compile`` (the trainer asks for it when its blocks compiled).
-    Call through ``linear_distilled_cross_entropy``.
+
+def teacher_distribution(t: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0,
+                         compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(t W^T / T) (N, V) and its sum(p log p) (N,), in fp32, of teacher rows t
+    (N, d), without gradient: the distillation target, made once and read by every exit
+    that learns from it (the head's product in autocast's dtype, as the students';
+    ``compiled`` as in ``LinearDistilledCrossEntropy``)."""
+    dtype, c = _compute_dtype(t), LinearCrossEntropy.CHUNK
+    values = _compiled(_teacher_values) if compiled else _teacher_values
+    probs = torch.empty(t.shape[0], weight.shape[0], dtype=torch.float32, device=t.device)
+    neg_entropy = torch.empty(t.shape[0], dtype=torch.float32, device=t.device)
+    with torch.no_grad(), torch.autocast(t.device.type, enabled=False):
+        tc, wc = t.to(dtype), weight.to(dtype)
+        for s in range(0, t.shape[0], c):
+            probs[s:s + c], neg_entropy[s:s + c] = values(tc[s:s + c] @ wc.T, temperature)
+    return probs, neg_entropy
+
+
+class LinearDistilledCrossEntropy(torch.autograd.Function):
+    """Per-row NLL (k, N) and KL(p_t || softmax(h W^T / T)) * T^2 (k, N) of k exits' student
+    rows h (k, N, d) at the same N positions, against targets (N,) and the teacher there
+    (``teacher_distribution``: its probabilities (N, V) and sum(p log p) (N,)), one head
+    weight (V, d): the earlier exits' cross-entropy and self-distillation in one pass,
+    each student chunk's logits made once for both (a separate KL would make them
+    again). The teacher is a constant made once for all k exits: no gradient reaches it,
+    nor W through it.
+
+    Products and dtypes as in ``LinearCrossEntropy``; ``compiled``: the elementwise work of
+    each chunk through ``torch.compile`` (the trainer asks for it when its blocks
+    compiled). Call through ``linear_distilled_cross_entropy``.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
-                targets: torch.Tensor, temperature: float, dtype: torch.dtype,
-                compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, h: torch.Tensor, p_t: torch.Tensor, neg_entropy: torch.Tensor,
+                weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                dtype: torch.dtype, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
         c = LinearCrossEntropy.CHUNK
         values = _compiled(_distill_values) if compiled else _distill_values
-        hc, tc, wc = h.to(dtype), teacher.to(dtype), weight.to(dtype)
-        nll = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        hc, wc = h.to(dtype), weight.to(dtype)
+        nll = torch.empty(h.shape[:2], dtype=torch.float32, device=h.device)
         kl = torch.empty_like(nll)
-        for i in range(0, h.shape[0], c):
-            rows = slice(i, i + c)
-            nll[rows], kl[rows] = values(hc[rows] @ wc.T, tc[rows] @ wc.T, targets[rows],
-                                         temperature)
-        ctx.save_for_backward(h, teacher, weight, targets)
+        for e in range(h.shape[0]):
+            for i in range(0, h.shape[1], c):
+                rows = slice(i, i + c)
+                nll[e, rows], kl[e, rows] = values(hc[e, rows] @ wc.T, p_t[rows],
+                                                   neg_entropy[rows], targets[rows], temperature)
+        ctx.save_for_backward(h, p_t, weight, targets)
         ctx.temperature, ctx.dtype, ctx.compiled = temperature, dtype, compiled
         return nll, kl
 
     @staticmethod
     def backward(ctx, grad_nll: torch.Tensor, grad_kl: torch.Tensor):
-        h, teacher, weight, targets = ctx.saved_tensors
+        h, p_t, weight, targets = ctx.saved_tensors
         c = LinearCrossEntropy.CHUNK
         grad = _compiled(_distill_grad) if ctx.compiled else _distill_grad
-        hc, tc, wc = h.to(ctx.dtype), teacher.to(ctx.dtype), weight.to(ctx.dtype)
+        hc, wc = h.to(ctx.dtype), weight.to(ctx.dtype)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for i in range(0, h.shape[0], c):
-            rows = slice(i, i + c)
-            g = grad(hc[rows] @ wc.T, tc[rows] @ wc.T, targets[rows], grad_nll[rows],
-                     grad_kl[rows], ctx.temperature)                          # (c, V) again
-            grad_h[rows] = g @ wc                                              # (c, d)
-            grad_w += (g.T @ hc[rows]).float()                                 # (V, d)
-        return grad_h, None, grad_w.to(weight.dtype), None, None, None, None
+        for e in range(h.shape[0]):
+            for i in range(0, h.shape[1], c):
+                rows = slice(i, i + c)
+                g = grad(hc[e, rows] @ wc.T, p_t[rows], targets[rows], grad_nll[e, rows],
+                         grad_kl[e, rows], ctx.temperature)                      # (c, V) again
+                grad_h[e, rows] = g @ wc                                         # (c, d)
+                grad_w += (g.T @ hc[e, rows]).float()                            # (V, d)
+        return grad_h, None, None, grad_w.to(weight.dtype), None, None, None, None
 
 
-def linear_distilled_cross_entropy(h: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
-                                   targets: torch.Tensor, temperature: float = 1.0,
-                                   compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (NLL, KL(p_teacher || p_student) * T^2), each (N,), of student rows h
-    (N, d) and teacher rows (N, d, detached) through ``F.linear(., weight)``, never
-    holding the (N, V) logits; products in autocast's dtype, as in
+def linear_distilled_cross_entropy(h: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor],
+                                   weight: torch.Tensor, targets: torch.Tensor,
+                                   temperature: float = 1.0, compiled: bool = False
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (NLL, KL(p_teacher || p_student) * T^2), each (k, N), of k exits' student
+    rows h (k, N, d) at the same positions, against targets (N,) and the teacher there at
+    T (what ``teacher_distribution`` returns), through ``F.linear(., weight)``, never
+    holding a student's (N, V) logits; products in autocast's dtype, as in
     ``linear_cross_entropy``."""
     dtype = _compute_dtype(h)
+    p_t, neg_entropy = (x.detach() for x in teacher)
     with torch.autocast(h.device.type, enabled=False):
-        return LinearDistilledCrossEntropy.apply(h, teacher.detach(), weight, targets,
+        return LinearDistilledCrossEntropy.apply(h, p_t, neg_entropy, weight, targets,
                                                  temperature, dtype, compiled)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .config import ConfigError, TrainConfig
 from .cross_entropy import (ChunkedCrossEntropy, kl_rows, linear_cross_entropy,
-                            linear_distilled_cross_entropy)
+                            linear_distilled_cross_entropy, teacher_distribution)
 
 
 def layerdrop_probs(cfg: TrainConfig, num_layers: int, step: int) -> list[float]:
@@ -103,64 +103,60 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
     """``early_exit_loss`` from the states the head reads, states (n, B, T, d), through
     the fused linear + cross-entropy (head_weight (V, d)): the logits are never held.
 
-    Every exit but the last scores a random ``fraction`` of the global batch's tokens (a
-    subset per exit, drawn from ``generator`` over all ``global_batch`` rows; this
-    process holds ``rows`` of them and scores the drawn positions that fall in its rows),
-    so its mean CE is an unbiased estimate of the full one for that fraction of the
-    head's cost, and data-parallel ranks together score exactly what one process would.
+    Every exit but the last scores a random ``fraction`` of the global batch's tokens (one
+    subset per step, shared by those exits, drawn from ``generator`` over all
+    ``global_batch`` rows; this process holds ``rows`` of them and scores the drawn
+    positions that fall in its rows), so each one's mean CE is an unbiased estimate of
+    its full one for that fraction of the head's cost, and data-parallel ranks together
+    score exactly what one process would.
 
     ``distill_weight`` > 0 adds self-distillation on the same tokens: that weight times
     the exits' weighted mean of KL(p_last || p_exit) at ``temperature`` (times T^2), the
     last exit's distribution detached (the teacher), so each earlier exit learns to agree
-    with the last one, which is what SSD's acceptance and DEE's exit rate follow. It
-    shares the fused, chunked pass of those exits' CE: no (m, V) logits are held
-    (``compiled``: its elementwise kernels through torch.compile).
+    with the last one, which is what SSD's acceptance and DEE's exit rate follow. The
+    shared subset is why the teacher is cheap: its distribution is made once, at those
+    positions, for every exit (an (r, V) fp32 tensor for this process's r scored
+    positions); the exits' CE and KL share one fused, chunked pass that holds no student
+    logits (``compiled``: its elementwise kernels through torch.compile).
     Returns (weighted total, per-exit mean CE, tokens scored here).
     """
     n, B, T, d = states.shape
     Bg = global_batch or B
     flat, y = states.reshape(n, B * T, d), targets.reshape(B * T)
     m = Bg * T if fraction >= 1.0 else max(1, round(fraction * Bg * T))
-    # Global row -> index among this process's rows (-1: another rank's).
-    local = torch.full((Bg,), -1, dtype=torch.long)
-    local[torch.arange(Bg)[rows]] = torch.arange(B)
-    rows_of = []                        # each earlier exit's scored rows of flat[i]
-    for _ in range(n - 1):
-        if m == Bg * T:
-            rows_of.append(None)
-        else:
-            pos = torch.randperm(Bg * T, generator=generator)[:m]         # global positions
-            lb = local[pos // T]
-            rows_of.append((lb * T + pos % T)[lb >= 0].to(states.device))
+    idx = None                          # this process's scored rows of each flat[i]
+    if m < Bg * T and n > 1:
+        # Global row -> index among this process's rows (-1: another rank's).
+        local = torch.full((Bg,), -1, dtype=torch.long)
+        local[torch.arange(Bg)[rows]] = torch.arange(B)
+        pos = torch.randperm(Bg * T, generator=generator)[:m]             # global positions
+        lb = local[pos // T]
+        idx = (lb * T + pos % T)[lb >= 0].to(states.device)
 
-    def take(i: int, idx: Optional[torch.Tensor]) -> torch.Tensor:
+    def take(i: int) -> torch.Tensor:                                     # (r, d)
         return flat[i] if idx is None else flat[i].index_select(0, idx)
 
-    picked = [take(i, idx) for i, idx in enumerate(rows_of)]
-    row_targets = [y if idx is None else y.index_select(0, idx) for idx in rows_of]
-    sizes = [p.shape[0] for p in picked] + [B * T]          # the last exit: every token
-    distill = distill_weight > 0 and n > 1
-    if distill:
-        # The teacher: the last exit's states at each earlier exit's scored positions.
-        teacher = torch.cat([take(n - 1, idx) for idx in rows_of])
-        nll_early, kl_per_row = linear_distilled_cross_entropy(
-            torch.cat(picked), teacher, head_weight, torch.cat(row_targets), temperature,
-            compiled)
-        nll = torch.cat([nll_early, linear_cross_entropy(flat[-1], head_weight, y)])
+    picked = torch.stack([take(i) for i in range(n - 1)]) if n > 1 else flat[:0]  # (n-1, r, d)
+    picked_y = y if idx is None else y.index_select(0, idx)                      # (r,)
+    if distill_weight > 0 and n > 1:
+        nll_early, kl = linear_distilled_cross_entropy(
+            picked, teacher_distribution(take(n - 1), head_weight, temperature, compiled), head_weight,
+            picked_y, temperature, compiled)                              # (n-1, r) each
+        nll_last = linear_cross_entropy(flat[-1], head_weight, y)
     else:
-        nll = linear_cross_entropy(torch.cat(picked + [flat[-1]]), head_weight,
-                                   torch.cat(row_targets + [y]))
+        kl = None
+        nll = linear_cross_entropy(torch.cat([picked.reshape(-1, d), flat[-1]]), head_weight,
+                                   torch.cat([picked_y.repeat(n - 1), y]))
+        nll_early, nll_last = nll[:-B * T].view(n - 1, picked.shape[1]), nll[-B * T:]
     # Sums over this process's share, divided by its share of the global count, so that
     # the ranks' mean (what DDP's gradient averaging takes) is the global mean.
-    share = B / Bg
-    counts = [B * T if i == n - 1 or m == Bg * T else m * share for i in range(n)]
-    per_exit = torch.stack([part.sum() / c for part, c in zip(nll.split(sizes), counts)])
+    count = B * T if idx is None else m * B / Bg
+    per_exit = torch.cat([nll_early.sum(1) / count, nll_last.sum().view(1) / (B * T)])
     total = (per_exit * weights.to(per_exit.device)).sum()
-    if distill:
-        kl = torch.stack([part.sum() / c for part, c in zip(kl_per_row.split(sizes[:-1]), counts[:-1])])
+    if kl is not None:
         w = weights[:-1].to(per_exit.device)
-        total = total + distill_weight * (kl * w).sum() / w.sum().clamp_min(1e-12)
-    return total, per_exit, sum(sizes)
+        total = total + distill_weight * (kl.sum(1) / count * w).sum() / w.sum().clamp_min(1e-12)
+    return total, per_exit, (n - 1) * picked.shape[1] + B * T
 
 
 def exit_kl(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
