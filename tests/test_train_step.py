@@ -10,7 +10,7 @@ from conftest import tiny_config
 from tinyskip.config import ConfigError, ModelConfig, TrainConfig
 from tinyskip.losses import early_exit_loss, sampled_exit_loss
 from tinyskip.model import Transformer, causal_attention
-from tinyskip.train_bench import step_flops
+from tinyskip.train_bench import step_flops, step_products
 from tinyskip.trainer import ExitObjective, compile_blocks, make_optimizer, train_step
 
 
@@ -188,6 +188,11 @@ def test_step_flops_count_every_block_row_and_every_scored_token():
     assert work.head_rows == 32 + 2 * 16                     # last exit all, two exits half
     expected = sum(ran) * 8 * (6 * block + 12 * 8 * 16) + work.head_rows * 6 * 16 * 50
     assert step_flops(model, work, 8) == expected
+    # The matrix-work floor times exactly the products those FLOPs count, at their shapes.
+    pairs = step_products(model, work.block_rows, work.head_rows, 8, torch.float32)
+    assert sum(2 * a.numel() * b.shape[-1] for a, b in pairs) == expected
+    assert all(a.shape[-1] == b.shape[-2] for a, b in pairs)
+    assert (32 + 2 * 16, 16) in [tuple(a.shape) for a, _ in pairs]   # the head's forward
 
 
 def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, data_cache, tmp_path):
@@ -208,6 +213,7 @@ def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, d
     # Without LayerDrop, the layerskip step only adds head work: more model FLOPs per step.
     assert layerskip["gflop_per_step"] > plain["gflop_per_step"] > 0
     assert 0 < plain["mfu_bf16"] and "| layerskip |" in format_table(result)
+    assert 0 < plain["matrix_ms"] < plain["ms_per_step"] and 0 < plain["mfu_matrix_bf16"]
 
 
 def test_the_training_benchmark_reports_what_compiled_not_what_was_asked(wikitext_path,

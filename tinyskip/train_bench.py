@@ -12,7 +12,9 @@ every row it ran on (LayerDrop skips rows), 12 * T * d per token per block for
 attention's two products, and 6 * d * V for every token the shared head scored, at
 every exit. The fused loss' recomputation is not counted (utilisation of the model's
 work, not of the hardware). The peak is a large square product in bf16 (and fp32),
-measured by the same command.
+measured by the same command. Next to the step's time: its products alone at their
+shapes (``step_products``), the floor the step's matrix work sets on this machine, and
+the utilisation that floor would reach: what no removal of overhead can exceed.
 """
 
 from __future__ import annotations
@@ -52,6 +54,43 @@ def step_flops(model: Transformer, work: StepWork, seq_len: int) -> float:
             + work.head_rows * 6 * cfg.hidden_size * cfg.vocab_size)
 
 
+def step_products(model: Transformer, block_rows: list[int], head_rows: int, seq_len: int,
+                  dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random operands of one training step's model products at their shapes, forward
+    and backward, exactly the FLOPs ``step_flops`` counts: per block, each weight's three
+    products (x W^T, g W, g^T x) on the tokens of the rows it ran on and attention's six
+    batched (T x T) products per query head; the head's three on the tokens it scored."""
+    cfg: ModelConfig = model.config
+    dev = model.embed_tokens.weight.device
+    T, H, V = seq_len, cfg.num_attention_heads, cfg.vocab_size
+    hd = cfg.hidden_size // H
+    mk = lambda *shape: torch.randn(*shape, device=dev).to(dtype)
+
+    def linear(n: int, w_out: int, w_in: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(mk(n, w_in), mk(w_in, w_out)),      # forward: x W^T
+                (mk(n, w_out), mk(w_out, w_in)),     # grad of x: g W
+                (mk(w_out, n), mk(n, w_in))]         # grad of W: g^T x
+
+    pairs = []
+    shapes = [m.weight.shape for m in model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    for rows in block_rows:
+        if rows == 0:
+            continue
+        for w_out, w_in in shapes:
+            pairs += linear(rows * T, w_out, w_in)
+        b = rows * H                                  # (rows * H) batched per-head products
+        # Forward Q K^T and P V; backward dO V^T, P^T dO, dS K and dS^T Q.
+        pairs += [(mk(b, T, hd), mk(b, hd, T))] * 2 + [(mk(b, T, T), mk(b, T, hd))] * 4
+    return pairs + linear(head_rows, V, cfg.hidden_size)
+
+
+def matrix_seconds(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                   reps: int = 5) -> float:
+    """Median time of the products alone, one after another: the step's matrix-work floor,
+    what it would take if everything between the products were free."""
+    return median_seconds(lambda: [a @ b for a, b in pairs], reps, device)
+
+
 def preset_configs(job: TrainBenchJob) -> dict[str, TrainConfig]:
     shared = {k: getattr(job, k) for k in ("batch_size", "seq_len", "bf16", "compile")
               if getattr(job, k) is not None}
@@ -77,6 +116,7 @@ def bench_training(job: TrainBenchJob) -> dict:
         runs[name] = {"tc": tc, "model": model, "objective": ExitObjective(model, tc, compiled),
                       "opt": make_optimizer(model, tc),
                       "schedule": schedule, "time": 0.0, "tokens": 0, "flops": 0.0,
+                      "block_rows": [0] * cfg.num_hidden_layers, "head_rows": 0,
                       "compiled": compiled}
 
     def one_step(run: dict, step: int) -> tuple[float, StepWork]:
@@ -99,13 +139,22 @@ def bench_training(job: TrainBenchJob) -> dict:
                 run["time"] += seconds
                 run["tokens"] += run["tc"].batch_size * run["tc"].seq_len
                 run["flops"] += step_flops(run["model"], work, run["tc"].seq_len)
+                run["block_rows"] = [a + b for a, b in zip(run["block_rows"], work.block_rows)]
+                run["head_rows"] += work.head_rows
 
     peaks = {"bf16": matmul_peak(torch.bfloat16, device, job.peak_size),
              "fp32": matmul_peak(torch.float32, device, job.peak_size)}
     rows = []
+    n = job.steps * job.rounds
     for name, run in runs.items():
         tc = run["tc"]
         rate = run["flops"] / run["time"]
+        # The mean step's products alone, in the dtype the step multiplies in.
+        pairs = step_products(run["model"], [round(r / n) for r in run["block_rows"]],
+                              round(run["head_rows"] / n), tc.seq_len,
+                              torch.bfloat16 if tc.bf16 else torch.float32)
+        matrix = matrix_seconds(pairs, device)
+        matrix_flops = sum(2 * a.numel() * b.shape[-1] for a, b in pairs)
         rows.append({"preset": name, "tokens_per_s": run["tokens"] / run["time"],
                      "ms_per_step": 1e3 * run["time"] / (job.steps * job.rounds),
                      "gflop_per_step": run["flops"] / (job.steps * job.rounds) / 1e9,
@@ -113,7 +162,11 @@ def bench_training(job: TrainBenchJob) -> dict:
                      # The step's model FLOPs at the bf16 peak: its time if nothing but
                      # matrix work at full speed were left.
                      "floor_ms": 1e3 * run["flops"] / (job.steps * job.rounds) / peaks["bf16"],
-                     "mfu_fp32": rate / peaks["fp32"], "bf16": tc.bf16, "compile": run["compiled"],
+                     "mfu_fp32": rate / peaks["fp32"],
+                     # The products alone: the step's time if nothing else cost anything,
+                     # and the utilisation that would reach.
+                     "matrix_ms": 1e3 * matrix, "mfu_matrix_bf16": matrix_flops / matrix / peaks["bf16"],
+                     "bf16": tc.bf16, "compile": run["compiled"],
                      "batch_size": tc.batch_size, "seq_len": tc.seq_len,
                      "exit_token_fraction": tc.exit_token_fraction})
     plain = rows[0]["tokens_per_s"]
@@ -127,13 +180,14 @@ def format_table(result: dict) -> str:
     peaks = result["peak_gflop_per_s"]
     lines = [f"{result['model']} on {result['device']}, {result['threads']} threads; matmul peak "
              f"{peaks['bf16']:.0f} GFLOP/s bf16, {peaks['fp32']:.0f} fp32",
-             "| preset | tokens/s | vs plain | ms/step | floor ms (bf16 peak) | GFLOP/step | GFLOP/s "
-             "| MFU (bf16 peak) | MFU (fp32 peak) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| preset | tokens/s | vs plain | ms/step | matrix work alone ms | floor ms (bf16 peak) "
+             "| GFLOP/step | GFLOP/s | MFU (bf16 peak) | MFU (fp32 peak) "
+             "| MFU of the matrix work alone (bf16 peak) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['preset']} | {r['tokens_per_s']:.0f} | {r['vs_plain']:.2f}x "
-                     f"| {r['ms_per_step']:.1f} | {r['floor_ms']:.1f} | {r['gflop_per_step']:.2f} "
-                     f"| {r['gflop_per_s']:.1f} "
-                     f"| {r['mfu_bf16']:.1%} | {r['mfu_fp32']:.1%} |")
+                     f"| {r['ms_per_step']:.1f} | {r['matrix_ms']:.1f} | {r['floor_ms']:.1f} "
+                     f"| {r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} "
+                     f"| {r['mfu_bf16']:.1%} | {r['mfu_fp32']:.1%} | {r['mfu_matrix_bf16']:.1%} |")
     return "\n".join(lines)
 
 
