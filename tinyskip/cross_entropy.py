@@ -163,7 +163,8 @@ def _distill_grad(z: torch.Tensor, p_t: torch.Tensor, targets: torch.Tensor,
 @functools.cache
 def _compiled(kernel):
     """The kernel as fused inductor loops, for any row count: its eager ops each sweep
-    (c, V) fp32 intermediates."""
+    (c, V) fp32 intermediates (eager, the distilled pass ran 1.2x as long on the quality
+    preset's shapes, 2 threads)."""
     return torch.compile(kernel, dynamic=True)
 
 

@@ -136,18 +136,21 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
     def take(i: int) -> torch.Tensor:                                     # (r, d)
         return flat[i] if idx is None else flat[i].index_select(0, idx)
 
-    picked = torch.stack([take(i) for i in range(n - 1)]) if n > 1 else flat[:0]  # (n-1, r, d)
+    # The earlier exits' scored states (n-1, r, d); flat[:0] is that with no earlier exit.
+    picked = torch.stack([take(i) for i in range(n - 1)]) if n > 1 else flat[:0]
     picked_y = y if idx is None else y.index_select(0, idx)                      # (r,)
+    r = picked.shape[1]
     if distill_weight > 0 and n > 1:
-        nll_early, kl = linear_distilled_cross_entropy(
-            picked, teacher_distribution(take(n - 1), head_weight, temperature, compiled), head_weight,
-            picked_y, temperature, compiled)                              # (n-1, r) each
+        teacher = teacher_distribution(take(n - 1), head_weight, temperature, compiled)
+        nll_early, kl = linear_distilled_cross_entropy(picked, teacher, head_weight, picked_y,
+                                                       temperature, compiled)  # (n-1, r) each
         nll_last = linear_cross_entropy(flat[-1], head_weight, y)
     else:
         kl = None
+        # One fused call over the earlier exits' rows ((n-1) * r, d) and the last's (B * T, d).
         nll = linear_cross_entropy(torch.cat([picked.reshape(-1, d), flat[-1]]), head_weight,
                                    torch.cat([picked_y.repeat(n - 1), y]))
-        nll_early, nll_last = nll[:-B * T].view(n - 1, picked.shape[1]), nll[-B * T:]
+        nll_early, nll_last = nll[:-B * T].view(n - 1, r), nll[-B * T:]
     # Sums over this process's share, divided by its share of the global count, so that
     # the ranks' mean (what DDP's gradient averaging takes) is the global mean.
     count = B * T if idx is None else m * B / Bg
@@ -156,7 +159,7 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
     if kl is not None:
         w = weights[:-1].to(per_exit.device)
         total = total + distill_weight * (kl.sum(1) / count * w).sum() / w.sum().clamp_min(1e-12)
-    return total, per_exit, (n - 1) * picked.shape[1] + B * T
+    return total, per_exit, (n - 1) * r + B * T
 
 
 def exit_kl(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

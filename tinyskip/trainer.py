@@ -169,9 +169,9 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc:
 
 def compile_blocks(model: Transformer) -> bool:
     """``train.compile``: each block and the final norm compiled in place (one graph
-    serves all the blocks, the weights being its inputs; the row count is dynamic). LayerDrop's row selection, the
-    exit set and the loss stay in Python, so a new exit set or drop rate never recompiles,
-    and the state dict keeps its names.
+    serves all the blocks, the weights being its inputs; the row count is dynamic).
+    LayerDrop's row selection, the exit set and the loss stay in Python, so a new exit
+    set or drop rate never recompiles, and the state dict keeps its names.
 
     Where torch.compile cannot build code (no C++ compiler, an unsupported device) the
     blocks train eagerly after one warning line; returns whether they were compiled. The
