@@ -133,15 +133,13 @@ def sampled_exit_loss(states: torch.Tensor, head_weight: torch.Tensor, targets: 
         lb = local[pos // T]
         idx = (lb * T + pos % T)[lb >= 0].to(states.device)
 
-    def take(i: int) -> torch.Tensor:                                     # (r, d)
-        return flat[i] if idx is None else flat[i].index_select(0, idx)
-
-    # The earlier exits' scored states (n-1, r, d); flat[:0] is that with no earlier exit.
-    picked = torch.stack([take(i) for i in range(n - 1)]) if n > 1 else flat[:0]
+    # The earlier exits' scored states (n-1, r, d), gathered in one copy (none: (0, BT, d)).
+    picked = flat[:-1] if idx is None else flat[:-1].index_select(1, idx)
     picked_y = y if idx is None else y.index_select(0, idx)                      # (r,)
     r = picked.shape[1]
     if distill_weight > 0 and n > 1:
-        teacher = teacher_distribution(take(n - 1), head_weight, temperature, compiled)
+        last = flat[-1] if idx is None else flat[-1].index_select(0, idx)         # (r, d)
+        teacher = teacher_distribution(last, head_weight, temperature, compiled)
         nll_early, kl = linear_distilled_cross_entropy(picked, teacher, head_weight, picked_y,
                                                        temperature, compiled)  # (n-1, r) each
         nll_last = linear_cross_entropy(flat[-1], head_weight, y)
