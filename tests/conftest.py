@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tinyskip.config import ModelConfig
-from tinyskip.model import Transformer
+from tinyskip.model.transformer import Transformer
 
 # The offline WikiText-2 copy beside the checkout (see README: never copied into the repo).
 WIKITEXT = Path(os.environ.get("TINYSKIP_WIKITEXT",
@@ -16,7 +16,10 @@ WIKITEXT = Path(os.environ.get("TINYSKIP_WIKITEXT",
 torch.set_num_threads(1)
 
 
-def tiny_config(**overrides) -> ModelConfig:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tiny_config(**overrides) -> ModelConfig:
     fields = dict(name="tiny", vocab_size=97, hidden_size=32, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                   max_position_embeddings=64)
@@ -24,10 +27,22 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    """The project's folder (where ``python -m tinyskip.*`` finds conf/)."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(**overrides)``: a 4-block ModelConfig small enough for any test."""
+    return make_tiny_config
+
+
 @pytest.fixture
 def tiny_model() -> Transformer:
     torch.manual_seed(0)
-    return Transformer(tiny_config()).eval()
+    return Transformer(make_tiny_config()).eval()
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +82,7 @@ def data_cache(tmp_path_factory) -> str:
 TINY_RUN = {"max_steps": 150, "eval_every": 150, "exit_token_fraction": 1.0, "e_scale": 0.2}
 
 
-def tiny_train_overrides(wikitext_path: str, data_cache: str, root, run: str, **train) -> list[str]:
+def make_train_overrides(wikitext_path: str, data_cache: str, root, run: str, **train) -> list[str]:
     """Overrides for a seconds-long training run of a tiny model on a WikiText-2 slice."""
     base = {"max_steps": 40, "batch_size": 8, "seq_len": 32, "warmup_steps": 5, "lr": 1e-2,
             "eval_every": 20, "eval_batches": 2, "save_every": 10, "bf16": False,
@@ -81,15 +96,28 @@ def tiny_train_overrides(wikitext_path: str, data_cache: str, root, run: str, **
 
 
 @pytest.fixture(scope="session")
+def tiny_run() -> dict:
+    """The trained_tiny run's recipe (TINY_RUN)."""
+    return dict(TINY_RUN)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_overrides():
+    """``tiny_train_overrides(wikitext_path, data_cache, root, run, **train)``: overrides
+    for a seconds-long training run of a tiny model on a WikiText-2 slice."""
+    return make_train_overrides
+
+
+@pytest.fixture(scope="session")
 def trained_tiny(wikitext_path, data_cache, tmp_path_factory):
     """A tiny layerskip-trained checkpoint (seconds of training): (model, corpus, run dir)."""
-    from tinyskip.checkpoint import load_model
+    from tinyskip.storage.checkpoint import load_model
     from tinyskip.cli import compose_job
-    from tinyskip.data import prepare_corpus
-    from tinyskip.trainer import train
+    from tinyskip.storage.data import prepare_corpus
+    from tinyskip.training.trainer import train
 
     root = tmp_path_factory.mktemp("trained")
-    job = compose_job("train", tiny_train_overrides(wikitext_path, data_cache, root, "tiny",
+    job = compose_job("train", make_train_overrides(wikitext_path, data_cache, root, "tiny",
                                                     **TINY_RUN)
                       + ["train=layerskip"])
     train(job, progress=False)

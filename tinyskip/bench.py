@@ -21,21 +21,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .bench_report import format_table, write_results
+from .analysis.bench_report import format_table, write_results
 from .cli import entry_point
 from .config import DEEConfig, SSDConfig, UserError
-from .data import load_lines
+from .storage.data import load_lines
 from .decode import DecodeStats, ModeSpec, Steps, decode
 from .decode.steps import cache_size
-from .engine_levers import step_levers
-from .hf_baseline import hf_rows
+from .analysis.engine_levers import step_levers
+from .analysis.hf_baseline import hf_rows
 from .jobs import BenchJob
-from .loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source, pick_device,
+from .storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
                       read_calibration, run_data_config)
-from .ltt import f1_loss
-from .quality import RougeL, continuation_nll, perplexity
-from .ssd_costs import measured_acceptance, round_costs
-from .unit_costs import unit_costs
+from .calibration.ltt import f1_loss
+from .analysis.quality import RougeL, continuation_nll, perplexity
+from .analysis.ssd_costs import measured_acceptance, round_costs
+from .analysis.unit_costs import unit_costs
+from .runtime import pick_device
 
 
 def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:

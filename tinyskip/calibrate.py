@@ -14,17 +14,18 @@ import math
 import sys
 from pathlib import Path
 
-from . import ltt
-from .calibration import (Example, dee_losses, decode_full, exit_confidences, sample_windows,
+from .calibration import ltt
+from .calibration.walk import (Example, dee_losses, decode_full, exit_confidences, sample_windows,
                           threshold_grid, walk_grid)
 from .atomic import make_dirs, write_json_atomic
 from .cli import entry_point
 from .config import DEEConfig, UserError
-from .data import prepare_corpus
-from .exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, exit_examples,
+from .storage.data import prepare_corpus
+from .model.exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, exit_examples,
                               load_exit_classifier, save_exit_classifier, train_exit_classifier)
 from .jobs import CalibrateJob
-from .loading import load_source, pick_device, run_data_config
+from .storage.loading import load_source, run_data_config
+from .runtime import pick_device
 
 
 def _bar(desc: str):

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import write_json_atomic
-from .checkpoint import load_run_job
+from .storage.checkpoint import load_run_job
 from .cli import entry_point
 from .config import UserError
-from .data import prepare_corpus
+from .storage.data import prepare_corpus
 from .jobs import EvaluateJob
-from .perplexity import exit_perplexities
-from .loading import load_source, pick_device, run_data_config
+from .analysis.perplexity import exit_perplexities
+from .storage.loading import load_source, run_data_config
+from .runtime import pick_device
 
 
 def evaluate(job: EvaluateJob) -> dict:

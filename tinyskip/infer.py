@@ -16,11 +16,12 @@ import torch
 from .atomic import write_json_atomic
 from .cli import entry_point
 from .config import DataConfig, DEEConfig, SSDConfig, UserError
-from .data import load_lines
+from .storage.data import load_lines
 from .decode import ModeSpec, SamplingConfig, Steps, decode
 from .jobs import InferJob
-from .loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source, pick_device,
+from .storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
                       read_calibration, run_data_config)
+from .runtime import pick_device
 
 
 def dee_config(job, loaded: Loaded) -> DEEConfig:

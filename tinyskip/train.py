@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .cli import entry_point
 from .jobs import TrainJob
-from .trainer import train
+from .training.trainer import train
 
 
 @entry_point("train")

@@ -20,7 +20,6 @@ the utilisation that floor would reach: what no removal of overhead can exceed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import torch
@@ -28,13 +27,12 @@ import torch
 from .atomic import write_json_atomic
 from .cli import entry_point
 from .config import ModelConfig, TrainConfig
-from .data import get_batch, prepare_corpus
+from .storage.data import get_batch, prepare_corpus
 from .jobs import TrainBenchJob
-from .loading import pick_device
-from .losses import cosine_lr
-from .model import Transformer
-from .trainer import ExitObjective, StepWork, compile_blocks, make_optimizer, train_step
-from .unit_costs import median_seconds
+from .training.losses import cosine_lr
+from .model.transformer import Transformer
+from .training.trainer import ExitObjective, StepWork, compile_blocks, make_optimizer, train_step
+from .runtime import median_seconds, pick_device
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int) -> float:

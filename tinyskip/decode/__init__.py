@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from ..config import MODES, DEEConfig, SSDConfig, UserError
-from ..exit_classifier import ExitClassifier
-from ..model import Transformer
+from ..model.exit_classifier import ExitClassifier
+from ..model.transformer import Transformer
 from .dee import dee_generate
 from .full import generate
 from .sampling import SamplingConfig

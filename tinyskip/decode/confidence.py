@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from ..exit_classifier import ExitClassifier
+    from ..model.exit_classifier import ExitClassifier
 
 HEAD_FREE = frozenset({"saturation", "classifier"})
 

@@ -26,11 +26,11 @@ from typing import Optional
 
 import torch
 
-from ..cache import KVCache
+from ..model.kv_cache import KVCache
 from ..config import DEEConfig, UserError
-from ..exit_classifier import ExitClassifier
-from ..exits import ExitHead
-from ..model import Transformer
+from ..model.exit_classifier import ExitClassifier
+from ..model.exits import ExitHead
+from ..model.transformer import Transformer
 from .confidence import HEAD_FREE, TokenConfidence, decayed_threshold
 from .sampling import SamplingConfig, choose
 from .stats import DecodeStats, Generation

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from ..config import UserError
-from ..exits import ExitHead
-from ..model import Transformer
+from ..model.exits import ExitHead
+from ..model.transformer import Transformer
 from .sampling import SamplingConfig, choose
 from .stats import DecodeStats, Generation
 from .steps import (Steps, StopIds, budget, new_cache, positions, prefill, stop_set, sync,

@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 
 from ..config import SSDConfig
-from ..exits import ExitHead
-from ..model import Transformer
+from ..model.exits import ExitHead
+from ..model.transformer import Transformer
 from .confidence import max_prob
 from .sampling import SamplingConfig, accept_sampled, logits_to_probs
 from .stats import DecodeStats, Generation

@@ -9,10 +9,10 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from ..cache import KVCache
+from ..model.kv_cache import KVCache
 from ..config import SamplingConfig, UserError
-from ..exits import ExitHead
-from ..model import Transformer, linear
+from ..model.exits import ExitHead
+from ..model.transformer import Transformer, linear
 from .sampling import choose
 from .stats import DecodeStats
 

@@ -1,0 +1,137 @@
+"""The benchmark: the sweep it runs, the quality it reports, and the files it writes."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyskip.bench import Quality, benchmark
+from tinyskip.analysis.bench_report import format_table
+from tinyskip.cli import compose_job
+from tinyskip.storage.loading import load_source
+from tinyskip.analysis.plots import pareto_front, ssd_grid
+from tinyskip.analysis.quality import RougeL, continuation_nll
+
+
+
+@pytest.fixture(scope="module")
+def run_args(trained_tiny, wikitext_path, data_cache):
+    _, _, run_dir = trained_tiny
+    return [f"checkpoint={run_dir}", f"data.path={wikitext_path}", f"data.cache_dir={data_cache}",
+            "data.max_rows=1000", "data.vocab_size=300"]
+
+
+def test_bench_prints_a_table_with_speedups_measured_in_one_run(run_args):
+    job = compose_job("bench", run_args + ["n_prompts=2", "max_new_tokens=8", "ssd_layers=[2]",
+                                           "ssd_k=[2]", "static_layers=[2]", "draft_vocab=100",
+                                           "out_dir=null"])
+    res = benchmark(job)
+    labels = [r["mode"] for r in res["rows"]]
+    assert labels == ["full", "static E=2", "ssd E=2 k=2", "ssd E=2 k=2 vocab=100"]
+    assert res["rows"][0]["speedup"] == 1.0 and res["rows"][2]["agreement"] == 1.0
+    assert res["rows"][3]["heads_per_token"] < res["rows"][2]["heads_per_token"]
+    # Greedy SSD reproduces full decoding, so its quality is full's, number for number.
+    full, ssd = res["rows"][0], res["rows"][2]
+    assert (ssd["ppl"], ssd["rouge_l"]) == (full["ppl"], full["rouge_l"])
+    assert sum(ssd["accept_hist"]) > 0 and ssd["draft_layer"] == 2 and ssd["k"] == 2
+    table = format_table(res)
+    assert "outside blocks and head" in table and "effic." in table and "rougeL" in table
+
+
+def test_static_rows_default_to_every_exit_below_the_last(run_args):
+    job = compose_job("bench", run_args + ["ssd_layers=[]", "out_dir=null"])
+    assert job.static_layers is None
+    res = benchmark(compose_job("bench", run_args + ["n_prompts=1", "max_new_tokens=2",
+                                                     "ssd_layers=[]", "out_dir=null"]))
+    assert [r["exit_layer"] for r in res["rows"]] == [None, 1, 2, 3]
+
+
+def test_continuation_nll_is_the_teacher_forced_loss_of_the_new_tokens(trained_tiny):
+    model = trained_tiny[0]
+    prompt, new = torch.tensor([[5, 9, 3]]), [7, 2, 11, 4]
+    ids = torch.tensor([[5, 9, 3, 7, 2, 11, 4]])
+    # By hand: the full model's log-probabilities of the new tokens, one prefix at a time.
+    expected = -sum(F.log_softmax(model(ids[:, :i])[0, 0, -1], -1)[ids[0, i]].item()
+                    for i in range(3, 7))
+    assert continuation_nll(model, prompt, new) == pytest.approx(expected, rel=1e-5)
+    assert continuation_nll(model, prompt, []) == 0.0
+
+
+def test_quality_scores_rouge_against_the_reference_continuation(trained_tiny, run_args):
+    run_dir = trained_tiny[2]
+    loaded = load_source(None, str(run_dir), "checkpoints", None, torch.device("cpu"))
+    reference = loaded.tokenizer.encode("the band played the first game of the season")
+    q = Quality(loaded, [torch.tensor([[5, 9]])], [reference])
+    assert q([reference])["rouge_l"] == 1.0
+    other = loaded.tokenizer.encode("a new team")
+    assert q([other])["rouge_l"] == 0.0
+    half = loaded.tokenizer.encode("the band played")
+    # ROUGE-L F: LCS 3 words, precision 3/3, recall 3/9 -> 2PR/(P+R) = 0.5
+    assert q([half])["rouge_l"] == pytest.approx(0.5)
+    assert RougeL()("the band played", "the band played") == 1.0
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
+    points = [(1.0, 1.0), (2.0, 0.9), (1.5, 0.8), (3.0, 0.2), (2.5, 0.1), (0.8, 1.0)]
+    assert pareto_front(points) == [0, 1, 3]
+    # A tie on quality keeps only the faster point; lower-is-better (perplexity) flips y.
+    assert pareto_front(points, lower_is_better=True) == [4, 3]
+
+
+def test_ssd_grid_places_each_variant_at_its_draft_layer_and_k():
+    rows = [{"family": "ssd", "draft_layer": e, "k": k, "draft_vocab": v, "speedup": e + k / 10,
+             "compiled": False, "adaptive_threshold": 0.0}
+            for e in (1, 3) for k in (2, 4) for v in (0, 100)]
+    layers, ks, grid = ssd_grid(rows)
+    assert (layers, ks, grid) == ([1, 3], [2, 4], [[1.2, 1.4], [3.2, 3.4]])
+    assert ssd_grid(rows, compiled=True) == ([], [], [])
+
+
+def test_the_entry_point_writes_json_csv_markdown_and_a_pareto_plot(run_args, tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "tinyskip.bench", *run_args, "n_prompts=2",
+                           "max_new_tokens=6", "static_layers=[1]", "ssd_layers=[2]", "ssd_k=[2]",
+                           f"out_dir={out}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    res = json.loads((out / "results.json").read_text())
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["mode"] for r in table] == [r["mode"] for r in res["rows"]] == \
+        ["full", "static E=1", "ssd E=2 k=2"]
+    assert float(table[2]["speedup"]) == pytest.approx(res["rows"][2]["speedup"])
+    assert json.loads(table[2]["accept_hist"]) == res["rows"][2]["accept_hist"]
+    md = (out / "results.md").read_text().splitlines()
+    assert md[2].startswith("| mode |") and sum(line.startswith("| ssd E=2 k=2 |") for line in md) == 1
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not math.isnan(res["rows"][0]["ppl"]) and 0.0 <= res["rows"][0]["rouge_l"] <= 1.0
+
+
+def test_median_extra_seconds_is_what_the_first_call_adds_to_the_second():
+    import time
+
+    from tinyskip.analysis.unit_costs import median_extra_seconds
+
+    extra = median_extra_seconds(lambda: time.sleep(0.003), lambda: None, 9, torch.device("cpu"))
+    assert 0.002 < extra < 0.05
+    assert median_extra_seconds(lambda: None, lambda: time.sleep(0.003), 9,
+                                torch.device("cpu")) == 0.0      # never negative
+
+
+def test_median_extra_seconds_is_not_biased_by_which_call_comes_first():
+    import time
+
+    from tinyskip.analysis.unit_costs import median_extra_seconds
+
+    calls = []
+
+    def call():             # the same work either way; the first call of a pair is slower
+        time.sleep(0.004 if len(calls) % 2 == 0 else 0.001)
+        calls.append(1)
+
+    assert median_extra_seconds(call, call, 9, torch.device("cpu")) < 0.001

@@ -1,0 +1,201 @@
+"""Calibration end to end: the file it writes, DEE reading it, and the commands chained as
+users type them (run and data taken from the default run)."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import numpy as np
+
+from tinyskip.calibrate import calibrate
+from tinyskip.calibration import ltt
+from tinyskip.cli import compose_job
+from tinyskip.config import UserError
+from tinyskip.infer import infer
+
+SMALL = ["n_examples=8", "grid=4", "prompt_len=8", "max_new_tokens=6", "n_test=4",
+         "delta=0.3", "epsilon=0.3"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained_tiny, tmp_path_factory):
+    """A copy of the tiny run, so calibration files do not leak into other tests."""
+    dst = tmp_path_factory.mktemp("cal") / "tiny"
+    shutil.copytree(trained_tiny[2], dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def calibrated(run_dir):
+    # No data options: calibrate reads the run's own data settings from its job.json.
+    return calibrate(compose_job("calibrate", [f"checkpoint={run_dir}"] + SMALL))
+
+
+def test_calibration_file_holds_the_threshold_losses_and_weights_hash(calibrated, run_dir):
+    saved = json.loads((run_dir / "calibration.json").read_text())
+    assert saved["measure"] == "softmax" and saved["exits"] == [1, 2, 3]
+    assert saved["delta"] == 0.3 and saved["epsilon"] == 0.3 and saved["split"] == "validation"
+    assert saved["threshold"] is None or saved["threshold"] in saved["grid"]
+    assert len(saved["losses"]) == len(saved["grid"]) and len(saved["losses"][0]) == 8
+    grid = saved["grid"]
+    assert grid == sorted(set(grid), reverse=True) and 0 <= grid[-1] and grid[0] <= 1
+    assert 2 <= len(grid) <= 4
+    assert len(saved["weights_hash"]) == 64
+    assert saved["test"]["split"] == "test" and saved["test"]["n"] == 4
+    assert len(saved["dssd"]["thresholds"]) == 3
+
+
+def test_calibration_passes_delta_and_epsilon_in_their_own_places(run_dir, tmp_path):
+    """Distinct delta and epsilon (every other test uses 0.3 for both): the file's
+    threshold and p-values must be LTT's at (delta, epsilon) on the file's own grid and
+    losses, and this data must tell that apart from the swapped call."""
+    out = tmp_path / "cal.json"
+    # n_examples=8 covers both orders: min_examples(0.4, 0.2) = 4, min_examples(0.2, 0.4) = 5.
+    # No test split: only the calibration itself is under test (and it keeps the test short).
+    args = [a for a in SMALL if not a.startswith(("delta=", "epsilon="))]
+    calibrate(compose_job("calibrate", [f"checkpoint={run_dir}", f"out={out}", "test_split=null",
+                                        "delta=0.4", "epsilon=0.2"] + args))
+    saved = json.loads(out.read_text())
+    assert (saved["delta"], saved["epsilon"]) == (0.4, 0.2)
+    grid, losses = saved["grid"], np.array(saved["losses"])
+    want = ltt.calibrate_threshold(grid, losses, 0.4, 0.2)
+    assert saved["threshold"] == want["threshold"]
+    assert saved["pvalues"] == pytest.approx(want["pvalues"], rel=1e-12)
+    assert saved["risks"] == pytest.approx(want["risks"], rel=1e-12)
+    swapped = ltt.calibrate_threshold(grid, losses, 0.2, 0.4)
+    assert (swapped["threshold"], swapped["pvalues"]) != (want["threshold"], want["pvalues"])
+
+
+def test_dee_uses_the_run_calibration_by_default_and_refuses_other_weights(calibrated, run_dir,
+                                                                            tmp_path):
+    [r] = infer(compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game",
+                                      "max_new_tokens=5"]))
+    lam = calibrated["threshold"]
+    assert r["mode"].startswith(f"dee softmax>={'inf' if lam is None else f'{lam:g}'}")
+    other = json.loads((run_dir / "calibration.json").read_text())
+    other["weights_hash"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match="was made for other weights"):
+        infer(compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game",
+                                    f"calibration={tmp_path / 'other.json'}"]))
+    with pytest.raises(UserError, match="holds a threshold for measure='softmax'"):
+        infer(compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game",
+                                    "measure=margin"]))
+
+
+def test_bench_adds_the_decoder_each_calibration_file_certifies(calibrated, run_dir, tmp_path):
+    from tinyskip.bench import benchmark
+    path = str(run_dir / "calibration.json")
+    base = [f"checkpoint={run_dir}", "n_prompts=2", "prompt_len=8", "max_new_tokens=6",
+            "ssd_layers=[]", "static_layers=[]", "out_dir=null"]
+    res = benchmark(compose_job("bench", base + [f"dee_calibrations=[{path}]"]))
+    full, row = res["rows"]
+    lam = calibrated["threshold"]
+    assert row["calibration"] == path and row["mode"].endswith(" calibrated")
+    assert (row["family"], row["measure"], row["exits"]) == ("dee", "softmax", [1, 2, 3])
+    assert row["threshold"] == (math.inf if lam is None else lam)
+    other = json.loads((run_dir / "calibration.json").read_text())
+    other["weights_hash"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match="was made for other weights"):
+        benchmark(compose_job("bench", base + [f"dee_calibrations=[{tmp_path / 'other.json'}]"]))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["split=test"], "split='test': calibrate on the held-out validation split"),
+    (["split=train"], "split='train': calibrate on the held-out validation split"),
+    (["check_splits=5", "n_examples=6"], "need n_examples >= 8"),
+    (["n_examples=3"], "n_examples=3: too few calibration examples .* need at least 4"),
+    (["delta=1.5"], r"delta=1.5: must be in \(0, 1\)"),
+    (["measure=bogus"], "measure='bogus': must be one of softmax"),
+    (["cache=share"], "cache='share': must be one of propagate, recompute, copy"),
+])
+def test_bad_calibration_input_is_refused_and_writes_nothing(run_dir, tmp_path, args, message):
+    out = tmp_path / "cal.json"
+    with pytest.raises(UserError, match=message):
+        calibrate(compose_job("calibrate", [f"checkpoint={run_dir}", f"out={out}"] + SMALL + args))
+    assert not out.exists()
+
+
+def cli(cwd, *args, stdin=None):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, input=stdin)
+
+
+@pytest.mark.slow
+def test_the_commands_chain_as_written_on_the_default_run(trained_tiny, tmp_path):
+    """calibrate, infer mode=dee and infer mode=ssd draft_layer=3 k=4 with no run, data or
+    prompt option: the default run, its data settings, prompts on standard input."""
+    shutil.copytree(trained_tiny[2], tmp_path / "checkpoints" / "l6_d128")
+    done = cli(tmp_path, "tinyskip.calibrate", *SMALL)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert (tmp_path / "checkpoints" / "l6_d128" / "calibration.json").is_file()
+    for args in (["mode=dee"], ["mode=ssd", "draft_layer=3", "k=4"]):
+        done = cli(tmp_path, "tinyskip.infer", *args, "max_new_tokens=8",
+                   stdin="The game was\n\nIn 1994 , the band\n")
+        assert done.returncode == 0, done.stderr[-1500:]
+        lines = done.stdout.strip().splitlines()
+        assert lines[0].startswith("The game was") and lines[2].startswith("In 1994 , the band")
+        assert "tok/s" in lines[1] and "tok/s" in lines[3]
+
+
+@pytest.mark.slow
+def test_infer_without_any_prompt_continues_the_test_splits_openings(trained_tiny, tmp_path):
+    """The bare command run from a script (standard input empty, not a terminal)."""
+    from tinyskip.config import DataConfig
+    from tinyskip.infer import opening_prompts
+    from tinyskip.storage.loading import run_data_config
+
+    shutil.copytree(trained_tiny[2], tmp_path / "checkpoints" / "l6_d128")
+    done = cli(tmp_path, "tinyskip.infer", "mode=ssd", "draft_layer=3", "k=4", "max_new_tokens=4",
+               stdin="")
+    assert done.returncode == 0, done.stderr[-1500:]
+    openings = opening_prompts(run_data_config(trained_tiny[2], DataConfig()))
+    lines = done.stdout.strip().splitlines()
+    assert len(openings) == 3 and len(lines) == 6
+    assert all(lines[2 * i].startswith(o) for i, o in enumerate(openings))
+    assert all(not o.startswith("=") and len(o.split()) == 12 for o in openings)
+    assert "test-split paragraphs" in done.stderr
+
+
+def test_bench_sweeps_dee_measures_thresholds_and_cache_strategies(run_dir):
+    from tinyskip.bench import benchmark
+    from tinyskip.analysis.bench_report import format_table
+    res = benchmark(compose_job("bench", [f"checkpoint={run_dir}", "n_prompts=2", "prompt_len=8",
+                                          "max_new_tokens=6", "ssd_layers=[]", "static_layers=[]",
+                                          "dee_measures=[softmax]", "dee_thresholds=[inf,0.0]",
+                                          "dee_caches=[propagate,recompute,copy]"]))
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert len(rows) == 7
+    for cache in ("propagate", "recompute", "copy"):
+        assert rows[f"dee softmax>=inf {cache}"]["agreement"] == 1.0
+        assert rows[f"dee softmax>=inf {cache}"]["mean_exit"] == 4
+        # every token after the first (prefill's, at exit 4) leaves at exit 1
+        assert rows[f"dee softmax>=0 {cache}"]["mean_exit"] == pytest.approx((4 + 5 * 1) / 6)
+    assert "matrix products as eager calls" in format_table(res)
+
+
+def test_classifier_measure_trains_the_exit_classifier_beside_the_checkpoint(run_dir, tmp_path):
+    out = tmp_path / "clf-cal.json"
+    r = calibrate(compose_job("calibrate", [f"checkpoint={run_dir}", "measure=classifier",
+                                            f"out={out}", "test_split=null"] + SMALL))
+    assert (run_dir / "exit_classifier.safetensors").is_file() and r["measure"] == "classifier"
+    [g] = infer(compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game",
+                                      f"calibration={out}", "max_new_tokens=5"]))
+    assert g["mode"].startswith("dee classifier>=")
+
+
+def test_dee_runs_the_decoder_the_calibration_certifies(calibrated, run_dir):
+    base = [f"checkpoint={run_dir}", "mode=dee", "prompt=The game", "max_new_tokens=4"]
+    [r] = infer(compose_job("infer", base))
+    assert r["mode"].endswith(calibrated["cache"])              # the file's cache strategy
+    for args, message in [(["cache=copy"], "cache='copy': the calibration file"),
+                          (["threshold=0.5", f"calibration={run_dir / 'calibration.json'}"],
+                           "not both"),
+                          (["decay_tau=4"], "change the decoder the calibration file certifies")]:
+        with pytest.raises(UserError, match=message):
+            infer(compose_job("infer", base + args))

@@ -1,0 +1,222 @@
+"""Bad input through every entry point, as users run it: exit status 2, one ``error:``
+line naming the value, no traceback, and nothing written.
+
+The cases run as ``python -m tinyskip.<entry> ...`` in a temporary working folder that
+holds copies of the tiny trained run (some broken on purpose), through
+tests/entry_runner.py: one interpreter start-up, one forked child per case. Two cases
+are also run as real subprocesses, to show that the runner reports what they report.
+Hydra's log folder (``logs/``), which every run writes once composition succeeds, is the
+one thing a failed run may leave.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinyskip.config import DataConfig, ModelConfig, RopeScaling
+from tinyskip.storage.data import load_lines, train_tokenizer
+from tinyskip.storage.hf_llama import config_to_hf
+
+
+HUGE = 2 ** 70
+LONG_PROMPT = " ".join(["the game was played"] * 60)
+
+
+DATA = "<the tiny run's data overrides>"
+
+
+class Train:
+    """Training overrides of the tiny run (as trained_tiny made it), with changes."""
+
+    def __init__(self, run: str, *extra: str, **train):
+        self.run, self.extra, self.train = run, list(extra), train
+
+
+# (entry, arguments, what the error line must contain)
+CASES = [
+    # Rejected while the config is composed.
+    ("train", ["model.hiden_size=64"], "model.hiden_size: no such key (did you mean model.hidden_size?)"),
+    ("infer", ["mdoe=ssd"], "mdoe: no such key (did you mean mode?)"),
+    ("infer", ["mode=ssd", "mode.draft_layer=0"],
+     "mode.draft_layer=0: mode holds a value, not options (did you mean draft_layer=0?)"),
+    ("infer", ["seed.x=1"], "seed.x=1: seed holds a value, not options"),
+    ("train", ["model=l99"], "model=l99: no such option (available: hf_llama, l12_d256,"),
+    ("train", ["train.max_steps=abc"], "train.max_steps='abc': Value 'abc' of type 'str' could not"),
+    ("train", ["train.max_steps=0"], "TrainConfig.max_steps=0: must be > 0"),
+    ("train", ["train.distill_weight=nan"], "TrainConfig.distill_weight=nan: must be >= 0"),
+    ("train", ["train.distill_temperature=inf"], "TrainConfig.distill_temperature=inf: must be > 0"),
+    ("train", ["model=l4_d64", "train.seq_len=600"], "train.seq_len=600: longer than the model's "
+                                                     "context, model.max_position_embeddings=512"),
+    ("train", [f"train.seed={HUGE}"], f"TrainConfig.seed={HUGE}: must be in 0..4294967295"),
+    ("infer", [f"seed={HUGE}", "prompt=hi"], f"seed={HUGE}: must be in 0..4294967295"),
+    ("infer", ["temperature=1e-30", "prompt=hi"], "temperature=1e-30: must be 0 (greedy) or >= 0.0001"),
+    ("infer", ["mode=beam"], "mode=beam: no such option (available: dee, full, ssd, static)"),
+    ("infer", ["prompt=hi", "out=no/such/dir/gen.json"], "out='no/such/dir/gen.json': folder "),
+    ("evaluate", ["run=tiny", "seq_len=0"], "seq_len=0: must be >= 1"),
+    ("evaluate", ["run=tiny", "batch_size=0"], "batch_size=0: must be >= 1"),
+    ("evaluate", ["run=tiny", "max_batches=-1"], "max_batches=-1: must be >= 0"),
+    ("evaluate", ["run=tiny", "split=dev"], "split='dev': must be one of train, validation, test"),
+    ("export", ["run=tiny"], "out: a value is required (give out=...)"),
+    ("export", ["run=tiny", "out=x", "dtype=int8"], "dtype='int8': must be one of float32,"),
+    ("calibrate", ["run=tiny", "delta=2"], "delta=2.0: must be in (0, 1)"),
+    ("calibrate", ["run=tiny", "split=test"], "split='test': calibrate on the held-out validation split"),
+    ("calibrate", ["run=tiny", "measure=foo"], "measure='foo': must be one of softmax,"),
+    ("bench", ["run=tiny", "n_prompts=0"], "n_prompts=0: must be >= 1"),
+    ("bench", ["run=tiny", "threads=-1"], "threads=-1: must be >= 0"),
+    ("bench", ["run=tiny", "dee_measures=[softmax]"], "give both for DEE rows"),
+    ("bench", ["run=tiny", "dee_measures=[bogus]", "dee_thresholds=[0.5]"], "'bogus' is not one of"),
+    ("bench", ["run=tiny", "hf_early_exit=[2]"], "hf_early_exit=[2]: needs hf_baseline=true"),
+    ("bench", ["run=tiny", "ssd_costs=true", "ssd_layers=[]"], "ssd_costs=true prices SSD rounds"),
+    ("bench", ["run=tiny", "ssd_costs=true", "ssd_k=[300]", "max_new_tokens=4"],
+     "past this generation's 128-slot cache"),
+    ("bench", ["run=tiny", "dee_calibrations=[nope.json]"], "dee_calibrations: 'nope.json' does not exist"),
+    ("bench", ["run=tiny", "out_dir=latin1.txt"], "out_dir='latin1.txt' is a file: give a folder"),
+    # Rejected when the run, its files or the data are looked at.
+    ("train", ["run=../../x"], "run='../../x': a run name must be a relative path inside"),
+    ("infer", ["run=/tmp/x", "prompt=hi"], "run='/tmp/x': a run name must be a relative path inside"),
+    ("infer", ["checkpoint=missing", "prompt=hi"], "no checkpoint at missing"),
+    ("infer", ["run=tiny", "prompts_file=latin1.txt"], "prompts_file='latin1.txt' is not UTF-8 text"),
+    ("infer", ["run=tiny", f"prompt={LONG_PROMPT}"], "longer than the context allows (127 tokens"),
+    ("infer", ["run=tiny", "prompt=hi", "mode=ssd", "draft_layer=2", "k=0"], "k=0: must be >= 1"),
+    ("infer", ["run=tiny", "prompt=hi", "mode=static", "exit_layer=9"], "exit_layer=9: must be in 1..4"),
+    ("infer", ["run=badtok", "prompt=hi"], "tokenizer.model is not a SentencePiece model"),
+    ("infer", ["run=badcfg", "prompt=hi"], "config.json is not UTF-8 text"),
+    ("infer", ["run=bigtok", "prompt=hi"], "tokenizer.model has 400 tokens, more than the "
+                                           "model's vocab_size=300"),
+    ("infer", ["model=hf_llama", "model.path=hf_missing", "prompt=hi"],
+     "model.path='hf_missing': config.json rope_scaling (llama3) has no 'low_freq_factor'"),
+    ("infer", ["model=hf_llama", "model.path=hf_badcfg", "prompt=hi"], "config.json is not UTF-8 text"),
+    ("evaluate", ["run=tiny", "seq_len=1000"], "seq_len=1000: longer than the model's context "
+                                               "(max_position_embeddings=128)"),
+    ("evaluate", ["run=tiny", "data.path=/no/such/data"], "data.path='/no/such/data': no such folder"),
+    ("export", ["run=tiny", "out=exists"], "out=exists already exists"),
+    ("calibrate", ["run=tiny", "n_examples=1"], "n_examples=1: too few calibration examples"),
+    ("bench", ["run=tiny", "ssd_layers=[9]", DATA], "draft_layer=9: must be in 1..4"),
+    ("bench", ["run=tiny", "hf_baseline=true", "hf_early_exit=[9]", DATA],
+     "hf_early_exit=[9]: exits must be in 1..3"),
+    ("train", Train("badstate", resume=True), "train_state.pt is corrupted"),
+    ("train", Train("tiny", resume=True, lr=0.02), "train.lr: 0.01 -> 0.02;"),
+    ("train", Train("tiny", resume=True, max_steps=300),
+     "train.max_steps: 150 -> 300 (the cosine LR schedule, LayerDrop's S(t) and the gradual"),
+    ("train", Train("tiny", "train=plain", resume=True), "train.preset: 'layerskip' -> 'plain';"),
+    ("train", Train("oldonly"), "already holds a checkpoint (.checkpoint-old)"),
+    # Exit modules on a frozen backbone (train=balcony).
+    ("train", ["train=balcony", "train.kl_weight=0"], "the exit modules would learn nothing"),
+    ("train", ["train=balcony", "run=x"], "give train.backbone=<run>"),
+    ("train", ["train=balcony", "train.backbone=tiny", "train.exit_layers=[4]", DATA],
+     "exit_layers=[4]: 4 is outside 1..3 (exit 4 is the model's own output)"),
+    ("train", ["train=balcony", "train.backbone=tiny", "train.exit_layers=[2,2]", DATA],
+     "exit_layers=[2, 2]: an exit is listed twice"),
+    ("train", ["train=balcony", "train.backbone=tiny", "train.exit_cache=offline",
+               "train.exit_cache_dir=exists", DATA], "train.exit_cache_dir='exists' is not a"),
+    ("train", ["train=balcony", "train.backbone=tiny", "train.exit_kind=ffn"],
+     "exit_kind='ffn': must be one of block, mlp, attention, norm"),
+    ("infer", ["run=exits-other", "prompt=hi"], "were trained on a backbone with weight hash"),
+]
+# Not bad input: a k far beyond any budget drafts what the budget allows.
+HUGE_K = ("infer", ["run=tiny", "prompt=The game", "mode=ssd", "draft_layer=2",
+                    f"k={10 ** 9}", "max_new_tokens=8"])
+
+
+@pytest.fixture(scope="module")
+def workdir(trained_tiny, wikitext_path, tmp_path_factory) -> Path:
+    """A working folder with copies of the tiny run, broken in the ways the cases need."""
+    work = tmp_path_factory.mktemp("bad-input")
+    runs = work / "checkpoints"
+    for name in ("tiny", "badtok", "badcfg", "badstate", "oldonly", "bigtok"):
+        shutil.copytree(trained_tiny[2], runs / name)
+    (runs / "badtok" / "checkpoint" / "tokenizer.model").write_bytes(b"\x0a\x05garbage")
+    (runs / "badcfg" / "checkpoint" / "config.json").write_bytes(b'{"name": "\xff"}')
+    (runs / "badstate" / "checkpoint" / "train_state.pt").write_bytes(b"PK\x03\x04 torn")
+    os.replace(runs / "oldonly" / "checkpoint", runs / "oldonly" / ".checkpoint-old")
+    lines, _ = load_lines(DataConfig(path=wikitext_path, max_rows=1000))
+    train_tokenizer(lines["train"], DataConfig(vocab_size=400),
+                    runs / "bigtok" / "checkpoint" / "tokenizer.model")
+    hf = config_to_hf(ModelConfig(rope_scaling=RopeScaling()))
+    del hf["rope_scaling"]["low_freq_factor"]
+    (work / "hf_missing").mkdir()
+    (work / "hf_missing" / "config.json").write_text(json.dumps(hf))
+    (work / "hf_badcfg").mkdir()
+    (work / "hf_badcfg" / "config.json").write_bytes(b'{"vocab_size": "\xe9"}')
+    (work / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    (work / "exists").mkdir()
+    (work / "exists" / "a-file").write_text("not a cache")
+    # Exit modules whose recorded backbone hash is not the backbone's.
+    exits = runs / "exits-other" / "exits"
+    exits.mkdir(parents=True)
+    (exits / "exit_modules.json").write_text(json.dumps({
+        "kind": "norm", "exit_layers": [2], "backbone": {
+            "path": str(runs / "tiny" / "checkpoint"), "format": "tinyskip", "weights_hash": "0" * 64}}))
+    return work
+
+
+@pytest.fixture(scope="module")
+def expand(tiny_run, tiny_train_overrides, wikitext_path, data_cache):
+    def args(a) -> list[str]:
+        if isinstance(a, Train):
+            return (tiny_train_overrides(wikitext_path, data_cache, "checkpoints", a.run,
+                                         **{**tiny_run, **a.train})
+                    + ["train=layerskip"] + a.extra)
+        data = [f"data.path={wikitext_path}", f"data.cache_dir={data_cache}",
+                "data.max_rows=1000", "data.vocab_size=300"]
+        return [x for arg in a for x in (data if arg == DATA else [arg])]
+    return args
+
+
+@pytest.fixture(scope="module")
+def results(repo, workdir, expand, data_cache, tmp_path_factory):
+    cases = [{"entry": entry, "args": expand(args), "cwd": str(workdir), "watch": [data_cache]}
+             for entry, args, *_ in CASES + [HUGE_K]]
+    io = tmp_path_factory.mktemp("runner")
+    (io / "cases.json").write_text(json.dumps(cases))
+    done = subprocess.run([sys.executable, str(repo / "tests" / "entry" / "entry_runner.py"),
+                           str(io / "cases.json"), str(io / "results.json")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((io / "results.json").read_text())
+
+
+def case_id(case) -> str:
+    entry, args, _ = case
+    shown = [f"run={args.run}", *args.extra, *(f"{k}={v}" for k, v in args.train.items())] \
+        if isinstance(args, Train) else args
+    return f"{entry} " + " ".join(a[:30] for a in shown)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[case_id(c) for c in CASES])
+def test_bad_input_is_one_error_line_with_exit_2_and_nothing_written(results, i):
+    _, _, message = CASES[i]
+    r = results[i]
+    assert r["rc"] == 2, r["stderr"][-3000:]
+    assert "Traceback" not in r["stderr"], r["stderr"][-3000:]
+    lines = r["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r["stderr"][-3000:]
+    assert message in lines[0]
+    assert r["touched"] == []
+
+
+def test_enough_cases_across_every_entry_point():
+    entries = [entry for entry, *_ in CASES]
+    assert len(CASES) >= 30
+    assert {"train", "evaluate", "infer", "bench", "export", "calibrate"} == set(entries)
+
+
+def test_a_huge_k_drafts_only_what_the_budget_allows(results):
+    r = results[len(CASES)]
+    assert r["rc"] == 0, r["stderr"][-3000:]
+    assert "ssd E=2 k=1000000000 [8 new tokens" in r["stdout"] and r["touched"] == []
+
+
+@pytest.mark.parametrize("i", [1, 29])
+def test_the_runner_reports_what_a_real_subprocess_reports(results, workdir, expand, i):
+    entry, args, _ = CASES[i]
+    done = subprocess.run([sys.executable, "-m", f"tinyskip.{entry}", *expand(args)],
+                          cwd=workdir, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert (done.returncode, done.stderr) == (results[i]["rc"], results[i]["stderr"])

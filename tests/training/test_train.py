@@ -1,0 +1,182 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tinyskip.storage.checkpoint import CheckpointError, load_model
+from tinyskip.cli import compose_job
+from tinyskip.training.trainer import train
+
+
+
+
+@pytest.fixture
+def overrides(tiny_train_overrides, wikitext_path, data_cache, tmp_path):
+    def make(run="r", **train_kw):
+        return tiny_train_overrides(wikitext_path, data_cache, tmp_path, run, **train_kw)
+    return make
+
+
+def test_tiny_layerskip_run_lowers_the_loss_and_writes_metrics(overrides, tmp_path):
+    job = compose_job("train", overrides(max_steps=200, eval_every=100) + ["train=layerskip"])
+    result = train(job, progress=False)
+    assert sum(result.losses[-20:]) / 20 < sum(result.losses[:20]) / 20 - 0.3
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [100, 200]
+    assert len(rows[-1]["val_word_ppl"]) == 4 and rows[-1]["tokens_per_s"] > 0
+    assert rows[-1]["val_loss"][-1] < rows[0]["val_loss"][-1]
+    model, ckpt = load_model(tmp_path / "r")
+    assert ckpt == tmp_path / "r" / "checkpoint" and model.config.vocab_size == 300
+
+
+def test_a_compile_fallback_is_recorded_in_the_run_metrics(overrides, tmp_path, no_cxx):
+    with pytest.warns(UserWarning, match="torch.compile is unavailable here"):
+        train(compose_job("train", overrides(max_steps=4, eval_every=4, compile=True)),
+              progress=False)
+    [row] = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert row["compiled_blocks"] is False
+
+
+def test_existing_run_is_never_silently_overwritten(overrides):
+    train(compose_job("train", overrides(max_steps=10)), progress=False)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        train(compose_job("train", overrides(max_steps=10)), progress=False)
+    train(compose_job("train", overrides(max_steps=10, overwrite=True)), progress=False)
+
+
+def test_resume_with_a_different_model_config_is_refused(overrides, tmp_path):
+    train(compose_job("train", overrides(max_steps=10)), progress=False)
+    before = (tmp_path / "r" / "checkpoint" / "model.safetensors").read_bytes()
+    job = compose_job("train", overrides(max_steps=20, resume=True) + ["model.num_hidden_layers=3"])
+    with pytest.raises(CheckpointError, match=r"differs from the checkpoint .*num_hidden_layers"):
+        train(job, progress=False)
+    assert (tmp_path / "r" / "checkpoint" / "model.safetensors").read_bytes() == before
+
+
+def test_a_fallback_checkpoint_alone_also_blocks_a_fresh_run(overrides, tmp_path):
+    train(compose_job("train", overrides(max_steps=10, eval_every=5)), progress=False)
+    run = tmp_path / "r"
+    # What a crash between the swap renames leaves: only the fallback folder.
+    os.replace(run / "checkpoint", run / ".checkpoint-old")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"already holds a checkpoint \(.checkpoint-old\)"):
+        train(compose_job("train", overrides(max_steps=10)), progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert (run / ".checkpoint-old" / "model.safetensors").is_file()
+
+
+def test_resume_refuses_another_recipe_and_accepts_runtime_changes(overrides, tmp_path):
+    kw = dict(max_steps=10, eval_every=5)
+    train(compose_job("train", overrides(**kw)), progress=False)
+    refused = [
+        (overrides(resume=True, **{**kw, "lr": 0.02}), r"train.lr: 0.01 -> 0.02;"),
+        (overrides(resume=True, **{**kw, "seed": 7}), r"train.seed: 1337 -> 7;"),
+        (overrides(resume=True, **kw) + ["train=plain"],
+         r"train.preset: 'layerskip' -> 'plain'; train.layerdrop_p_max: 0.2 -> 0.0;"),
+        (overrides(resume=True, **kw) + ["data.max_rows=900"], r"data.max_rows: 1000 -> 900;"),
+        (overrides(resume=True, **{**kw, "max_steps": 20}),
+         r"train.max_steps: 10 -> 20 \(the cosine LR schedule, LayerDrop's S\(t\) and the "
+         r"gradual curriculum are functions of step / max_steps\);"),
+    ]
+    for args, message in refused:
+        with pytest.raises(CheckpointError, match="train.resume=true with another recipe than "
+                                                  ".*job.json: " + message):
+            train(compose_job("train", args), progress=False)
+    # Evaluation, logging, saving and device settings do not change what is computed.
+    runtime = {**kw, "eval_every": 3, "save_every": 4, "log_every": 1, "eval_batches": 1,
+               "device": "cpu"}
+    assert train(compose_job("train", overrides(resume=True, **runtime)), progress=False).step == 10
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_one_warning(overrides, tmp_path):
+    kw = dict(max_steps=10, eval_every=5)
+    train(compose_job("train", overrides(**kw)), progress=False)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 15, "tokens": 12')          # killed mid-append
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 line\(s\) that do not parse"):
+        train(compose_job("train", overrides(resume=True, **kw)), progress=False)
+    assert metrics.read_text() == whole
+
+
+@pytest.mark.parametrize("run", ["../escaped", "/tmp/tinyskip-abs-run"])
+def test_a_run_name_cannot_leave_the_checkpoint_root(overrides, tmp_path, run):
+    with pytest.raises(CheckpointError, match=f"run='{run}': a run name must be a relative path"):
+        train(compose_job("train", overrides(run)), progress=False)
+    assert not (tmp_path.parent / "escaped").exists() and not os.path.exists(run)
+
+
+def test_resume_without_a_checkpoint_is_one_clear_error(overrides):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        train(compose_job("train", overrides(resume=True)), progress=False)
+
+
+def test_ddp_on_gpus_gives_each_rank_its_device_and_nccl(monkeypatch):
+    """No GPU here: the calls torchrun's ranks make are recorded instead."""
+    import torch.distributed as dist
+    from tinyskip.training import trainer
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(f"cuda:{i}"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trainer.init_distributed(torch.device("cuda")) == (1, 2)
+    assert calls == ["cuda:1", "nccl"]
+    calls.clear()
+    trainer.init_distributed(torch.device("cpu"))      # train.device=cpu on a GPU machine
+    assert calls == ["gloo"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_uninterrupted_losses(repo, overrides, tmp_path):
+    kw = dict(max_steps=60, save_every=10, eval_every=20, eval_batches=0)
+    reference = train(compose_job("train", overrides("ref", **kw) + ["train=layerskip"]),
+                      progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "tinyskip.train", *overrides("killed", **kw),
+                             "train=layerskip"], cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "checkpoint" / "train_state.pt"
+    deadline = time.time() + 600
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(state, weights_only=True)["step"]
+    assert 0 < step < 60, "the run should have been killed mid-way"
+    resumed = train(compose_job("train", overrides("killed", resume=True, **kw)
+                                + ["train=layerskip"]), progress=False)
+    assert resumed.step == 60
+    assert resumed.losses == reference.losses[step:]
+    ref_state = load_model(tmp_path / "ref")[0].state_dict()
+    for name, value in load_model(tmp_path / "killed")[0].state_dict().items():
+        assert torch.equal(value, ref_state[name]), name
+
+
+@pytest.mark.slow
+def test_ddp_with_two_processes_matches_one_process(repo, overrides, tmp_path):
+    kw = dict(max_steps=12, eval_every=4, eval_batches=2, save_every=12, device="cpu")
+    job = compose_job("train", overrides("one", **kw))
+    # The default preset is the LayerSkip recipe: the ranks must agree on LayerDrop draws
+    # and on the early-exit losses, not only on a plain last-layer loss.
+    assert job.train.layerdrop_p_max > 0 and job.train.exit_scale != "none"
+    single = train(job, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tinyskip.train", *overrides("ddp", **kw)]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    for a, b in zip(rows, ref):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    assert single.step == 12

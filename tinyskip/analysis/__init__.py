@@ -1,0 +1,1 @@
+"""Measuring: perplexity, quality, unit costs, benchmark reports, plots, notebook readers."""

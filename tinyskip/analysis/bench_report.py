@@ -1,0 +1,112 @@
+"""The benchmark's results as a terminal table and as files a notebook or a README reads.
+
+``write_results`` writes into one folder (by default ``logs/bench/<run>/<timestamp>/``):
+``results.json`` (everything, unit costs included), ``results.csv`` (one row per
+configuration; histograms as JSON strings), ``results.md`` (the Markdown table the
+README quotes) and ``pareto.png`` (speed against quality, the Pareto front marked).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ..atomic import make_dirs, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .engine_levers import format_levers
+from .ssd_costs import format_round_costs
+
+CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "draft_vocab",
+               "adaptive_threshold", "measure", "threshold", "exits", "cache", "calibration",
+               "tokens_per_s", "tokens_per_s_prompt_mean", "speedup", "prefill_ms",
+               "layers_per_token", "heads_per_token", "predicted", "efficiency", "acceptance",
+               "accept_hist", "mean_exit", "exit_hist", "agreement", "exact_match", "f1_loss",
+               "ppl", "rouge_l", "warmup_s"]
+
+
+def _num(x, fmt: str, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def describe(res: dict) -> str:
+    """What was measured, where, and the unit costs against the matmul floor."""
+    c = res["costs"]
+    return (f"{res['checkpoint']}: {res['prompts']} prompts of {res['prompt_len']} tokens from "
+            f"the test split, {res['max_new_tokens']} new tokens, greedy, {res['device']}, "
+            f"{res['threads']} threads. One block {c['layer:1'] * 1e6:.0f} us, head "
+            f"{c['head:1'] * 1e6:.0f} us, full step {c['step'] * 1e6:.0f} us (outside blocks "
+            f"and head: {c['overhead'] * 100:.1f}%); the step's matrix products as eager "
+            f"calls {c['matmuls'] * 1e6:.0f} us ({c['matmuls'] / c['step'] * 100:.0f}% of the "
+            f"step; levers=true measures them in one compiled graph, the floor).")
+
+
+def format_table(res: dict) -> str:
+    cols = (f"{'mode':<46}{'tok/s':>8}{'speedup':>9}{'layers/t':>9}{'heads/t':>8}{'accept':>8}"
+            f"{'exit':>6}{'agree':>7}{'exact':>6}{'f1loss':>7}{'ppl':>8}{'rougeL':>7}"
+            f"{'predicted':>10}{'effic.':>8}")
+    lines = [describe(res), cols, "-" * len(cols)]
+    for r in res["rows"]:
+        lines.append(f"{r['mode']:<46}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
+                     f"{r['layers_per_token']:>9.2f}{r['heads_per_token']:>8.2f}"
+                     f"{_num(r['acceptance'], '.2f'):>8}{_num(r['mean_exit'], '.2f'):>6}"
+                     f"{r['agreement']:>7.2f}{r['exact_match']:>6.2f}{r['f1_loss']:>7.3f}"
+                     f"{r['ppl']:>8.1f}{r['rouge_l']:>7.3f}{r['predicted']:>9.2f}x"
+                     f"{r['efficiency']:>8.2f}")
+    for r in res["hf"]:
+        lines.append(f"{r['mode']:<46}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
+                     f"{'':>33}{r['agreement']:>7.2f}{'':>13}{r['ppl']:>8.1f}"
+                     f"{r['rouge_l']:>7.3f}   (transformers, same weights)")
+    if res.get("levers"):
+        lines += ["", format_levers(res["levers"])]
+    if res.get("ssd_costs"):
+        lines += ["", format_round_costs(res["ssd_costs"])]
+    return "\n".join(lines)
+
+
+def format_markdown(res: dict) -> str:
+    """A GitHub table of every configuration (the README's results are pasted from it)."""
+    head = ["mode", "tok/s", "tok/s (prompt mean)", "speedup", "prefill ms", "layers/tok",
+            "heads/tok", "acceptance", "mean exit", "agreement", "exact", "f1 loss", "ppl",
+            "ROUGE-L", "predicted", "efficiency"]
+    lines = [describe(res), "", "| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in res["rows"] + res["hf"]:
+        cells = [r["mode"], _num(r["tokens_per_s"], ".1f"),
+                 _num(r.get("tokens_per_s_prompt_mean"), ".1f"), _num(r["speedup"], ".2f", "x"),
+                 _num(r.get("prefill_ms"), ".1f"), _num(r.get("layers_per_token"), ".2f"),
+                 _num(r.get("heads_per_token"), ".2f"), _num(r.get("acceptance"), ".2f"),
+                 _num(r.get("mean_exit"), ".2f"), _num(r["agreement"], ".3f"),
+                 _num(r.get("exact_match"), ".2f"), _num(r.get("f1_loss"), ".3f"),
+                 _num(r["ppl"], ".1f"), _num(r["rouge_l"], ".3f"),
+                 _num(r.get("predicted"), ".2f", "x"), _num(r.get("efficiency"), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if res.get("levers"):
+        lines += ["", format_levers(res["levers"])]
+    if res.get("ssd_costs"):
+        lines += ["", format_round_costs(res["ssd_costs"])]
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(res: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in res["rows"] + res["hf"]:
+        writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_results(res: dict, out: Path) -> Path:
+    """Every result file, each written atomically; returns the folder."""
+    from .plots import pareto_figure
+
+    make_dirs(out)
+    write_json_atomic(out / "results.json", res)
+    write_text_atomic(out / "results.csv", format_csv(res))
+    write_text_atomic(out / "results.md", format_markdown(res))
+    fig = pareto_figure(res["rows"] + res["hf"], title=Path(res["checkpoint"]).parent.name)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    write_bytes_atomic(out / "pareto.png", buf.getvalue())
+    return out

@@ -1,0 +1,1 @@
+"""Files in and out: checkpoints, data and tokenizers, the Hugging Face Llama shim."""

@@ -1,0 +1,164 @@
+"""Load what a decoding entry point runs: a tinyskip checkpoint or a Hugging Face Llama.
+
+``run=NAME`` / ``checkpoint=PATH`` load a tinyskip checkpoint folder;
+``model=hf_llama model.path=<folder or Hub id>`` loads Hugging Face Llama weights into
+the same model class. Both come with a tokenizer exposing encode / decode / stop_ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
+from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
+                              read_exit_meta)
+from ..config import DEFAULT_RUN, DataConfig, ModelConfig, UserError
+from .data import load_tokenizer, prepare_corpus
+from ..model.exit_classifier import FILE as CLASSIFIER_FILE, ExitClassifier, load_exit_classifier
+from ..model.exits import frequent_tokens
+from ..model.transformer import Transformer
+from ..runtime import DTYPES
+
+def checkpoint_path(run: Optional[str], checkpoint: Optional[str], checkpoint_root: str) -> Path:
+    """The checkpoint folder a job names (``checkpoint=``, else ``run=``, else the default run)."""
+    return resolve_checkpoint(checkpoint or run_folder(checkpoint_root, run or DEFAULT_RUN))
+
+
+def run_data_config(run_dir: Optional[Path], given: DataConfig) -> DataConfig:
+    """The data a run was trained on (its job.json), overridden by every field the user set.
+
+    A field still at its default is taken from the run, so ``infer`` and ``calibrate``
+    find the offline copy training used without being told again.
+    """
+    saved = load_run_job(run_dir) if run_dir is not None else None
+    if saved is None:
+        return given
+    trained = saved.get("data", {})
+    default = DataConfig()
+    fields = {f.name: getattr(given, f.name) for f in dataclasses.fields(DataConfig)}
+    for name, value in fields.items():
+        if value == getattr(default, name) and name in trained:
+            fields[name] = trained[name]
+    return DataConfig(**fields)
+
+
+class SentencePieceTokenizer:
+    """A tinyskip checkpoint's tokenizer (trained without BOS)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sp = load_tokenizer(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if i != self.sp.eos_id()])
+
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset([self.sp.eos_id()])
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: object                 # encode(str) -> ids, decode(ids) -> str, stop_ids()
+    source: str                       # the folder the (backbone) weights came from
+    tokenizer_file: Optional[Path]    # a SentencePiece file the data pipeline can use
+    run_dir: Optional[Path] = None    # where this model's results go (calibration, classifier)
+    exits: Optional[Path] = None      # the exit-module folder attached, if any
+    _backbone_digest: Optional[str] = None
+
+    def backbone_hash(self) -> str:
+        """The backbone weights' hash (computed once, on demand: an 8B model is 16 GB)."""
+        if self._backbone_digest is None:
+            self._backbone_digest = backbone_hash(Path(self.source))
+        return self._backbone_digest
+
+    def weights_hash(self) -> str:
+        """What results made with this model are keyed by: the backbone's hash, combined
+        with the exit modules' when they are attached."""
+        if self.exits is None:
+            return self.backbone_hash()
+        both = self.backbone_hash() + exit_modules_hash(self.exits)
+        return hashlib.sha256(both.encode()).hexdigest()
+
+
+def load_backbone(path: str, fmt: str, device: torch.device, dtype: str = "float32") -> Loaded:
+    """A tinyskip checkpoint (``fmt="tinyskip"``) or a Hugging Face Llama folder or Hub id
+    (``fmt="hf"``), bare."""
+    if fmt == "hf":
+        from .hf_llama import HFTokenizer, load_hf_llama
+        model, folder = load_hf_llama(path, device, DTYPES[dtype])
+        sp = folder / "tokenizer.model"
+        return Loaded(model, HFTokenizer(folder, model.config), str(folder),
+                      sp if sp.is_file() else None, None)
+    model, ckpt = load_model(path, device, DTYPES[dtype])
+    tok = ckpt / "tokenizer.model"
+    return Loaded(model, SentencePieceTokenizer(tok), str(ckpt), tok, ckpt.parent)
+
+
+def load_source(run: Optional[str], checkpoint: Optional[str], checkpoint_root: str,
+                model_cfg: Optional[ModelConfig], device: torch.device,
+                dtype: str = "float32") -> Loaded:
+    """What a job names: a Hugging Face Llama (``model.path``), a tinyskip run, or an
+    exit-module run (its backbone, hash-checked, with the modules attached)."""
+    if model_cfg is not None and model_cfg.path:
+        return load_backbone(model_cfg.path, "hf", device, dtype)
+    folder = Path(checkpoint) if checkpoint else run_folder(checkpoint_root, run or DEFAULT_RUN)
+    exits = exits_folder(folder)
+    if exits is None:
+        return load_backbone(str(resolve_checkpoint(folder)), "tinyskip", device, dtype)
+    backbone = read_exit_meta(exits)["backbone"]
+    loaded = load_backbone(backbone["path"], backbone["format"], device, dtype)
+    modules = load_exit_modules(exits, loaded.model, loaded.backbone_hash())
+    loaded.model.attach_exit_modules(modules)
+    loaded.run_dir, loaded.exits = exits.parent, exits
+    return loaded
+
+
+def draft_vocabulary(loaded: Loaded, spec, data) -> Optional[torch.Tensor]:
+    """The N most frequent training tokens, for ``draft_vocab=N`` (None when off)."""
+    if spec.ssd is None or not spec.ssd.draft_vocab:
+        return None
+    if loaded.tokenizer_file is None:
+        raise UserError("draft_vocab needs token frequencies of the training data, known only "
+                        "for tinyskip checkpoints")
+    data = run_data_config(loaded.run_dir, data)
+    train_tokens = prepare_corpus(data, loaded.tokenizer_file).tokens["train"]
+    return frequent_tokens(train_tokens, loaded.model.config.vocab_size, spec.ssd.draft_vocab)
+
+
+def exit_classifier_for(loaded: Loaded, spec) -> Optional[ExitClassifier]:
+    """The run's exit classifier when the mode is DEE with ``measure=classifier``."""
+    if spec.dee is None or spec.dee.measure != "classifier":
+        return None
+    folder = loaded.run_dir or Path(loaded.source)
+    return load_exit_classifier(folder / CLASSIFIER_FILE, loaded.weights_hash())
+
+
+def read_calibration(path: Path, loaded: Loaded) -> dict:
+    """A calibration file, refused when it was made for other weights."""
+    try:
+        cal = json.loads(path.read_text(encoding="utf-8"))
+        measure, exits, lam, whash, cache = (cal["measure"], cal["exits"], cal["threshold"],
+                                             cal["weights_hash"], cal["cache"])
+        if not (isinstance(measure, str) and isinstance(whash, str) and isinstance(cache, str)
+                and isinstance(exits, list) and all(isinstance(e, int) for e in exits)
+                and (lam is None or isinstance(lam, (int, float)))):
+            raise TypeError("a field has the wrong type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"calibration={str(path)!r} is not a calibration file ({e})")
+    if loaded.weights_hash() != whash:
+        raise UserError(f"calibration={str(path)!r} was made for other weights (hash "
+                        f"{whash[:12]}...) than {loaded.source}: run python -m tinyskip.calibrate")
+    return {"measure": measure, "exits": exits, "cache": cache,
+            "threshold": [math.inf if lam is None else lam]}

@@ -1,0 +1,1 @@
+"""Training: the from-scratch LayerSkip loop, exit modules on a frozen backbone, losses, resume."""

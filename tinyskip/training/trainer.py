@@ -1,0 +1,291 @@
+"""The training loop: LayerDrop, early-exit losses, evaluation, checkpoints, DDP.
+
+Data order and LayerDrop draws are functions of (seed, step, rank), so a resumed run
+replays exactly what the uninterrupted run would have done, with no RNG state to save.
+Data-parallel runs (``torchrun``) split each global batch of ``train.batch_size`` rows
+between the ranks, so the loss curve matches one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..atomic import append_text, make_dirs, write_json_atomic
+from ..storage.checkpoint import (CHECKPOINT, CheckpointError, load_model, load_model_config,
+                         load_train_state, resolve_checkpoint, run_folder, save_checkpoint)
+from ..config import ConfigError, TrainConfig
+from ..storage.data import get_batch, prepare_corpus
+from ..jobs import TrainJob
+from .losses import cosine_lr, exit_weights, layerdrop_probs, sampled_exit_loss
+from ..model.transformer import Transformer
+from ..analysis.perplexity import exit_perplexities
+from .resume import check_model, check_recipe, truncate_metrics
+from ..runtime import autocast, pick_device
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)      # train loss of every step run
+    last_eval: dict = field(default_factory=dict)
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    # Weight decay on matrices only (not on norms), as in nanoGPT.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); under torchrun, one process group over the chosen device type."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            # Each rank owns one GPU: NCCL and every later .cuda() use the current device.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def rank_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of ``t`` over the ranks (every rank must call it): rank means over
+    equal-sized shards average to the global batch's. ``t`` lives on the training device
+    (NCCL reduces CUDA tensors only)."""
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t
+
+
+def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
+    """Model, optimizer state and start step: fresh, or resumed from the run's checkpoint."""
+    tc = job.train
+    if tc.resume:
+        ckpt = resolve_checkpoint(run_dir)
+        # Cheap checks before the data is loaded: the model, then the recipe.
+        check_model(job, load_model_config(ckpt), run_dir)
+        check_recipe(job, run_dir)
+        state = load_train_state(ckpt)
+        model, _ = load_model(ckpt)
+        corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
+        return model, corpus, state
+    # The fallback .checkpoint-old counts: a crash mid-save can leave it as the only one.
+    existing = [p.name for p in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}-old")
+                if p.exists()]
+    if existing and not tc.overwrite:
+        raise CheckpointError(f"run folder {run_dir} already holds a checkpoint ({existing[0]}): "
+                              "pass train.resume=true to continue it, train.overwrite=true to "
+                              "start over, or another run=<name>")
+    corpus = prepare_corpus(job.data)
+    cfg = dataclasses.replace(job.model, vocab_size=corpus.vocab_size,
+                              bos_token_id=corpus.bos_id, eos_token_id=corpus.eos_id)
+    torch.manual_seed(tc.seed)          # the same initial weights on every rank
+    if rank == 0 and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+    return Transformer(cfg), corpus, None
+
+
+@dataclass
+class StepWork:
+    """What one training step ran: its loss, and the work a FLOP count needs."""
+
+    loss: torch.Tensor              # weighted total (detached)
+    per_exit: torch.Tensor          # (n_exits,) mean CE of each exit run (detached)
+    block_rows: list[int]           # sequences each block ran on (LayerDrop skips rows)
+    head_rows: int                  # tokens the shared head scored, over every exit
+
+
+class ExitObjective(torch.nn.Module):
+    """The model and its early-exit loss as one module, so that a data-parallel wrapper
+    sees every weight used inside its forward: an untied ``lm_head`` read by a loss
+    outside it counts as unused there, and its gradient then arrives twice.
+    ``compiled``: the distillation's elementwise kernels go through torch.compile (set
+    where the blocks compiled, so a fallback to eager blocks is eager here too)."""
+
+    def __init__(self, model: Transformer, tc: TrainConfig, compiled: bool = False):
+        super().__init__()
+        self.model, self.tc, self.compiled = model, tc, compiled
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layers: list[int],
+                weights: torch.Tensor, probs: list[float], draws: torch.Tensor,
+                generator: torch.Generator, rows: slice = slice(None)
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(weighted loss, per-exit mean CE, tokens the head scored over every exit)."""
+        tc = self.tc
+        states = self.model(x, layers, probs, draws, head=False)
+        return sampled_exit_loss(states, self.model.lm_head.weight, y, weights,
+                                 tc.exit_token_fraction, generator, rows, tc.batch_size,
+                                 tc.distill_weight, tc.distill_temperature, self.compiled)
+
+
+def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc: TrainConfig,
+               x: torch.Tensor, y: torch.Tensor, step: int, rows: slice = slice(None),
+               rank: int = 0) -> StepWork:
+    """One optimisation step of the LayerSkip recipe (LayerDrop, early-exit losses) on the
+    batch x, y (B, T); ``objective``: an ``ExitObjective`` (or its data-parallel wrapper);
+    ``rows``: this rank's rows of the global batch.
+
+    Every random draw is a function of (seed, step, rank), so a resumed run replays what
+    the uninterrupted run did: LayerDrop and the exits' token subsets from a generator of
+    the global batch (each rank keeps its rows' share, as one process would), and dropout
+    from torch's generator reseeded per (seed, step, rank). (Compiled blocks draw dropout
+    masks from inductor's own stream: a resume that toggles ``train.compile`` with
+    dropout on continues correctly but not bit for bit.)
+    """
+    model = objective.module.model if hasattr(objective, "module") else objective.model
+    L = model.num_layers
+    layers, weights = exit_weights(tc, L, step)
+    g = torch.Generator().manual_seed(tc.seed * 7919 + step * 131)
+    draws = torch.rand(tc.batch_size, L, generator=g)[rows]
+    probs = layerdrop_probs(tc, L, step)
+    # Python hashes tuples of ints the same in every process (PYTHONHASHSEED only salts
+    # strings): distinct masks per (seed, step, rank), whatever the number of ranks.
+    torch.manual_seed(hash((tc.seed, step, rank)) & (2 ** 63 - 1))
+    with autocast(x.device, tc.bf16):
+        loss, per_exit, head_rows = objective(x, y, layers, weights, probs, draws, g, rows)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    optimizer.step()
+    # Blocks past the deepest exit never run; a row skips block l when its draw < p_l.
+    block_rows = [int((draws[:, l] >= probs[l]).sum()) if l <= layers[-1] else 0
+                  for l in range(L)]
+    return StepWork(loss.detach(), per_exit.detach(), block_rows, head_rows)
+
+
+def compile_blocks(model: Transformer) -> bool:
+    """``train.compile``: each block and the final norm compiled in place (one graph
+    serves all the blocks, the weights being its inputs; the row count is dynamic).
+    LayerDrop's row selection, the exit set and the loss stay in Python, so a new exit
+    set or drop rate never recompiles, and the state dict keeps its names.
+
+    Where torch.compile cannot build code (no C++ compiler, an unsupported device) the
+    blocks train eagerly after one warning line; returns whether they were compiled. The
+    probe is a one-line graph: it catches a missing tool chain, not every way the blocks'
+    own graph could fail."""
+    device = model.embed_tokens.weight.device
+    try:
+        # A one-line graph on the training device: a missing compiler fails here, not in
+        # the middle of the first step's forward.
+        torch.compile(lambda t: t * 2 + 1, fullgraph=True)(torch.ones(2, device=device))
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        warnings.warn(f"torch.compile is unavailable here ({type(e).__name__}: {reason}): "
+                      "training eagerly", stacklevel=2)
+        return False
+    for layer in model.layers:
+        layer.compile(dynamic=True)
+    # The final norm reads every exit's states (n_exits, B, T, d): eager, its fp32 ops and
+    # their backward cost the layerskip step about 10 ms at l6_d192, batch 32.
+    model.norm.compile(dynamic=True)
+    return True
+
+
+def train(job: TrainJob, progress: bool = True) -> TrainResult:
+    tc = job.train
+    if tc.preset == "balcony":               # exit modules on a frozen backbone
+        from .exit_training import train_exit_modules
+        return train_exit_modules(job, progress)
+    if job.model.path:
+        raise ConfigError("training from Hugging Face weights (model.path) is not supported "
+                          "yet: train a tinyskip model, or decode the Llama with tinyskip.infer")
+    device = pick_device(tc.device)
+    run_dir = run_folder(job.checkpoint_root, job.run_name)
+    rank, world = init_distributed(device)
+    if tc.batch_size % world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                          f"{world} data-parallel processes")
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    model, corpus, state = _prepare_run(job, run_dir, rank)
+    model.to(device).train()
+    optimizer = make_optimizer(model, tc)
+    start = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    metrics_path = run_dir / "metrics.jsonl"
+    if rank == 0:
+        make_dirs(run_dir)
+        write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
+        truncate_metrics(metrics_path, start)
+    # Recorded with every evaluation: a fallback to eager blocks shows in the run's metrics.
+    compiled = compile_blocks(model) if tc.compile else False
+    objective = ExitObjective(model, tc, compiled)
+    if world > 1:
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, find_unused_parameters=tc.layerdrop_p_max > 0)
+
+    result = TrainResult(run_dir, start)
+    rows = slice(rank, None, world)
+    seen_tokens = state["tokens_seen"] if state else 0
+    train_time, train_tokens, window_losses = 0.0, 0, []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        # Quiet when stderr is not a terminal (logs, pipes): evaluations are still written.
+        bar = tqdm(total=tc.max_steps, initial=start, desc=f"train {job.run_name}",
+                   dynamic_ncols=True, disable=not sys.stderr.isatty())
+    for step in range(start, tc.max_steps):
+        t0 = time.perf_counter()
+        lr = cosine_lr(tc, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(corpus.tokens["train"], tc.batch_size, tc.seq_len, tc.seed, step, rows)
+        out = train_step(objective, optimizer, tc, x.to(device, non_blocking=True),
+                         y.to(device, non_blocking=True), step, rows, rank)
+        loss, per_exit = out.loss, out.per_exit
+        loss_value = loss.item()
+        train_time += time.perf_counter() - t0
+        train_tokens += x.numel() * world
+        seen_tokens += x.numel() * world
+        result.losses.append(loss_value)
+        window_losses.append(per_exit[-1].item())
+        result.step = step + 1
+        if bar is not None:
+            bar.update(1)
+            if step % tc.log_every == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{train_tokens / train_time:.0f}")
+        last = step + 1 == tc.max_steps
+        if (step + 1) % tc.eval_every == 0 or last:
+            window = rank_mean(torch.tensor(sum(window_losses) / len(window_losses),
+                                            dtype=torch.float64, device=device), world)
+            if rank == 0:
+                ev = exit_perplexities(model, corpus.tokens["validation"], corpus.words["validation"],
+                                       tc.seq_len, tc.batch_size, tc.eval_batches, tc.bf16)
+                result.last_eval = {
+                    "step": step + 1, "tokens": seen_tokens, "lr": lr,
+                    "train_loss": window.item(),
+                    "tokens_per_s": train_tokens / train_time, "compiled_blocks": compiled,
+                    "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"],
+                    "val_agreement": ev["agreement"], "val_p_last_top": ev["p_last_top"]}
+                append_text(metrics_path, json.dumps(result.last_eval) + "\n")
+                if bar is not None:
+                    bar.write(f"step {step + 1}: val loss by exit "
+                              + " ".join(f"{v:.2f}" for v in ev["loss"])
+                              + f" | word ppl (last) {ev['word_ppl'][-1]:.1f}")
+            window_losses = []
+            model.train()
+        if ((step + 1) % tc.save_every == 0 or last) and rank == 0:
+            save_checkpoint(run_dir, model, corpus.tokenizer_file,
+                            {"step": step + 1, "tokens_seen": seen_tokens,
+                             "optimizer": optimizer.state_dict()})
+        if world > 1 and ((step + 1) % tc.eval_every == 0 or last):
+            dist.barrier()
+    if bar is not None:
+        bar.close()
+    return result
