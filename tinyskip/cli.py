@@ -26,16 +26,11 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingManda
                               OmegaConfBaseException, ValidationError)
 
 from .config import DEFAULT_RUN, UserError
+from .jobs import SCHEMAS
 
 # Built from __file__ (not a relative config_path) so that imports from tests and console
 # scripts find it. conf/ lives beside the package: editable installs only.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def schemas() -> dict[str, type]:
-    from . import jobs
-
-    return jobs.SCHEMAS
 
 
 def source_name(run, checkpoint, model_name) -> str:
@@ -51,7 +46,7 @@ def source_name(run, checkpoint, model_name) -> str:
 
 def register_schemas() -> None:
     cs = ConfigStore.instance()
-    for name, schema in schemas().items():
+    for name, schema in SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=schema)
     OmegaConf.register_new_resolver("source_name", source_name, replace=True)
 

@@ -2,171 +2,25 @@
 
 The model is rebuilt from the checkpoint's own config (not from conf/model/), the data
 settings come from the run unless given, and without ``prompt=`` / ``prompts_file=``
-prompts are read from standard input (one per line; interactive on a terminal).
+prompts are read from standard input (one per line; interactive on a terminal). The work
+is ``tinyskip/decode/run.py``.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Callable, Iterator
-
-import torch
 
 from .atomic import write_json_atomic
 from .cli import entry_point
-from .config import DataConfig, DEEConfig, SSDConfig, UserError
-from .storage.data import load_lines
-from .decode import ModeSpec, SamplingConfig, Steps, decode
+from .decode.run import generations, stats_line
 from .jobs import InferJob
-from .storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
-                      read_calibration, run_data_config)
-from .runtime import pick_device
-
-
-def dee_config(job, loaded: Loaded) -> DEEConfig:
-    """``threshold=`` given, else the calibration file (``calibration=`` or the run's own)."""
-    cal = None
-    if job.calibration and job.threshold:
-        raise UserError("give threshold=... or calibration=..., not both")
-    if job.calibration or not job.threshold:
-        path = Path(job.calibration) if job.calibration else \
-            (loaded.run_dir or Path(loaded.source)) / "calibration.json"
-        if not path.is_file():
-            raise UserError(f"mode=dee needs threshold=<value> or a calibration file; "
-                            f"{str(path)!r} does not exist (python -m tinyskip.calibrate writes it)")
-        cal = read_calibration(path, loaded)
-        # The guarantee covers the decoder as calibrated: same measure, exits, cache, and a
-        # constant threshold.
-        for name, value in (("measure", job.measure), ("cache", job.cache)):
-            if value is not None and value != cal[name]:
-                raise UserError(f"{name}={value!r}: the calibration file {str(path)!r} holds a "
-                                f"threshold for {name}={cal[name]!r}")
-        if job.exits or job.decay_tau:
-            raise UserError("exits= and decay_tau= change the decoder the calibration file "
-                            "certifies: give threshold= to use them")
-        return DEEConfig(cal["measure"], cal["threshold"], cal["exits"], cache=cal["cache"])
-    return DEEConfig(job.measure or "softmax", list(job.threshold), list(job.exits),
-                     job.check_every, job.cache or "propagate", job.decay_tau)
-
-
-def mode_spec(job, loaded: Loaded) -> ModeSpec:
-    """The decoding mode a job asks for, validated against the loaded model."""
-    ssd = (SSDConfig(job.draft_layer, job.k, job.adaptive_threshold, job.draft_vocab)
-           if job.mode == "ssd" else None)
-    dee = dee_config(job, loaded) if job.mode == "dee" else None
-    spec = ModeSpec(job.mode, job.exit_layer, ssd, dee)
-    spec.validate(loaded.model.num_layers)
-    spec.classifier = exit_classifier_for(loaded, spec)
-    return spec
-
-
-def read_prompts(job: InferJob, fallback: Callable[[], list[str]]) -> Iterator[str]:
-    """``prompt=``, else ``prompts_file=``, else standard input's lines; standard input
-    that is not a terminal and gives none falls back to ``fallback()`` (so the bare
-    command decodes something when run from a script)."""
-    if job.prompt is not None:
-        yield job.prompt
-        return
-    if job.prompts_file is None:
-        given = False
-        for line in _stdin_prompts():
-            given = True
-            yield line
-        if not given and (sys.stdin is None or not sys.stdin.isatty()):
-            prompts = fallback()
-            print(f"no prompt= or prompts_file= and nothing on standard input: continuing "
-                  f"the openings of {len(prompts)} test-split paragraphs", file=sys.stderr)
-            yield from prompts
-        return
-    path = Path(job.prompts_file)
-    if not path.is_file():
-        raise UserError(f"prompts_file={job.prompts_file!r}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompts_file={job.prompts_file!r} is not UTF-8 text ({e.reason} at "
-                        f"byte {e.start})")
-    prompts = [line for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"prompts_file={job.prompts_file!r} holds no prompt")
-    yield from prompts
-
-
-def _stdin_prompts() -> Iterator[str]:
-    if sys.stdin is None:           # a detached process has no standard input at all
-        return
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
-    while True:
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            return
-        if line.strip():
-            yield line.rstrip("\n")
-
-
-def opening_prompts(data: DataConfig, n: int = 3, words: int = 12) -> list[str]:
-    """The first ``words`` words of the test split's first ``n`` paragraphs (headings,
-    the " = Title = " lines, skipped)."""
-    lines = [line.strip() for line in load_lines(data)[0]["test"]]
-    paragraphs = [line for line in lines if line and not line.startswith("=")]
-    return [" ".join(p.split()[:words]) for p in paragraphs[:n]]
-
-
-def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """Text of the new tokens as they read after the prompt (spacing kept), EOS as a newline."""
-    stops = tok.stop_ids()
-    text = tok.decode(prompt_ids + [t for t in new_ids if t not in stops])
-    eos = "\n" if new_ids and new_ids[-1] in stops else ""
-    return text[len(tok.decode(prompt_ids)):] + eos
-
-
-def generations(job: InferJob) -> Iterator[dict]:
-    """Decode every prompt as it comes (standard input is read lazily)."""
-    sampling = SamplingConfig(job.temperature, job.top_k, job.top_p)
-    device = pick_device(job.device)
-    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype)
-    model, tok = loaded.model, loaded.tokenizer
-    spec = mode_spec(job, loaded)
-    draft_ids = draft_vocabulary(loaded, spec, job.data)
-    eos = tok.stop_ids() if job.stop_at_eos else None
-    generator = torch.Generator(device=device).manual_seed(job.seed)
-    steps = Steps(model, compile=job.compile)       # shared, so graphs compile once
-    for text in read_prompts(job, lambda: opening_prompts(run_data_config(loaded.run_dir,
-                                                                            job.data))):
-        ids = tok.encode(text)
-        prompt = torch.tensor([ids], dtype=torch.long, device=device)
-        gen = decode(model, prompt, job.max_new_tokens, spec, sampling, eos, generator, draft_ids,
-                     steps)
-        tokens = gen.tokens[0]
-        yield {"prompt": text, "mode": spec.label, "prompt_ids": ids, "ids": tokens,
-               "text": continuation(tok, ids, tokens), "stats": gen.stats.as_dict()}
-
-
-def infer(job: InferJob) -> list[dict]:
-    return list(generations(job))
-
-
-def stats_line(s: dict) -> str:
-    line = (f"[{s['new_tokens']} new tokens, {s['tokens_per_s']:.1f} tok/s, prefill "
-            f"{s['prompt_tokens']} tokens in {s['prefill_s'] * 1e3:.1f} ms, "
-            f"{s['layers_per_token']:.2f} layers/token, {s['heads_per_token']:.2f} heads/token")
-    if "acceptance" in s:
-        line += f", acceptance {s['acceptance']:.2f}, mean accepted {s['mean_accepted']:.2f}"
-    if s.get("mean_exit") is not None:
-        line += f", mean exit {s['mean_exit']:.2f}"
-    return line + "]"
 
 
 @entry_point("infer")
 def main(job: InferJob) -> None:
     results = []
     for r in generations(job):
-        print(r['prompt'] + r['text'])
+        print(r["prompt"] + r["text"])
         print(f"{r['mode']} {stats_line(r['stats'])}", flush=True)
         results.append(r)
     if job.out:

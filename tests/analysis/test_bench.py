@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinyskip.bench import Quality, benchmark
+from tinyskip.analysis.bench import Quality, benchmark
 from tinyskip.analysis.bench_report import format_table
 from tinyskip.cli import compose_job
 from tinyskip.storage.loading import load_source

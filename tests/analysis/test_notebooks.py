@@ -36,9 +36,9 @@ def test_notebook_is_committed_with_the_outputs_of_a_clean_run(path):
 @pytest.fixture(scope="module")
 def artefacts(trained_tiny, wikitext_path, data_cache, tmp_path_factory):
     """A tiny run with an evaluation, two calibration files and a benchmark sweep."""
-    from tinyskip.bench import benchmark
+    from tinyskip.analysis.bench import benchmark
     from tinyskip.analysis.bench_report import write_results
-    from tinyskip.calibrate import calibrate
+    from tinyskip.calibration.run import calibrate
     from tinyskip.cli import compose_job
     from tinyskip.evaluate import evaluate
 

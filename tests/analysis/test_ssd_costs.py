@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tinyskip.bench import benchmark
+from tinyskip.analysis.bench import benchmark
 from tinyskip.cli import compose_job
 from tinyskip.config import SSDConfig
 from tinyskip.decode import Steps

@@ -7,15 +7,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-import numpy as np
-
-from tinyskip.calibrate import calibrate
+from tinyskip.calibration.run import calibrate
 from tinyskip.calibration import ltt
 from tinyskip.cli import compose_job
 from tinyskip.config import UserError
-from tinyskip.infer import infer
+from tinyskip.decode.run import infer
 
 SMALL = ["n_examples=8", "grid=4", "prompt_len=8", "max_new_tokens=6", "n_test=4",
          "delta=0.3", "epsilon=0.3"]
@@ -88,7 +87,7 @@ def test_dee_uses_the_run_calibration_by_default_and_refuses_other_weights(calib
 
 
 def test_bench_adds_the_decoder_each_calibration_file_certifies(calibrated, run_dir, tmp_path):
-    from tinyskip.bench import benchmark
+    from tinyskip.analysis.bench import benchmark
     path = str(run_dir / "calibration.json")
     base = [f"checkpoint={run_dir}", "n_prompts=2", "prompt_len=8", "max_new_tokens=6",
             "ssd_layers=[]", "static_layers=[]", "out_dir=null"]
@@ -147,7 +146,7 @@ def test_the_commands_chain_as_written_on_the_default_run(trained_tiny, tmp_path
 def test_infer_without_any_prompt_continues_the_test_splits_openings(trained_tiny, tmp_path):
     """The bare command run from a script (standard input empty, not a terminal)."""
     from tinyskip.config import DataConfig
-    from tinyskip.infer import opening_prompts
+    from tinyskip.decode.run import opening_prompts
     from tinyskip.storage.loading import run_data_config
 
     shutil.copytree(trained_tiny[2], tmp_path / "checkpoints" / "l6_d128")
@@ -163,7 +162,7 @@ def test_infer_without_any_prompt_continues_the_test_splits_openings(trained_tin
 
 
 def test_bench_sweeps_dee_measures_thresholds_and_cache_strategies(run_dir):
-    from tinyskip.bench import benchmark
+    from tinyskip.analysis.bench import benchmark
     from tinyskip.analysis.bench_report import format_table
     res = benchmark(compose_job("bench", [f"checkpoint={run_dir}", "n_prompts=2", "prompt_len=8",
                                           "max_new_tokens=6", "ssd_layers=[]", "static_layers=[]",

@@ -12,7 +12,7 @@ from tinyskip.cli import compose_job
 from tinyskip.config import UserError
 from tinyskip.decode import generate
 from tinyskip.evaluate import evaluate
-from tinyskip.infer import infer
+from tinyskip.decode.run import infer
 
 
 

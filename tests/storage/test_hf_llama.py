@@ -13,7 +13,7 @@ from tinyskip.cli import compose_job
 from tinyskip.decode import generate
 from tinyskip.storage.hf_llama import (HFConfigError, HFTokenizer, config_from_hf, config_to_hf,
                                export_hf, load_hf_llama)
-from tinyskip.infer import infer
+from tinyskip.decode.run import infer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}

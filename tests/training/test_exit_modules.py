@@ -20,7 +20,7 @@ from tinyskip.config import DEEConfig
 from tinyskip.model.exit_modules import ExitModules
 from tinyskip.training.exit_training import backbone_states, exit_module_loss
 from tinyskip.storage.loading import load_source
-from tinyskip.training.trainer import train
+from tinyskip.training.exit_training import train_exit_modules
 
 
 KINDS = ["block", "mlp", "attention", "norm"]
@@ -224,8 +224,8 @@ def balcony(tiny_train_overrides, trained_tiny, wikitext_path, data_cache, tmp_p
     args = [o for o in overrides if not o.startswith(("model", "run="))] + [
         "train=balcony", "train.backbone=tiny", "train.max_steps=6", "train.eval_every=6",
         "train.save_every=3", "train.device=cpu"]   # (a two-rank run here is on gloo)
-    online = train(compose_job("train", args + ["run=tiny-exits"]), progress=False)
-    offline = train(compose_job("train", args + ["run=tiny-exits-offline",
+    online = train_exit_modules(compose_job("train", args + ["run=tiny-exits"]), progress=False)
+    offline = train_exit_modules(compose_job("train", args + ["run=tiny-exits-offline",
                                                  "train.exit_cache=offline"]), progress=False)
     return root, args, online, offline, before
 
@@ -304,7 +304,7 @@ def test_two_data_parallel_processes_train_the_modules_as_one_does(repo, balcony
 
 def test_a_finished_run_resumes_with_its_default_exits(balcony):
     root, args, _, _, _ = balcony
-    again = train(compose_job("train", args + ["run=tiny-exits", "train.resume=true"]),
+    again = train_exit_modules(compose_job("train", args + ["run=tiny-exits", "train.resume=true"]),
                   progress=False)
     assert again.step == 6 and again.losses == []
 
@@ -312,12 +312,12 @@ def test_a_finished_run_resumes_with_its_default_exits(balcony):
 def test_the_backbones_own_run_folder_is_refused(balcony):
     root, args, _, _, before = balcony
     with pytest.raises(UserError, match="is a model's own run folder"):
-        train(compose_job("train", args + ["run=tiny"]), progress=False)
+        train_exit_modules(compose_job("train", args + ["run=tiny"]), progress=False)
     assert _folder_digest(root / "tiny") == before
 
 
 def test_evaluate_and_bench_read_the_exits_through_the_modules(balcony):
-    from tinyskip.bench import benchmark
+    from tinyskip.analysis.bench import benchmark
     from tinyskip.evaluate import evaluate
 
     root = balcony[0]
@@ -416,7 +416,7 @@ def test_exit_modules_train_on_a_hugging_face_llama_through_the_shim(trained_tin
         "train=balcony", "model=hf_llama", f"model.path={hf}", f"checkpoint_root={tmp_path}",
         "run=hf-exits", "train.exit_kind=mlp", "train.max_steps=2", "train.eval_every=2",
         "train.eval_batches=1", "train.batch_size=4", "train.seq_len=32", "train.bf16=false"])
-    assert train(job, progress=False).step == 2
+    assert train_exit_modules(job, progress=False).step == 2
     meta = json.loads((tmp_path / "hf-exits" / "exits" / "exit_modules.json").read_text())
     assert meta["backbone"]["format"] == "hf" and meta["backbone"]["path"] == str(hf.resolve())
     loaded = load_source("hf-exits", None, str(tmp_path), None, torch.device("cpu"))

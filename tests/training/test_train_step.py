@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tinyskip.config import ConfigError, ModelConfig, TrainConfig
 from tinyskip.training.losses import early_exit_loss, sampled_exit_loss
 from tinyskip.model.transformer import Transformer, causal_attention
-from tinyskip.train_bench import step_flops, step_products
+from tinyskip.training.bench import step_flops, step_products
 from tinyskip.training.trainer import ExitObjective, compile_blocks, make_optimizer, train_step
 
 
@@ -247,7 +247,7 @@ def test_step_products_have_the_steps_shapes():
 
 def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, data_cache, tmp_path):
     from tinyskip.cli import compose_job
-    from tinyskip.train_bench import bench_training, format_table
+    from tinyskip.training.bench import bench_training, format_table
 
     job = compose_job("train_bench", [
         f"data.path={wikitext_path}", f"data.cache_dir={data_cache}", "data.max_rows=1000",
@@ -268,7 +268,7 @@ def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, d
 
 def test_the_training_benchmark_reports_what_compiled_not_what_was_asked(wikitext_path,
                                                                         data_cache, monkeypatch):
-    from tinyskip import train_bench
+    from tinyskip.training import bench as train_bench
     from tinyskip.cli import compose_job
 
     asked = []

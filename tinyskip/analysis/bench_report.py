@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..atomic import make_dirs, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .engine_levers import format_levers
+from .plots import pareto_figure
 from .ssd_costs import format_round_costs
 
 CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "draft_vocab",
@@ -99,8 +100,6 @@ def format_csv(res: dict) -> str:
 
 def write_results(res: dict, out: Path) -> Path:
     """Every result file, each written atomically; returns the folder."""
-    from .plots import pareto_figure
-
     make_dirs(out)
     write_json_atomic(out / "results.json", res)
     write_text_atomic(out / "results.csv", format_csv(res))

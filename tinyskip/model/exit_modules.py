@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .transformer import MLP, Attention, RMSNorm
 from ..config import EXIT_MODULE_KINDS, ConfigError, ModelConfig
 
 
@@ -56,8 +57,6 @@ class ExitModule(nn.Module):
     the shared head."""
 
     def __init__(self, cfg: ModelConfig, kind: str, cache_slot: int):
-        from .transformer import MLP, Attention, RMSNorm
-
         super().__init__()
         check_kind(kind)
         self.kind = kind

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .hf_llama import weight_files
 from .checkpoint import CheckpointError, file_hash, read_json, save_run_folder
 from ..model.exit_modules import ExitModules
 
@@ -31,8 +32,6 @@ META, WEIGHTS = "exit_modules.json", "exit_modules.safetensors"
 def backbone_hash(folder: Path) -> str:
     """sha256 of a backbone's weight files in name order: a tinyskip checkpoint's
     model.safetensors (= ``weights_hash``), or every shard of a Hugging Face folder."""
-    from .hf_llama import weight_files
-
     return file_hash(*weight_files(Path(folder)))
 
 

@@ -21,6 +21,7 @@ from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
 from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
                               read_exit_meta)
 from ..config import DEFAULT_RUN, DataConfig, ModelConfig, UserError
+from .hf_llama import HFTokenizer, load_hf_llama
 from .data import load_tokenizer, prepare_corpus
 from ..model.exit_classifier import FILE as CLASSIFIER_FILE, ExitClassifier, load_exit_classifier
 from ..model.exits import frequent_tokens
@@ -96,7 +97,6 @@ def load_backbone(path: str, fmt: str, device: torch.device, dtype: str = "float
     """A tinyskip checkpoint (``fmt="tinyskip"``) or a Hugging Face Llama folder or Hub id
     (``fmt="hf"``), bare."""
     if fmt == "hf":
-        from .hf_llama import HFTokenizer, load_hf_llama
         model, folder = load_hf_llama(path, device, DTYPES[dtype])
         sp = folder / "tokenizer.model"
         return Loaded(model, HFTokenizer(folder, model.config), str(folder),

@@ -31,11 +31,13 @@ from ..model.exit_modules import ExitModules, check_exit_layers
 from .hidden_cache import cache_key, cache_meta, open_or_build
 from ..jobs import TrainJob
 from ..storage.loading import Loaded, load_backbone, run_data_config
-from .losses import cosine_lr, early_exit_loss, exit_kl
+from .distributed import init_distributed, rank_mean
+from .losses import early_exit_loss, exit_kl
+from .optim import cosine_lr, make_optimizer
+from .result import TrainResult
 from ..model.transformer import Transformer
 from ..analysis.perplexity import exit_perplexities
 from .resume import check_recipe, truncate_metrics
-from .trainer import TrainResult, init_distributed, make_optimizer, rank_mean
 from ..runtime import autocast, pick_device
 
 

@@ -6,7 +6,6 @@ Formulas follow ``early-exit-notes.md`` section 1 (LayerSkip, CALM). Blocks are 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -164,12 +163,3 @@ def exit_kl(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_final || p_exit) (n-1,) of each exit against the last (detached) one, over
     logits (n, B, T, V), mean over tokens, times T^2 (Hinton's scaling)."""
     return kl_rows(logits[:-1], logits[-1].detach(), temperature).mean(dim=(1, 2))
-
-
-def cosine_lr(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
-    cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,48 +25,14 @@ from ..storage.checkpoint import (CHECKPOINT, CheckpointError, load_model, load_
 from ..config import ConfigError, TrainConfig
 from ..storage.data import get_batch, prepare_corpus
 from ..jobs import TrainJob
-from .losses import cosine_lr, exit_weights, layerdrop_probs, sampled_exit_loss
+from .distributed import init_distributed, rank_mean
+from .losses import exit_weights, layerdrop_probs, sampled_exit_loss
+from .optim import cosine_lr, make_optimizer
+from .result import TrainResult
 from ..model.transformer import Transformer
 from ..analysis.perplexity import exit_perplexities
 from .resume import check_model, check_recipe, truncate_metrics
 from ..runtime import autocast, pick_device
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    losses: list[float] = field(default_factory=list)      # train loss of every step run
-    last_eval: dict = field(default_factory=dict)
-
-
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    # Weight decay on matrices only (not on norms), as in nanoGPT.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); under torchrun, one process group over the chosen device type."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            # Each rank owns one GPU: NCCL and every later .cuda() use the current device.
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def rank_mean(t: torch.Tensor, world: int) -> torch.Tensor:
-    """The mean of ``t`` over the ranks (every rank must call it): rank means over
-    equal-sized shards average to the global batch's. ``t`` lives on the training device
-    (NCCL reduces CUDA tensors only)."""
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    return t
 
 
 def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
@@ -197,9 +162,9 @@ def compile_blocks(model: Transformer) -> bool:
 
 def train(job: TrainJob, progress: bool = True) -> TrainResult:
     tc = job.train
-    if tc.preset == "balcony":               # exit modules on a frozen backbone
-        from .exit_training import train_exit_modules
-        return train_exit_modules(job, progress)
+    if tc.preset == "balcony":
+        raise ConfigError("train=balcony trains exit modules on a frozen backbone: "
+                          "training.exit_training.train_exit_modules runs it")
     if job.model.path:
         raise ConfigError("training from Hugging Face weights (model.path) is not supported "
                           "yet: train a tinyskip model, or decode the Llama with tinyskip.infer")

@@ -1,0 +1,239 @@
+"""The decoding benchmark behind ``python -m tinyskip.bench run=NAME``: a sweep of decoding
+modes in one process, on the same prompts, with ``full`` in the same run.
+
+Per configuration: tokens/s (over all tokens and as a per-prompt mean), prefill time,
+speedup over ``full`` measured side by side, layer and head evaluations per token, the
+speedup those counts predict from unit costs measured in the same run and the efficiency
+(measured / predicted), acceptance and its histogram, the exit histogram, and quality:
+token agreement and exact match with full greedy output, DEE's f1 consistency loss,
+perplexity of the generated text under the full model, and ROUGE-L against the test
+text that really follows the prompt. Modes run interleaved prompt by prompt, so drift
+in machine speed hits all alike. Results go to ``out_dir`` (see bench_report.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import DEEConfig, SSDConfig, UserError
+from ..storage.data import load_lines
+from ..decode import DecodeStats, ModeSpec, Steps, decode
+from ..decode.steps import cache_size
+from .engine_levers import step_levers
+from .hf_baseline import hf_rows
+from ..jobs import BenchJob
+from ..storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
+                      read_calibration, run_data_config)
+from ..calibration.ltt import f1_loss
+from .quality import RougeL, continuation_nll, perplexity
+from .ssd_costs import measured_acceptance, round_costs
+from .unit_costs import unit_costs
+from ..runtime import pick_device
+
+
+def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
+    """The sweep's configurations from the job's lists (calibration files aside)."""
+    specs = [ModeSpec("full")]
+    static = job.static_layers if job.static_layers is not None else range(1, L)
+    specs += [ModeSpec("static", exit_layer=e) for e in static]
+    for e in job.ssd_layers:
+        for k in job.ssd_k:
+            specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k)))
+            if job.draft_vocab:
+                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, draft_vocab=job.draft_vocab)))
+            if job.adaptive_threshold:
+                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, job.adaptive_threshold)))
+    for measure in job.dee_measures:
+        for lam in job.dee_thresholds:
+            for cache in job.dee_caches:
+                specs.append(ModeSpec("dee", dee=DEEConfig(measure, [lam], cache=cache,
+                                                           check_every=job.dee_check_every)))
+    for s in specs:                       # every option checked before anything runs
+        s.validate(L)
+    return specs
+
+
+def calibrated_specs(job: BenchJob, loaded: Loaded) -> list[tuple[str, ModeSpec]]:
+    """One DEE row per calibration file: the decoder the file certifies, refused when the
+    file was made for other weights."""
+    out = []
+    for path in job.dee_calibrations:
+        cal = read_calibration(Path(path), loaded)
+        spec = ModeSpec("dee", dee=DEEConfig(cal["measure"], cal["threshold"], cal["exits"],
+                                             cache=cal["cache"]))
+        spec.validate(loaded.model.num_layers)
+        out.append((path, spec))
+    return out
+
+
+def test_prompts(data, job: BenchJob, tokenizer, device) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """``n_prompts`` windows of ``prompt_len`` tokens spread over the test split, and the
+    ``max_new_tokens`` tokens that follow each in the text (ROUGE-L's reference)."""
+    text = " ".join(line.strip() for line in load_lines(data)[0]["test"] if line.strip())
+    ids = tokenizer.encode(text)
+    span = job.prompt_len + job.max_new_tokens
+    if len(ids) < span:
+        raise UserError(f"prompt_len + max_new_tokens = {span} tokens: the test split holds "
+                        f"only {len(ids)}")
+    stride = (len(ids) - span) // job.n_prompts
+    starts = [i * stride for i in range(job.n_prompts)]
+    prompts = [torch.tensor([ids[s:s + job.prompt_len]], device=device) for s in starts]
+    return prompts, [ids[s + job.prompt_len:s + span] for s in starts]
+
+
+def spec_fields(spec: ModeSpec) -> dict:
+    """The configuration as columns (None where a mode has no such option)."""
+    s, d = spec.ssd, spec.dee
+    return {"family": spec.mode, "exit_layer": spec.exit_layer,
+            "draft_layer": s.draft_layer if s else None, "k": s.k if s else None,
+            "draft_vocab": s.draft_vocab if s else None,
+            "adaptive_threshold": s.adaptive_threshold if s else None,
+            "measure": d.measure if d else None,
+            "threshold": d.threshold[0] if d and len(d.threshold) == 1 else None,
+            "exits": d.exits if d else None, "cache": d.cache if d else None}
+
+
+class Quality:
+    """Perplexity under the full model and ROUGE-L of generations, each distinct token
+    list scored once (greedy modes mostly reproduce the full model's output)."""
+
+    def __init__(self, loaded: Loaded, prompts: list[torch.Tensor], references: list[list[int]]):
+        self.loaded, self.prompts = loaded, prompts
+        self.references = [loaded.tokenizer.decode(r) for r in references]
+        self.rouge = RougeL()
+        self._nll: dict = {}
+
+    def __call__(self, generated: list[list[int]]) -> dict:
+        nll = rouge = 0.0
+        for i, tokens in enumerate(generated):
+            key = (i, tuple(tokens))
+            if key not in self._nll:
+                self._nll[key] = continuation_nll(self.loaded.model, self.prompts[i], tokens)
+            nll += self._nll[key]
+            rouge += self.rouge(self.references[i], self.loaded.tokenizer.decode(tokens))
+        return {"ppl": perplexity(nll, sum(len(t) for t in generated)),
+                "rouge_l": rouge / len(generated)}
+
+
+def benchmark(job: BenchJob) -> dict:
+    device = pick_device(job.device)
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype)
+    model = loaded.model
+    prompts, references = test_prompts(run_data_config(loaded.run_dir, job.data), job,
+                                       loaded.tokenizer, device)
+    L = model.num_layers
+    bad = [e for e in job.hf_early_exit if not 1 <= e < L]
+    if bad:
+        raise UserError(f"hf_early_exit={job.hf_early_exit}: exits must be in 1..{L - 1} for "
+                        f"this {L}-layer model")
+    if job.hf_baseline and loaded.tokenizer_file is None:
+        raise UserError("hf_baseline=true compares with a tinyskip checkpoint exported to "
+                        "transformers: give run= or checkpoint=")
+    mid, needed = job.prompt_len + job.max_new_tokens // 2, job.prompt_len + job.max_new_tokens
+    if job.ssd_costs and mid + max(job.ssd_k) + 1 > cache_size(model, needed):
+        # Refused before the sweep, not after it: the priced verify would run past the cache.
+        raise UserError(f"ssd_costs=true with ssd_k={job.ssd_k}: a round at position {mid} "
+                        f"verifies {max(job.ssd_k) + 1} positions, past this generation's "
+                        f"{cache_size(model, needed)}-slot cache (give a smaller k)")
+    labelled = [(s.label, s, None) for s in bench_specs(job, L)]
+    labelled += [(f"{s.label} calibrated", s, path) for path, s in calibrated_specs(job, loaded)]
+    for _, spec, _ in labelled:
+        spec.classifier = exit_classifier_for(loaded, spec)
+    vocab_spec = next((s for _, s, _ in labelled if s.ssd is not None and s.ssd.draft_vocab), None)
+    draft_ids = draft_vocabulary(loaded, vocab_spec, job.data) if vocab_spec else None
+    # Rows: (label, spec, calibration file, steps). Compiled rows run the same modes through
+    # compiled steps (DEE's per-layer steps stay eager); the first row, eager full, is the
+    # reference every speedup and agreement is measured against.
+    eager, compiled = Steps(model), Steps(model, compile=True) if job.compile else None
+    rows_def = [(label, s, cal, eager) for label, s, cal in labelled]
+    if compiled is not None:
+        rows_def += [(label + " compiled", s, cal, compiled) for label, s, cal in labelled
+                     if s.mode != "dee"]
+    run = lambda spec, steps, prompt: decode(model, prompt, job.max_new_tokens, spec, draft_ids=(
+        draft_ids if spec.ssd is not None and spec.ssd.draft_vocab else None), steps=steps)
+    quiet = not sys.stderr.isatty()
+    warmup = {}
+    for label, spec, _, steps in tqdm(rows_def, desc="warm-up (compiles)", leave=False,
+                                      disable=quiet):
+        # A compiled row decodes every prompt once first: greedy decoding then meets no
+        # shape in the timed pass (SSD's verify widths follow acceptance) that it has not
+        # compiled, so compile time never counts in tokens/s.
+        t0 = time.perf_counter()
+        for prompt in prompts if steps.compiled else prompts[:1]:
+            run(spec, steps, prompt)
+        warmup[label] = time.perf_counter() - t0
+    totals = {r[0]: {"stats": DecodeStats(), "agree": 0, "exact": 0, "f1_loss": 0.0,
+                     "per_prompt": [], "generated": []} for r in rows_def}
+    full_tokens = []
+    with tqdm(total=len(prompts) * len(rows_def), desc="sweep", disable=quiet) as bar:
+        for prompt in prompts:
+            reference = None
+            for label, spec, _, steps in rows_def:
+                g = run(spec, steps, prompt)
+                out, t = g.tokens[0], totals[label]
+                if reference is None:
+                    reference = out
+                    full_tokens.append(reference)
+                t["stats"] = t["stats"] + g.stats
+                t["per_prompt"].append(g.stats.tokens_per_s)
+                t["generated"].append(out)
+                t["agree"] += sum(a == b for a, b in zip(out, reference))
+                t["exact"] += out == reference
+                t["f1_loss"] += f1_loss(out, reference)     # DEE's calibration loss
+                bar.update()
+    widths = [int(k.split(":")[1]) for t in totals.values() for k in t["stats"].calls]
+    costs = unit_costs(model, job.prompt_len + job.max_new_tokens // 2, max(widths))
+    quality = Quality(loaded, prompts, references)
+    rows = []
+    for label, spec, cal, _ in rows_def:
+        t = totals[label]
+        st, n = t["stats"], t["stats"].new_tokens
+        # Predicted seconds per token: every counted call at its measured unit cost.
+        cost = sum(count * costs[key] for key, count in st.calls.items()) / n
+        rows.append({"mode": label, **spec_fields(spec), "calibration": cal,
+                     "compiled": label.endswith(" compiled"),
+                     "tokens_per_s": st.tokens_per_s,
+                     "tokens_per_s_prompt_mean": statistics.fmean(t["per_prompt"]),
+                     "prefill_ms": st.prefill_s / len(prompts) * 1e3,
+                     "layers_per_token": st.layer_evals / n, "heads_per_token": st.head_evals / n,
+                     "acceptance": st.accepted / st.drafted if st.drafted else None,
+                     "accept_hist": st.accept_hist or None,
+                     "mean_exit": st.mean_exit, "exit_hist": st.exit_hist or None,
+                     "agreement": t["agree"] / n, "exact_match": t["exact"] / len(prompts),
+                     "f1_loss": t["f1_loss"] / len(prompts), **quality(t["generated"]),
+                     "cost_s": cost, "warmup_s": warmup[label]})
+    full = rows[0]
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
+        r["predicted"] = full["cost_s"] / r["cost_s"]
+        r["efficiency"] = r["speedup"] / r["predicted"]
+    hf = []
+    if job.hf_baseline:
+        hf = hf_rows(model, loaded.tokenizer_file, prompts, job.max_new_tokens,
+                     job.hf_early_exit, full_tokens)
+        for r in hf:
+            r["family"] = "transformers"
+            r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
+            r.update(quality(r.pop("generated")))
+    ssd = None
+    if job.ssd_costs:
+        # Priced through the compiled steps when the sweep compiles (their graphs already
+        # built), else the eager ones, with the draft vocabulary when the sweep has one;
+        # beside the acceptance those rows measured.
+        ssd = round_costs(model, compiled or eager, mid, needed, job.ssd_layers, job.ssd_k,
+                          draft_ids if job.draft_vocab else None)
+        ssd["measured"] = measured_acceptance(rows, job.compile, bool(job.draft_vocab))
+    # Last: measuring the levers compiles the step afresh under each (and resets Dynamo).
+    levers = step_levers(model, mid, needed) if job.levers else None
+    return {"checkpoint": str(loaded.exits or loaded.source), "device": str(device),
+            "threads": torch.get_num_threads(), "prompts": len(prompts),
+            "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
+            "costs": costs, "rows": rows, "hf": hf, "levers": levers, "ssd_costs": ssd}
