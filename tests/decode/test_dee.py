@@ -93,6 +93,41 @@ def test_propagate_fills_deeper_layers_from_the_exit_state(model_and_prompts):
         torch.testing.assert_close(cache.k[layer][:, :, sl], ref.k[layer][:, :, sl])
         torch.testing.assert_close(cache.v[layer][:, :, sl], ref.v[layer][:, :, sl])
         assert cache.k[layer][:, :, sl].abs().sum() > 0
+    # The same entries computed by hand from the blocks' weights, without propagate_kv
+    # (which the reference above shares with the decoder): block i reads its own input
+    # norm of h_2, then its k_proj / v_proj, and rotates the keys by absolute position.
+    for layer in (2, 3):
+        k, v = _hand_kv(model, model.layers[layer], h2)
+        torch.testing.assert_close(cache.k[layer][:, :, sl], k[:, :, sl], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.v[layer][:, :, sl], v[:, :, sl], atol=1e-5, rtol=1e-4)
+    # Block 2's own input at the prompt's positions is h_2 too: there the hand computation
+    # meets what prefill's ordinary block call wrote, which checks the hand formula itself.
+    k, v = _hand_kv(model, model.layers[2], h2)
+    torch.testing.assert_close(cache.k[2][:, :, :T], k[:, :, :T], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cache.v[2][:, :, :T], v[:, :, :T], atol=1e-5, rtol=1e-4)
+
+
+def _hand_kv(model, block, h):
+    """Keys and values (1, n_kv, S, hd) block ``block`` projects from states h (1, S, d) at
+    positions 0..S-1, written out from its weights: RMSNorm, projections, then RoPE in
+    Hugging Face's rotate-half layout with frequencies from rope_theta."""
+    cfg = model.config
+    assert cfg.rope_scaling is None            # plain RoPE: the formula below is the whole of it
+    n_kv, hd = cfg.num_key_value_heads, cfg.head_dim
+    S = h.shape[1]
+    with torch.no_grad():
+        x = h.double()
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+        x = x * block.input_layernorm.weight.double()
+        attn = block.self_attn
+        k = (x @ attn.k_proj.weight.double().T).view(1, S, n_kv, hd).transpose(1, 2)
+        v = (x @ attn.v_proj.weight.double().T).view(1, S, n_kv, hd).transpose(1, 2)
+        inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        angle = torch.arange(S, dtype=torch.float64)[:, None] * inv_freq        # (S, hd/2)
+        cos, sin = angle.cos(), angle.sin()
+        k1, k2 = k[..., : hd // 2], k[..., hd // 2:]
+        k = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], -1)
+    return k.float(), v.float()
 
 
 def _mixed_depth_run(model, prompt, measure):
@@ -159,6 +194,54 @@ def test_decaying_threshold_decays_with_the_step():
     assert all(a > b for a, b in zip(values, values[1:]))
     assert values[-1] == pytest.approx(0.9 * (0.9 + 0.1 * math.exp(-4)))
     assert decayed_threshold(0.9, 30, 64, 0.0) == 0.9
+
+
+def test_the_decoder_lowers_a_decaying_threshold_step_by_step(model_and_prompts):
+    """CALM's schedule lambda * (0.9 + 0.1 exp(-tau t / N)) at generation step t must reach
+    the exit decisions, not only the helper: a threshold no step passes undecayed lets
+    tokens leave once it has decayed, exactly at the steps the schedule admits."""
+    model, prompts, _ = model_and_prompts
+    prompt, n, tau, E = prompts[0], 30, 4.0, 2
+    T = prompt.shape[1]
+
+    def step_confidences(tokens):
+        """Top-1 probability at exit E at each step t = 1..n-1, which runs the token
+        tokens[t-1] at position T+t-1. Blocks [0, E) run on every token whatever exit it
+        takes, so a plain causal pass over the sequence gives their states; the exit's
+        greedy tokens come with them."""
+        ids = torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)
+        with torch.no_grad():
+            h = model.run_layers(model.embed(ids), 0, E)
+            probs = torch.softmax(model.head_at(h, E).float(), -1)[0, T:]
+        return probs.max(-1).values.tolist(), probs.argmax(-1).tolist()
+
+    full = generate(model, prompt, n).tokens[0]
+    # Just above every step's confidence on the full model's path: undecayed, no token
+    # leaves early (checked), so an undecayed decoder would follow that path throughout.
+    lam = max(step_confidences(full)[0]) * 1.001
+    const = dee_generate(model, prompt, n, DEEConfig("softmax", [lam], exits=[E]))
+    assert const.tokens[0] == full and const.stats.exit_hist[E] == 0
+    # The schedule, written out (t = tokens generated so far, N = tokens asked for).
+    thr = {t: lam * (0.9 + 0.1 * math.exp(-tau * t / n)) for t in range(1, n)}
+    assert thr[n - 1] < 0.91 * lam
+    dee = dee_generate(model, prompt, n, DEEConfig("softmax", [lam], exits=[E], decay_tau=tau))
+    out = dee.tokens[0]
+    assert len(out) == n
+    conf, exit_tokens = step_confidences(out)
+    # Steps the schedule admits (with a margin for rounding between this pass and the
+    # decoder's one-token steps): their count is the decoder's, and each emitted exit E's
+    # greedy token.
+    sure = [t for t in range(1, n) if conf[t - 1] >= thr[t] + 1e-5]
+    maybe = [t for t in range(1, n) if conf[t - 1] >= thr[t] - 1e-5]
+    assert len(sure) >= 3, (conf, thr)
+    assert len(sure) <= dee.stats.exit_hist[E] <= len(maybe), (dee.stats.exit_hist, sure, maybe)
+    assert dee.stats.exit_hist[E] + dee.stats.exit_hist[model.num_layers] == n
+    for t in sure:
+        assert out[t] == exit_tokens[t - 1], t
+    # Undecayed, none of them would have left (the decay lowered the bar), and the first
+    # step that leaves comes after some that stayed: the bar started higher.
+    assert all(conf[t - 1] < lam for t in sure), [conf[t - 1] for t in sure]
+    assert min(sure) > 1 and all(conf[t - 1] < lam for t in range(1, min(sure) + 1))
 
 
 def test_confidence_measures_on_known_distributions():
