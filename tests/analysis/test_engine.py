@@ -8,27 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
-from tinyskip.model import transformer as model_module
 from tinyskip.analysis.engine_levers import LEVERS, format_levers, step_levers
-from tinyskip.model.transformer import one_query_attention
+from tinyskip.model.transformer import DECODE_KERNELS, Kernels, linear, one_query_attention
 
 
 def _external_calls(model, gemv: bool, attention: bool) -> set[str]:
     """The ATen kernels the compiled one-token step calls out to (C++ wrapper)."""
     cache = model.new_cache(1, 16)
 
-    def step(tok, pos):
-        return model.head(model.run_layers(model.embed(tok), 0, model.num_layers, cache, pos))
+    kernels = Kernels(gemv, attention)
 
-    saved = model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH
-    model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH = gemv, attention
+    def step(tok, pos):
+        h = model.run_layers(model.embed(tok), 0, model.num_layers, cache, pos, kernels=kernels)
+        return model.head(h, kernels)
+
     try:
         torch._dynamo.reset()
         fn = torch.compile(step, fullgraph=True, options={"cpp_wrapper": True})
         with torch.no_grad():
             _, code = run_and_get_code(fn, torch.zeros(1, 1, dtype=torch.long), torch.tensor([3]))
     finally:
-        model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH = saved
         torch._dynamo.reset()
     return set(re.findall(r"aoti_torch_cpu_(\w+)", "\n".join(code)))
 
@@ -55,20 +54,16 @@ def test_the_linear_lever_is_the_eager_product():
     """Outside a compiled graph ``linear`` is F.linear (1-D inputs included); compiled,
     its multiply-and-sum computes the same product."""
     x, w = torch.randn(3, 1, 5), torch.randn(7, 5)
-    assert torch.equal(model_module.linear(x, w), F.linear(x, w))
-    assert torch.equal(model_module.linear(x[0, 0], w), F.linear(x[0, 0], w))
-    compiled = torch.compile(model_module.linear, fullgraph=True)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    assert torch.equal(linear(x[0, 0], w), F.linear(x[0, 0], w))
+    compiled = torch.compile(linear, fullgraph=True)
     torch.testing.assert_close(compiled(x, w), F.linear(x, w), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_step_levers_measures_every_lever_and_restores_the_switches(tiny_model):
-    model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH = False, True
-    try:
-        res = step_levers(tiny_model, 5, 10, reps=2)
-        assert (model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH) == (False, True)
-    finally:
-        model_module.GEMV_IN_GRAPH = model_module.ATTENTION_IN_GRAPH = True
+def test_step_levers_measures_every_lever_and_leaves_decoding_as_it_was(tiny_model):
+    res = step_levers(tiny_model, 5, 10, reps=2)
+    assert DECODE_KERNELS == Kernels(products_in_graph=True, attention_in_graph=True)
     assert list(res["levers"]) == [name for name, *_ in LEVERS]
     assert all(s > 0 for s in res["levers"].values()) and res["floor"] > 0
     table = format_levers(res)

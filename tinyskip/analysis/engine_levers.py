@@ -4,10 +4,10 @@ floor: the step's matrix work alone.
     eager                      the step as PyTorch runs it op by op
     torch.compile              inductor's graph, with an external GEMM call per projection
                                and a Python wrapper calling the kernels
-    + products in the graph    one-row products written as multiply-and-sum (model.linear),
-                               so inductor generates and fuses them
+    + products in the graph    one-row products written as multiply-and-sum (linear), so
+                               inductor generates and fuses them
     + one-query attention      attention of the one query written as reductions
-                               (model.one_query_attention) instead of SDPA's kernel
+                               (one_query_attention) instead of SDPA's kernel
     + C++ wrapper              the graph's kernel calls compiled too (what ``compile=true``
                                runs on the CPU)
 
@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import transformer as model_module
 from ..decode.steps import cache_size
-from ..model.transformer import Linear, Transformer
+from ..model.transformer import Kernels, Linear, Transformer, linear
 from ..runtime import median_seconds
 
 # (name, products in the graph, attention in the graph, C++ wrapper); None: eager.
@@ -36,42 +35,41 @@ LEVERS = [("eager", None, None, None), ("torch.compile", False, False, False),
 def step_levers(model: Transformer, pos: int, needed: int, reps: int = 50) -> dict:
     """Median seconds of a one-token full step (blocks, head, argmax) at position ``pos``
     of a generation of ``needed`` positions, under each lever in turn, and of the floor.
-    Each compiled variant is its own graph (the products switch is guarded on), compiled
-    before it is timed."""
+    Each compiled variant is its own graph (its ``Kernels`` are constants of the trace),
+    compiled before it is timed."""
     dev = model.lm_head.weight.device
     cache = model.new_cache(1, cache_size(model, needed), dev)    # the generation's own
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
     input_pos = torch.tensor([pos], device=dev)
 
-    def step(tok, input_pos):
-        h = model.run_layers(model.embed(tok), 0, model.num_layers, cache, input_pos,
-                             exit_kv=())          # as full decoding runs it
-        return model.head(h).argmax(-1)
+    def step_with(kernels: Kernels):
+        def step(tok, input_pos):
+            h = model.run_layers(model.embed(tok), 0, model.num_layers, cache, input_pos,
+                                 exit_kv=(), kernels=kernels)   # as full decoding runs it
+            return model.head(h, kernels).argmax(-1)
+        return step
 
     mats = [m.weight for m in model.modules() if isinstance(m, Linear)]
     x = {w.shape[1]: torch.randn(1, 1, w.shape[1], device=dev, dtype=w.dtype) for w in mats}
 
     def matrix_work():
-        return [model_module.linear(x[w.shape[1]], w) for w in mats]
+        return [linear(x[w.shape[1]], w) for w in mats]
 
-    saved = model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH
     out = {"levers": {}, "weight_bytes": sum(w.numel() * w.element_size() for w in mats)}
     try:
         for name, gemv, attention, cpp in LEVERS:
-            fn = step
+            fn = step_with(Kernels())
             if gemv is not None:
-                model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH = gemv, attention
                 torch._dynamo.reset()
-                fn = torch.compile(step, fullgraph=True, dynamic=False,
+                fn = torch.compile(step_with(Kernels(gemv, attention)), fullgraph=True,
+                                   dynamic=False,
                                    options={"cpp_wrapper": cpp} if dev.type == "cpu" else None)
             out["levers"][name] = median_seconds(lambda: fn(tok, input_pos), reps, dev)
-        model_module.GEMV_IN_GRAPH = True
         torch._dynamo.reset()
         floor = torch.compile(matrix_work, fullgraph=True, dynamic=False,
                               options={"cpp_wrapper": True} if dev.type == "cpu" else None)
         out["floor"] = median_seconds(floor, reps, dev)
     finally:
-        model_module.GEMV_IN_GRAPH, model_module.ATTENTION_IN_GRAPH = saved
         torch._dynamo.reset()
     return out
 

@@ -65,11 +65,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-# Whether compiled one-token calls on the CPU write their products (``linear``) and their
-# attention (``one_query_attention``) out as multiply-and-sum. Read while a graph is
-# traced, so Dynamo guards on them: the benchmark turns them off to measure what they buy.
-GEMV_IN_GRAPH = True
-ATTENTION_IN_GRAPH = True
+@dataclass(frozen=True)
+class Kernels:
+    """How compiled one-row calls (decoding steps) on the CPU write their products
+    (``linear``) and their attention (``one_query_attention``): as multiply-and-sum that
+    inductor generates and fuses (True), or as calls to ATen's GEMM and SDPA kernels.
+    Callers pass it down through ``run_layers`` / ``head``; it is read while a graph is
+    traced, so each choice is its own graph. Decoding always uses ``DECODE_KERNELS``; the
+    engine benchmark passes the others to measure what each buys."""
+
+    products_in_graph: bool = True
+    attention_in_graph: bool = True
+
+
+DECODE_KERNELS = Kernels()
 
 
 def _one_row_compiled(x: torch.Tensor) -> bool:
@@ -77,7 +86,7 @@ def _one_row_compiled(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, in_graph: bool = True) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T -> (..., out).
 
     One row per sequence (a decoding step, x (B, 1, in)) inside a graph compiled for the
@@ -85,9 +94,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     product itself, vectorised and fused with its neighbours, instead of calling an
     external GEMM whose set-up costs more than the work at these sizes (a d128 projection
     is 16k multiply-adds). Everywhere else (eager, prefill, verify widths > 1, GPUs) it is
-    ``F.linear``.
+    ``F.linear``. ``in_graph=False`` keeps ``F.linear`` there too (see ``Kernels``).
     """
-    if GEMV_IN_GRAPH and _one_row_compiled(x):
+    if in_graph and _one_row_compiled(x):
         return (x.unsqueeze(-2) * weight).sum(-1)     # (..., 1, in) * (out, in) -> (..., out)
     return F.linear(x, weight)
 
@@ -142,8 +151,8 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+    def forward(self, x: torch.Tensor, kernels: Kernels = DECODE_KERNELS) -> torch.Tensor:
+        return linear(x, self.weight, kernels.products_in_graph)
 
 
 class RMSNorm(nn.Module):
@@ -166,6 +175,7 @@ class AttnContext:
     input_pos: torch.Tensor               # (T,) absolute positions of the tokens
     cache: Optional[KVCache] = None
     mask: Optional[torch.Tensor] = None   # (T, S) bool over the whole cache, True = may attend
+    kernels: Kernels = DECODE_KERNELS
 
 
 class Attention(nn.Module):
@@ -184,27 +194,29 @@ class Attention(nn.Module):
         """Rotated keys and values (B, n_kv, T, hd) of x (B, T, d)."""
         B, T, _ = x.shape
         # (B, T, n_kv*hd) -> (B, n_kv, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x, ctx.kernels).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x, ctx.kernels).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = ctx.cos.to(k.dtype), ctx.sin.to(k.dtype)
         return k * cos + rotate_half(k) * sin, v
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        # (B, T, H*hd) -> (B, H, T, hd)
+        q = self.q_proj(x, ctx.kernels).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k, v = self.kv(x, ctx)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, ctx.input_pos, k, v)
-            if ATTENTION_IN_GRAPH and _one_row_compiled(x):
+            if ctx.kernels.attention_in_graph and _one_row_compiled(x):
                 y = one_query_attention(q, k, v, ctx.mask)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
                                                    enable_gqa=self.n_kv != self.n_heads)
         else:
             y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))   # (B, T, H*hd) -> (B, T, d)
+        # (B, H, T, hd) -> (B, T, H*hd) -> (B, T, d)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), ctx.kernels)
 
 
 class MLP(nn.Module):
@@ -214,8 +226,9 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, kernels: Kernels = DECODE_KERNELS) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, kernels)) * self.up_proj(x, kernels),
+                              kernels)
 
 
 class DecoderLayer(nn.Module):
@@ -229,7 +242,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         x = x + self._drop(self.self_attn(self.input_layernorm(x), ctx))
-        return x + self._drop(self.mlp(self.post_attention_layernorm(x)))
+        return x + self._drop(self.mlp(self.post_attention_layernorm(x), ctx.kernels))
 
     def _drop(self, branch: torch.Tensor) -> torch.Tensor:
         # Checked here rather than left to F.dropout: decoding steps pay no call for it.
@@ -295,7 +308,7 @@ class Transformer(nn.Module):
         return self.embed_tokens(input_ids)
 
     def context(self, pos: Union[int, torch.Tensor], T: int, cache: Optional[KVCache] = None,
-                batch_size: int = 1) -> AttnContext:
+                batch_size: int = 1, kernels: Kernels = DECODE_KERNELS) -> AttnContext:
         """Shared attention state for T tokens at absolute positions pos..pos+T-1.
 
         ``pos`` is the first position (an int: checked against the cache) or the (T,)
@@ -310,16 +323,18 @@ class Transformer(nn.Module):
             input_pos = torch.arange(pos, pos + T, device=self.rope_cos.device)
         else:
             input_pos = pos
-        ctx = AttnContext(self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, cache)
+        ctx = AttnContext(self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, cache,
+                          kernels=kernels)
         if cache is not None:
             ctx.mask = cache.positions[None, :] <= input_pos[:, None]    # (T, S)
         return ctx
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: Optional[KVCache] = None,
                    pos: Union[int, torch.Tensor] = 0,
-                   exit_kv: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+                   exit_kv: Optional[tuple[int, ...]] = None,
+                   kernels: Kernels = DECODE_KERNELS) -> torch.Tensor:
         """Run blocks [start, end) on h (B, T, d) at absolute positions pos..pos+T-1
-        (``pos``: see ``context``). ``exit_kv``: the exits whose attending modules get
+        (``pos``: see ``context``; ``kernels``: see ``Kernels``). ``exit_kv``: the exits whose attending modules get
         their keys and values written on the way (None: every one passed). A decoder
         writes only those it reads: DEE every exit, SSD its draft exit, full none, and
         static exit none (its own module writes them when it runs).
@@ -329,7 +344,7 @@ class Transformer(nn.Module):
         consecutive positions.
         """
         self.check_range(start, end)
-        ctx = self.context(pos, h.shape[1], cache, h.shape[0])
+        ctx = self.context(pos, h.shape[1], cache, h.shape[0], kernels)
         for i in range(start, end):       # (slicing a ModuleList builds a new one: slow)
             h = self.layers[i](h, ctx)
             if cache is not None and i + 1 in self._kv_exits and \
@@ -366,9 +381,9 @@ class Transformer(nn.Module):
         """Cache slots of the attending exit modules deeper than ``exit``."""
         return [self.exit_modules[e].self_attn.layer_idx for e in sorted(self._kv_exits) if e > exit]
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def head(self, h: torch.Tensor, kernels: Kernels = DECODE_KERNELS) -> torch.Tensor:
         """The shared exit head: (..., d) hidden states -> (..., V) logits."""
-        return self.lm_head(self.norm(h))
+        return self.lm_head(self.norm(h), kernels)
 
     def exit_state(self, h: torch.Tensor, exit: int, cache: Optional[KVCache] = None,
                    pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
