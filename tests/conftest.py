@@ -111,8 +111,8 @@ def tiny_train_overrides():
 @pytest.fixture(scope="session")
 def trained_tiny(wikitext_path, data_cache, tmp_path_factory):
     """A tiny layerskip-trained checkpoint (seconds of training): (model, corpus, run dir)."""
-    from tinyskip.storage.checkpoint import load_model
     from tinyskip.cli import compose_job
+    from tinyskip.storage.checkpoint import load_model
     from tinyskip.storage.data import prepare_corpus
     from tinyskip.training.trainer import train
 

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-
 # The run ``python -m tinyskip.train`` writes by default (conf/train.yaml picks model
 # l6_d128, and a run is named after its model): later commands load it when no run is given.
 DEFAULT_RUN = "l6_d128"
@@ -203,7 +202,7 @@ class TrainConfig:
     layerdrop_depth: str = "exp"
     layerdrop_time: str = "constant"
     # Early-exit loss through the shared head.
-    exit_scale: str = "none"
+    exit_weighting: str = "none"
     e_scale: float = 1.0
     curriculum: str = "none"
     curriculum_rotation: int = 2
@@ -252,7 +251,7 @@ class TrainConfig:
         check_seed("TrainConfig.seed", self.seed)
         _choice(self, "layerdrop_depth", ("uniform", "linear", "exp"))
         _choice(self, "layerdrop_time", ("constant", "exp"))
-        _choice(self, "exit_scale", ("none", "uniform", "linear", "calm", "sum_l", "layerskip"))
+        _choice(self, "exit_weighting", ("none", "uniform", "linear", "calm", "sum_l", "layerskip"))
         _choice(self, "curriculum", ("none", "rotational", "gradual"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "exit_kind", EXIT_MODULE_KINDS)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .analysis.perplexity import exit_perplexities
 from .atomic import write_json_atomic
-from .storage.checkpoint import load_run_job
 from .cli import entry_point
 from .config import UserError
-from .storage.data import prepare_corpus
 from .jobs import EvaluateJob
-from .analysis.perplexity import exit_perplexities
-from .storage.loading import load_source, run_data_config
 from .runtime import pick_device
+from .storage.checkpoint import load_run_job
+from .storage.data import prepare_corpus
+from .storage.loading import load_source, run_data_config
 
 
 def evaluate(job: EvaluateJob) -> dict:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .storage.checkpoint import load_model, resolve_checkpoint
 from .cli import entry_point
-from .storage.hf_llama import export_hf
-from .storage.loading import checkpoint_path
 from .jobs import ExportJob
 from .runtime import DTYPES
+from .storage.checkpoint import load_model, resolve_checkpoint
+from .storage.hf_llama import export_hf
+from .storage.loading import checkpoint_path
 
 
 def export_run(path: Path | str, out: Path | str, dtype: str = "float32") -> Path:

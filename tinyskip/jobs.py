@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import (CACHE_STRATEGIES, MEASURE_RANGES, MODES, ConfigError, DataConfig,
-                     ModelConfig, SamplingConfig, TrainConfig, check_seed)
-
+from .config import (CACHE_STRATEGIES, MEASURE_RANGES, MODES, ConfigError, DataConfig, ModelConfig,
+                     SamplingConfig, TrainConfig, check_seed)
 
 
 def check_source(job) -> None:

@@ -12,11 +12,10 @@ import torch.nn.functional as F
 
 from tinyskip.analysis.bench import Quality, benchmark
 from tinyskip.analysis.bench_report import format_table
-from tinyskip.cli import compose_job
-from tinyskip.storage.loading import load_source
 from tinyskip.analysis.plots import pareto_front, ssd_grid
 from tinyskip.analysis.quality import RougeL, continuation_nll
-
+from tinyskip.cli import compose_job
+from tinyskip.storage.loading import load_source
 
 
 @pytest.fixture(scope="module")

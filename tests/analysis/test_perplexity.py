@@ -10,7 +10,7 @@ from tinyskip.analysis.perplexity import exit_perplexities
 def nll(model, window: np.ndarray) -> list[float]:
     """Summed NLL of a window's next tokens at every exit, in one uncached pass."""
     ids = torch.from_numpy(window.astype(np.int64))[None]
-    logits = model(ids[:, :-1], exit_layers=list(range(model.num_layers)))
+    logits = model(ids[:, :-1], exits=list(range(1, model.num_layers + 1)))
     return [F.cross_entropy(l[0], ids[0, 1:], reduction="sum").item() for l in logits]
 
 
@@ -45,7 +45,7 @@ def test_agreement_with_the_last_exit_equals_a_hand_computation(tiny_model):
     tokens = np.random.default_rng(2).integers(0, 97, 41).astype(np.uint16)
     ev = exit_perplexities(tiny_model, tokens, 10, seq_len=40)
     ids = torch.from_numpy(tokens.astype(np.int64))[None, :-1]
-    logits = tiny_model(ids, exit_layers=list(range(tiny_model.num_layers)))   # (L, 1, 40, V)
+    logits = tiny_model(ids, exits=list(range(1, tiny_model.num_layers + 1)))   # (L, 1, 40, V)
     top = logits[-1].argmax(-1)
     for e in range(tiny_model.num_layers):
         agree = (logits[e].argmax(-1) == top).float().mean().item()
@@ -68,7 +68,7 @@ def test_strided_evaluation_scores_each_token_once_in_its_window(tiny_model):
     expected, agree, p_top = [0.0] * L, [0.0] * L, [0.0] * L
     for start, first in ((0, 0), (10, 10), (20, 10)):
         window = ids[start: start + 21][None]
-        logits = tiny_model(window[:, :-1], exit_layers=list(range(L)))[:, 0, first:]
+        logits = tiny_model(window[:, :-1], exits=list(range(1, L + 1)))[:, 0, first:]
         top = logits[-1].argmax(-1)
         for e in range(L):
             expected[e] += F.cross_entropy(logits[e], window[0, 1 + first:], reduction="sum").item()

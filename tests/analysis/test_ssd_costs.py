@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from tinyskip.analysis.bench import benchmark
+from tinyskip.analysis.ssd_costs import (acceptance_needed, format_round_costs, round_costs,
+                                         round_seconds)
 from tinyskip.cli import compose_job
 from tinyskip.config import SSDConfig
 from tinyskip.decode import Steps
 from tinyskip.decode.full import generate
 from tinyskip.decode.ssd import ssd_generate
 from tinyskip.model.transformer import Transformer
-from tinyskip.analysis.ssd_costs import acceptance_needed, format_round_costs, round_costs, round_seconds
-
 
 
 def _recording(steps: Steps) -> list:

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from tinyskip.calibration.run import calibrate
 from tinyskip.calibration import ltt
+from tinyskip.calibration.run import calibrate
 from tinyskip.cli import compose_job
 from tinyskip.config import UserError
 from tinyskip.decode.run import infer

@@ -3,9 +3,10 @@ import math
 import numpy as np
 import pytest
 
-from tinyskip.calibration.ltt import (accuracy_level_thresholds, binom_cdf, calibrate_threshold, f1_loss,
-                          fixed_sequence_test, hb_pvalue, min_examples, mismatch_loss,
-                          naive_threshold, risk_consistency_loss, split_frequency, token_f1)
+from tinyskip.calibration.ltt import (accuracy_level_thresholds, binom_cdf, calibrate_threshold,
+                                      f1_loss, fixed_sequence_test, hb_pvalue, min_examples,
+                                      mismatch_loss, naive_threshold, risk_consistency_loss,
+                                      split_frequency, token_f1)
 
 
 def comb_cdf(k, n, p):

@@ -7,10 +7,9 @@ import torch
 from tinyskip.config import SSDConfig
 from tinyskip.decode import Steps, generate, ssd_generate
 from tinyskip.decode.steps import positions
-from tinyskip.model.kv_cache import KVCache
 from tinyskip.model.exits import ExitHead
+from tinyskip.model.kv_cache import KVCache
 from tinyskip.model.transformer import Transformer
-
 
 pytestmark = pytest.mark.slow
 

@@ -1,10 +1,8 @@
 import pytest
 import torch
 
-from tinyskip.config import UserError
-from tinyskip.decode import SamplingConfig, generate
-from tinyskip.config import SSDConfig
-from tinyskip.decode import ssd_generate
+from tinyskip.config import SSDConfig, UserError
+from tinyskip.decode import SamplingConfig, generate, ssd_generate
 from tinyskip.model.exits import frequent_tokens
 
 
@@ -13,7 +11,7 @@ def naive_greedy(model, prompt, n, exit_layer=None):
     L = model.num_layers
     ids = prompt.clone()
     for _ in range(n):
-        logits = model(ids, exit_layers=[(exit_layer or L) - 1])[0][:, -1]
+        logits = model(ids, exits=[exit_layer or L])[0][:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids[:, prompt.shape[1]:].tolist()
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from tinyskip.model.kv_cache import KVCache
 from tinyskip.config import MEASURE_RANGES, DEEConfig, UserError
 from tinyskip.decode import dee_generate, generate
 from tinyskip.decode.confidence import decayed_threshold, entropy_confidence, margin
-from tinyskip.model.exit_classifier import (exit_examples, load_exit_classifier, save_exit_classifier,
-                                      train_exit_classifier)
+from tinyskip.model.exit_classifier import (exit_examples, load_exit_classifier,
+                                            save_exit_classifier, train_exit_classifier)
+from tinyskip.model.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")

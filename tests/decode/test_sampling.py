@@ -5,12 +5,10 @@ import math
 import pytest
 import torch
 
-from tinyskip.decode import SamplingConfig, generate
+from tinyskip.config import SSDConfig
+from tinyskip.decode import SamplingConfig, generate, ssd_generate
 from tinyskip.decode.sampling import logits_to_probs
 from tinyskip.model.transformer import Transformer
-from tinyskip.config import SSDConfig
-from tinyskip.decode import ssd_generate
-
 
 
 def chi2_critical(df: int, z: float = 3.09) -> float:

@@ -22,7 +22,6 @@ from tinyskip.config import DataConfig, ModelConfig, RopeScaling
 from tinyskip.storage.data import load_lines, train_tokenizer
 from tinyskip.storage.hf_llama import config_to_hf
 
-
 HUGE = 2 ** 70
 LONG_PROMPT = " ".join(["the game was played"] * 60)
 

@@ -11,9 +11,8 @@ import torch
 from tinyskip.cli import compose_job
 from tinyskip.config import UserError
 from tinyskip.decode import generate
-from tinyskip.evaluate import evaluate
 from tinyskip.decode.run import infer
-
+from tinyskip.evaluate import evaluate
 
 
 @pytest.fixture

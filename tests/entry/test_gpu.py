@@ -3,11 +3,9 @@
 import pytest
 import torch
 
-from tinyskip.decode import generate
-from tinyskip.model.transformer import Transformer
 from tinyskip.config import SSDConfig
-from tinyskip.decode import ssd_generate
-
+from tinyskip.decode import generate, ssd_generate
+from tinyskip.model.transformer import Transformer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -5,7 +5,6 @@ from tinyskip.model.kv_cache import CacheError, KVCache
 from tinyskip.model.transformer import LayerIndexError, Transformer
 
 
-
 def decode_token_by_token(model, ids, depth):
     cache = KVCache(model.config, batch_size=ids.shape[0])
     out = []
@@ -19,7 +18,7 @@ def decode_token_by_token(model, ids, depth):
 @pytest.mark.parametrize("depth", [4, 2])
 def test_cached_decoding_equals_uncached_forward(tiny_model, depth):
     ids = torch.randint(0, 97, (2, 20))
-    full = tiny_model(ids, exit_layers=[depth - 1])[0]
+    full = tiny_model(ids, exits=[depth])[0]
     cached = decode_token_by_token(tiny_model, ids, depth)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
@@ -48,7 +47,7 @@ def test_stale_cache_entries_past_the_query_are_masked(tiny_model):
 
 def test_last_exit_is_the_normal_output_and_all_exits_share_the_head(tiny_model):
     ids = torch.randint(0, 97, (2, 12))
-    exits = tiny_model(ids, exit_layers=range(4))
+    exits = tiny_model(ids, exits=range(1, 5))
     assert exits.shape == (4, 2, 12, 97)
     torch.testing.assert_close(exits[-1], tiny_model(ids)[0])
     h = tiny_model.embed(ids)
@@ -58,7 +57,7 @@ def test_last_exit_is_the_normal_output_and_all_exits_share_the_head(tiny_model)
 
 
 def test_exits_differ_between_layers(tiny_model):
-    exits = tiny_model(torch.randint(0, 97, (1, 8)), exit_layers=[0, 3])
+    exits = tiny_model(torch.randint(0, 97, (1, 8)), exits=[1, 4])
     assert not torch.allclose(exits[0], exits[1])
 
 
@@ -77,7 +76,7 @@ def test_causality(tiny_model):
     ids = torch.randint(0, 97, (1, 16))
     changed = ids.clone()
     changed[0, 10] = (changed[0, 10] + 1) % 97
-    a, b = tiny_model(ids, exit_layers=range(4)), tiny_model(changed, exit_layers=range(4))
+    a, b = tiny_model(ids, exits=range(1, 5)), tiny_model(changed, exits=range(1, 5))
     torch.testing.assert_close(a[:, :, :10], b[:, :, :10])
     assert not torch.allclose(a[:, :, 10:], b[:, :, 10:])
 
@@ -85,7 +84,7 @@ def test_causality(tiny_model):
 def test_layerdrop_probability_one_is_identity_for_that_block(tiny_model):
     ids = torch.randint(0, 97, (3, 10))
     tiny_model.train()
-    dropped = tiny_model(ids, exit_layers=range(4), layer_drop=[0.0, 1.0, 0.0, 0.0])
+    dropped = tiny_model(ids, exits=range(1, 5), layer_drop=[0.0, 1.0, 0.0, 0.0])
     tiny_model.eval()
     h0 = tiny_model.run_layers(tiny_model.embed(ids), 0, 1)
     torch.testing.assert_close(dropped[1], tiny_model.head(h0))      # block 1 skipped
@@ -97,7 +96,7 @@ def test_layerdrop_is_per_sample(tiny_model):
     torch.manual_seed(3)
     ids = torch.randint(0, 97, (64, 6))
     tiny_model.train()
-    out = tiny_model(ids, exit_layers=[0], layer_drop=[0.5, 0.0, 0.0, 0.0])[0]
+    out = tiny_model(ids, exits=[1], layer_drop=[0.5, 0.0, 0.0, 0.0])[0]
     identity = tiny_model.head(tiny_model.embed(ids))
     same = torch.isclose(out, identity).flatten(1).all(dim=1)
     assert 10 < int(same.sum()) < 54          # some rows dropped block 0, others ran it
@@ -105,8 +104,8 @@ def test_layerdrop_is_per_sample(tiny_model):
 
 def test_layerdrop_has_no_effect_in_eval(tiny_model):
     ids = torch.randint(0, 97, (2, 10))
-    a = tiny_model(ids, exit_layers=range(4), layer_drop=[1.0] * 4)
-    b = tiny_model(ids, exit_layers=range(4))
+    a = tiny_model(ids, exits=range(1, 5), layer_drop=[1.0] * 4)
+    b = tiny_model(ids, exits=range(1, 5))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -123,5 +122,5 @@ def test_bad_layer_ranges_are_refused(tiny_model):
     h = tiny_model.embed(torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(LayerIndexError, match=r"\[0, 5\) is outside"):
         tiny_model.run_layers(h, 0, 5)
-    with pytest.raises(LayerIndexError, match="exit layer 4 is outside 0..3"):
-        tiny_model(torch.zeros(1, 2, dtype=torch.long), exit_layers=[4])
+    with pytest.raises(LayerIndexError, match="exit 5 is outside 1..4"):
+        tiny_model(torch.zeros(1, 2, dtype=torch.long), exits=[5])

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from tinyskip import atomic
-from tinyskip.storage.checkpoint import (CheckpointError, load_model, load_train_state, resolve_checkpoint,
-                                 run_folder, save_checkpoint)
 from tinyskip.config import UserError
 from tinyskip.model.transformer import Transformer
-
+from tinyskip.storage.checkpoint import (CheckpointError, load_model, load_train_state,
+                                         resolve_checkpoint, run_folder, save_checkpoint)
 
 
 @pytest.fixture

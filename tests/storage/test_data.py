@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from tinyskip.config import DataConfig
-from tinyskip.storage.data import (IGNORE, DataError, count_words, eval_windows, get_batch, load_lines,
-                           prepare_corpus)
+from tinyskip.storage.data import (IGNORE, DataError, count_words, eval_windows, get_batch,
+                                   load_lines, prepare_corpus)
 
 
 @pytest.fixture(scope="module")

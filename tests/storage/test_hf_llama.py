@@ -8,12 +8,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tinyskip.model.kv_cache import KVCache
 from tinyskip.cli import compose_job
 from tinyskip.decode import generate
-from tinyskip.storage.hf_llama import (HFConfigError, HFTokenizer, config_from_hf, config_to_hf,
-                               export_hf, load_hf_llama)
 from tinyskip.decode.run import infer
+from tinyskip.model.kv_cache import KVCache
+from tinyskip.storage.hf_llama import (HFConfigError, HFTokenizer, config_from_hf, config_to_hf,
+                                       export_hf, load_hf_llama)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -69,7 +69,7 @@ def test_cached_decoding_and_exits_work_on_an_imported_model(tmp_path):
     cache = KVCache(model.config)
     steps = [model.head(model.run_layers(model.embed(ids[:, t:t + 1]), 0, 2, cache,
                                          t)) for t in range(12)]
-    torch.testing.assert_close(torch.cat(steps, 1), model(ids, exit_layers=[1])[0],
+    torch.testing.assert_close(torch.cat(steps, 1), model(ids, exits=[2])[0],
                                atol=1e-5, rtol=1e-5)
 
 

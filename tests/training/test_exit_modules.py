@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyskip.model.kv_cache import KVCache
 from tinyskip.cli import compose_job
-from tinyskip.config import ConfigError, SSDConfig, UserError
+from tinyskip.config import ConfigError, DEEConfig, SSDConfig, UserError
 from tinyskip.decode import ModeSpec, decode, dee_generate, generate, ssd_generate
-from tinyskip.config import DEEConfig
 from tinyskip.model.exit_modules import ExitModules
-from tinyskip.training.exit_training import backbone_states, exit_module_loss
+from tinyskip.model.kv_cache import KVCache
 from tinyskip.storage.loading import load_source
-from tinyskip.training.exit_training import train_exit_modules
-
+from tinyskip.training.exit_training import backbone_states, exit_module_loss, train_exit_modules
 
 KINDS = ["block", "mlp", "attention", "norm"]
 
@@ -50,7 +47,7 @@ def test_cached_exit_logits_equal_the_uncached_forward(model_with_modules):
     causal pass over the whole sequence."""
     model = model_with_modules
     ids = torch.randint(0, 97, (1, 10))
-    ref = model(ids, exit_layers=[0, 1])                # exits 1, 2 through their modules
+    ref = model(ids, exits=[1, 2])                # exits 1, 2 through their modules
     cache = KVCache(model.config, 1, 16, extra_layers=model.exit_modules.cache_slots)
     for p in range(10):
         h1 = model.run_layers(model.embed(ids[:, p:p + 1]), 0, 1, cache, p)
@@ -96,9 +93,9 @@ def test_decoders_write_only_the_module_keys_they_read(model_with_modules, monke
     static = generate(model, prompt, 12, exit_layer=2).tokens[0]
     assert written == []
     ids = torch.tensor([prompt[0].tolist() + full[:-1]])
-    assert full == model(ids, exit_layers=[3])[0, 0, 5:].argmax(-1).tolist()
+    assert full == model(ids, exits=[4])[0, 0, 5:].argmax(-1).tolist()
     ids = torch.tensor([prompt[0].tolist() + static[:-1]])
-    assert static == model(ids, exit_layers=[1])[0, 0, 5:].argmax(-1).tolist()
+    assert static == model(ids, exits=[2])[0, 0, 5:].argmax(-1).tolist()
     # SSD reads only its draft exit's module: its keys are written at every position the
     # output passed (by the draft steps' own module calls, and by the blocks-only calls
     # where a position ran no module: the prompt, a round's last draft), a deeper
@@ -357,8 +354,8 @@ def test_decoders_load_the_modules_with_their_backbone_and_refuse_another(balcon
 
 
 def test_offline_and_online_training_give_the_same_loss_on_the_same_batch(trained_tiny):
-    from tinyskip.training.hidden_cache import cache_meta, open_or_build
     from tinyskip.storage.data import get_batch
+    from tinyskip.training.hidden_cache import cache_meta, open_or_build
 
     model, corpus, _ = trained_tiny
     tc = compose_job("train", ["train=balcony"]).train

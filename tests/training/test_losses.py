@@ -5,17 +5,19 @@ import torch
 import torch.nn.functional as F
 
 from tinyskip.config import ConfigError, TrainConfig
-from tinyskip.training.cross_entropy import (ChunkedCrossEntropy, LinearCrossEntropy, linear_cross_entropy,
-                                     linear_distilled_cross_entropy, teacher_distribution)
-from tinyskip.training.losses import (cosine_lr, curriculum_exits, early_exit_loss, exit_kl,
-                             exit_scales, exit_weights, layerdrop_probs)
+from tinyskip.training.cross_entropy import (ChunkedCrossEntropy, LinearCrossEntropy,
+                                             linear_cross_entropy, linear_distilled_cross_entropy,
+                                             teacher_distribution)
+from tinyskip.training.losses import (curriculum_exits, early_exit_loss, exit_kl, exit_scales,
+                                      exit_weights, layerdrop_probs)
+from tinyskip.training.optim import cosine_lr
 
 
 def test_loss_with_only_the_last_exit_is_plain_cross_entropy():
     torch.manual_seed(0)
     logits, y = torch.randn(1, 3, 7, 11), torch.randint(0, 11, (3, 7))
-    layers, w = exit_weights(TrainConfig(exit_scale="none"), 6, step=5)
-    assert layers == [5] and w.tolist() == [1.0]
+    exits, w = exit_weights(TrainConfig(exit_weighting="none"), 6, step=5)
+    assert exits == [6] and w.tolist() == [1.0]
     total, per_exit = early_exit_loss(logits, y, w)
     expected = F.cross_entropy(logits[0].reshape(-1, 11), y.reshape(-1))
     torch.testing.assert_close(total, expected)
@@ -34,10 +36,10 @@ def test_per_exit_losses_are_each_exits_cross_entropy():
 @pytest.mark.parametrize("kind", ["uniform", "linear", "calm", "sum_l", "layerskip"])
 @pytest.mark.parametrize("curriculum", ["none", "rotational", "gradual"])
 def test_weights_sum_to_one_and_keep_the_last_layer(kind, curriculum):
-    cfg = TrainConfig(exit_scale=kind, e_scale=0.2, curriculum=curriculum, max_steps=120)
+    cfg = TrainConfig(exit_weighting=kind, e_scale=0.2, curriculum=curriculum, max_steps=120)
     for step in range(0, 120, 7):
-        layers, w = exit_weights(cfg, 6, step)
-        assert layers[-1] == 5
+        exits, w = exit_weights(cfg, 6, step)
+        assert exits[-1] == 6
         assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-6)
         assert (w > 0).all()
 
@@ -54,31 +56,31 @@ def test_exit_scales_follow_their_formulas():
 
 
 def test_zero_weight_exits_are_not_computed():
-    layers, w = exit_weights(TrainConfig(exit_scale="layerskip", e_scale=0.2), 4, 0)
-    assert layers == [1, 2, 3]                 # block 0 has weight 0 in the paper's form
+    exits, w = exit_weights(TrainConfig(exit_weighting="layerskip", e_scale=0.2), 4, 0)
+    assert exits == [2, 3, 4]                  # exit 1 (block 0) has weight 0 in the paper's form
     torch.testing.assert_close(w, torch.tensor([0.2, 0.6, 3.6]) / 4.4)
 
 
 def test_rotational_curriculum_enables_every_rth_layer_shifted_each_step():
-    cfg = TrainConfig(exit_scale="uniform", curriculum="rotational", curriculum_rotation=3)
-    assert curriculum_exits(cfg, 6, 0) == [0, 3, 5]
-    assert curriculum_exits(cfg, 6, 1) == [1, 4, 5]
-    assert curriculum_exits(cfg, 6, 2) == [2, 5]
-    assert curriculum_exits(cfg, 6, 3) == [0, 3, 5]
+    cfg = TrainConfig(exit_weighting="uniform", curriculum="rotational", curriculum_rotation=3)
+    assert curriculum_exits(cfg, 6, 0) == [1, 4, 6]
+    assert curriculum_exits(cfg, 6, 1) == [2, 5, 6]
+    assert curriculum_exits(cfg, 6, 2) == [3, 6]
+    assert curriculum_exits(cfg, 6, 3) == [1, 4, 6]
 
 
 def test_gradual_curriculum_adds_one_exit_every_T_over_2L_steps():
-    cfg = TrainConfig(exit_scale="uniform", curriculum="gradual", max_steps=120)  # every 10
-    assert curriculum_exits(cfg, 6, 0) == [5]
-    assert curriculum_exits(cfg, 6, 9) == [5]
-    assert curriculum_exits(cfg, 6, 10) == [4, 5]
-    assert curriculum_exits(cfg, 6, 35) == [2, 3, 4, 5]
-    assert curriculum_exits(cfg, 6, 60) == [0, 1, 2, 3, 4, 5]
-    assert curriculum_exits(cfg, 6, 119) == [0, 1, 2, 3, 4, 5]
+    cfg = TrainConfig(exit_weighting="uniform", curriculum="gradual", max_steps=120)  # every 10
+    assert curriculum_exits(cfg, 6, 0) == [6]
+    assert curriculum_exits(cfg, 6, 9) == [6]
+    assert curriculum_exits(cfg, 6, 10) == [5, 6]
+    assert curriculum_exits(cfg, 6, 35) == [3, 4, 5, 6]
+    assert curriculum_exits(cfg, 6, 60) == [1, 2, 3, 4, 5, 6]
+    assert curriculum_exits(cfg, 6, 119) == [1, 2, 3, 4, 5, 6]
 
 
 def test_no_curriculum_uses_every_exit():
-    assert curriculum_exits(TrainConfig(exit_scale="linear"), 4, 3) == [0, 1, 2, 3]
+    assert curriculum_exits(TrainConfig(exit_weighting="linear"), 4, 3) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("depth,expected", [
@@ -114,7 +116,7 @@ def test_cosine_schedule():
     assert cosine_lr(cfg, 110) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("field,value", [("curriculum", "random"), ("exit_scale", "cubic"),
+@pytest.mark.parametrize("field,value", [("curriculum", "random"), ("exit_weighting", "cubic"),
                                          ("layerdrop_depth", "log"), ("layerdrop_time", "lin")])
 def test_unknown_schedules_are_refused_with_the_field_name(field, value):
     with pytest.raises(ConfigError, match=f"TrainConfig.{field}='{value}': must be one of"):

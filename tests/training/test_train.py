@@ -8,11 +8,9 @@ import time
 import pytest
 import torch
 
-from tinyskip.storage.checkpoint import CheckpointError, load_model
 from tinyskip.cli import compose_job
+from tinyskip.storage.checkpoint import CheckpointError, load_model
 from tinyskip.training.trainer import train
-
-
 
 
 @pytest.fixture
@@ -93,6 +91,20 @@ def test_resume_refuses_another_recipe_and_accepts_runtime_changes(overrides, tm
     assert train(compose_job("train", overrides(resume=True, **runtime)), progress=False).step == 10
 
 
+def test_resume_compares_a_renamed_key_under_its_new_name(overrides, tmp_path):
+    """A run started before ``train.exit_scale`` became ``train.exit_weighting`` still has
+    its recipe checked on that key."""
+    kw = dict(max_steps=10, eval_every=5)
+    train(compose_job("train", overrides(**kw)), progress=False)
+    job_file = tmp_path / "r" / "job.json"
+    saved = json.loads(job_file.read_text())
+    del saved["train"]["exit_weighting"]
+    saved["train"]["exit_scale"] = "linear"
+    job_file.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="train.exit_weighting: 'linear' -> 'layerskip'"):
+        train(compose_job("train", overrides(resume=True, **kw)), progress=False)
+
+
 def test_a_torn_last_metrics_line_is_dropped_with_one_warning(overrides, tmp_path):
     kw = dict(max_steps=10, eval_every=5)
     train(compose_job("train", overrides(**kw)), progress=False)
@@ -119,6 +131,7 @@ def test_resume_without_a_checkpoint_is_one_clear_error(overrides):
 def test_ddp_on_gpus_gives_each_rank_its_device_and_nccl(monkeypatch):
     """No GPU here: the calls torchrun's ranks make are recorded instead."""
     import torch.distributed as dist
+
     from tinyskip.training import trainer
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -166,7 +179,7 @@ def test_ddp_with_two_processes_matches_one_process(repo, overrides, tmp_path):
     job = compose_job("train", overrides("one", **kw))
     # The default preset is the LayerSkip recipe: the ranks must agree on LayerDrop draws
     # and on the early-exit losses, not only on a plain last-layer loss.
-    assert job.train.layerdrop_p_max > 0 and job.train.exit_scale != "none"
+    assert job.train.layerdrop_p_max > 0 and job.train.exit_weighting != "none"
     single = train(job, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from tinyskip.config import ConfigError, ModelConfig, TrainConfig
-from tinyskip.training.losses import early_exit_loss, sampled_exit_loss
 from tinyskip.model.transformer import Transformer, causal_attention
 from tinyskip.training.bench import step_flops, step_products
+from tinyskip.training.losses import early_exit_loss, sampled_exit_loss
 from tinyskip.training.trainer import ExitObjective, compile_blocks, make_optimizer, train_step
 
 
@@ -53,7 +53,7 @@ def _step_losses(dropout_model, tc, steps, seed_before):
 
 
 def test_a_seeded_training_step_is_deterministic_under_dropout(dropout_model):
-    tc = TrainConfig(preset="layerskip", exit_scale="layerskip", e_scale=0.2,
+    tc = TrainConfig(preset="layerskip", exit_weighting="layerskip", e_scale=0.2,
                      layerdrop_p_max=0.2, exit_token_fraction=0.5, bf16=False, batch_size=4)
     (a, wa), (b, wb) = (_step_losses(dropout_model, tc, (7, 8), 123),
                         _step_losses(dropout_model, tc, (7, 8), 456))
@@ -106,17 +106,17 @@ def test_dropout_rates_outside_zero_one_are_refused(tiny_config):
 def test_sampled_exit_loss_with_every_token_equals_the_logits_loss(tiny_model):
     ids, y = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
     w = torch.tensor([0.2, 0.3, 0.5])
-    states = tiny_model(ids, exit_layers=[0, 2, 3], head=False)           # (3, 2, 9, d)
+    states = tiny_model(ids, exits=[1, 3, 4], head=False)           # (3, 2, 9, d)
     total, per_exit, scored = sampled_exit_loss(states, tiny_model.lm_head.weight, y, w)
     assert scored == 3 * 18
-    ref_total, ref_per_exit = early_exit_loss(tiny_model(ids, exit_layers=[0, 2, 3]), y, w)
+    ref_total, ref_per_exit = early_exit_loss(tiny_model(ids, exits=[1, 3, 4]), y, w)
     torch.testing.assert_close(per_exit, ref_per_exit)
     torch.testing.assert_close(total, ref_total)
 
 
 def test_sampled_exit_loss_scores_a_subset_at_earlier_exits_and_all_at_the_last(tiny_model):
     ids, y = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
-    states = tiny_model(ids, exit_layers=[0, 1, 3], head=False)
+    states = tiny_model(ids, exits=[1, 2, 4], head=False)
     w = torch.tensor([0.1, 0.3, 0.6])
     total, per_exit, scored = sampled_exit_loss(states, tiny_model.lm_head.weight, y, w, 0.25,
                                                 torch.Generator().manual_seed(5))
@@ -175,7 +175,7 @@ def test_compiled_blocks_do_not_recompile_for_new_exit_sets_or_drop_rates(dropou
 
     torch._dynamo.reset()
     model = dropout_model()
-    tc = TrainConfig(preset="layerskip", exit_scale="layerskip", e_scale=0.2, curriculum="gradual",
+    tc = TrainConfig(preset="layerskip", exit_weighting="layerskip", e_scale=0.2, curriculum="gradual",
                      layerdrop_p_max=0.5, layerdrop_time="exp", max_steps=8, bf16=False,
                      batch_size=4)
     assert compile_blocks(model)
@@ -209,7 +209,7 @@ def test_step_flops_count_every_block_row_and_every_scored_token():
                       num_attention_heads=2, num_key_value_heads=1, intermediate_size=24)
     torch.manual_seed(0)
     model = Transformer(cfg).train()
-    tc = TrainConfig(exit_scale="uniform", e_scale=1.0, layerdrop_p_max=0.5,
+    tc = TrainConfig(exit_weighting="uniform", e_scale=1.0, layerdrop_p_max=0.5,
                      layerdrop_depth="uniform", exit_token_fraction=0.5, bf16=False, batch_size=4)
     x, y = torch.randint(0, 50, (4, 8)), torch.randint(0, 50, (4, 8))
     ran = [0] * 3              # rows each block really ran on, seen by hooks
@@ -255,7 +255,7 @@ def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, d
         "rounds=2", "warmup=1", "peak_size=256", "bf16=false", "compile=false",
         "layerskip.exit_token_fraction=0.5",
         "layerskip.layerdrop_p_max=0.0"])
-    assert job.layerskip.exit_scale == "layerskip" and job.plain.exit_scale == "none"
+    assert job.layerskip.exit_weighting == "layerskip" and job.plain.exit_weighting == "none"
     result = bench_training(job)
     plain, layerskip = result["rows"]
     assert (plain["preset"], layerskip["preset"]) == ("plain", "layerskip")
@@ -268,8 +268,8 @@ def test_the_training_benchmark_times_both_presets_side_by_side(wikitext_path, d
 
 def test_the_training_benchmark_reports_what_compiled_not_what_was_asked(wikitext_path,
                                                                         data_cache, monkeypatch):
-    from tinyskip.training import bench as train_bench
     from tinyskip.cli import compose_job
+    from tinyskip.training import bench as train_bench
 
     asked = []
     monkeypatch.setattr(train_bench, "compile_blocks", lambda model: asked.append(model) or False)
@@ -291,7 +291,7 @@ def test_data_parallel_step_with_layerdrop_and_an_untied_head(tiny_config, tied,
     try:
         torch.manual_seed(0)
         model = Transformer(tiny_config(tie_word_embeddings=tied)).train()
-        tc = TrainConfig(exit_scale="layerskip", e_scale=0.2, layerdrop_p_max=0.5,
+        tc = TrainConfig(exit_weighting="layerskip", e_scale=0.2, layerdrop_p_max=0.5,
                          layerdrop_depth="uniform", bf16=False, batch_size=4)
         ddp = torch.nn.parallel.DistributedDataParallel(ExitObjective(model, tc),
                                                         find_unused_parameters=True)
@@ -309,7 +309,7 @@ def test_ranks_sharing_a_batch_score_what_one_process_scores(tiny_model):
     """Two ranks, each holding every other row, draw the earlier exits' positions over
     the global batch: their mean loss (what DDP averages) equals one process's."""
     ids, y = torch.randint(0, 97, (4, 10)), torch.randint(0, 97, (4, 10))
-    states = tiny_model(ids, exit_layers=[0, 1, 3], head=False)       # (3, 4, 10, d)
+    states = tiny_model(ids, exits=[1, 2, 4], head=False)       # (3, 4, 10, d)
     w, head = torch.tensor([0.2, 0.3, 0.5]), tiny_model.lm_head.weight
     for distill in (0.0, 0.7):
         whole, _, n = sampled_exit_loss(states, head, y, w, 0.3, torch.Generator().manual_seed(1),
@@ -345,7 +345,7 @@ def test_sampled_self_distillation_equals_the_hand_computed_loss_and_gradient(
     ids, y = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
     w = torch.tensor([0.2, 0.3, 0.5])
     head = tiny_model.lm_head.weight
-    states = tiny_model(ids, exit_layers=[0, 2, 3], head=False).detach().requires_grad_()
+    states = tiny_model(ids, exits=[1, 3, 4], head=False).detach().requires_grad_()
     total, _, _ = sampled_exit_loss(states, head, y, w, fraction,
                                     torch.Generator().manual_seed(5), distill_weight=0.6,
                                     temperature=t)
@@ -381,12 +381,12 @@ def test_the_objective_applies_the_runs_distillation_settings(dropout_model):
     with torch.no_grad():      # confident exits: at small logits KL * T^2 hardly depends on T
         model.norm.weight.mul_(10)
     x, y = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
-    layers, weights = [0, 2, 3], torch.tensor([0.2, 0.3, 0.5])
+    exits, weights = [1, 3, 4], torch.tensor([0.2, 0.3, 0.5])
     tc = TrainConfig(exit_token_fraction=0.5, distill_weight=0.6, distill_temperature=2.0,
                      batch_size=2)
-    loss, _, _ = ExitObjective(model, tc)(x, y, layers, weights, [0.0] * 4,
+    loss, _, _ = ExitObjective(model, tc)(x, y, exits, weights, [0.0] * 4,
                                           torch.ones(2, 4), torch.Generator().manual_seed(9))
-    states = model(x, layers, [0.0] * 4, torch.ones(2, 4), head=False)
+    states = model(x, exits, [0.0] * 4, torch.ones(2, 4), head=False)
     ref, _, _ = sampled_exit_loss(states, model.lm_head.weight, y, weights, 0.5,
                                   torch.Generator().manual_seed(9), global_batch=2,
                                   distill_weight=0.6, temperature=2.0)

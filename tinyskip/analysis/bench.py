@@ -21,20 +21,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..calibration.ltt import f1_loss
 from ..config import DEEConfig, SSDConfig, UserError
-from ..storage.data import load_lines
 from ..decode import DecodeStats, ModeSpec, Steps, decode
 from ..decode.steps import cache_size
+from ..jobs import BenchJob
+from ..runtime import pick_device
+from ..storage.data import load_lines
+from ..storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
+                               read_calibration, run_data_config)
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
-from ..jobs import BenchJob
-from ..storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
-                      read_calibration, run_data_config)
-from ..calibration.ltt import f1_loss
 from .quality import RougeL, continuation_nll, perplexity
 from .ssd_costs import measured_acceptance, round_costs
 from .unit_costs import unit_costs
-from ..runtime import pick_device
 
 
 def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:

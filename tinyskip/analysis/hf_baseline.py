@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..storage.hf_llama import export_hf
 from ..model.transformer import Transformer
+from ..storage.hf_llama import export_hf
 
 
 def hf_rows(model: Transformer, tokenizer_file: Path, prompts: list[torch.Tensor],

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..storage.data import IGNORE, eval_windows
 from ..model.transformer import Transformer
 from ..runtime import autocast
+from ..storage.data import IGNORE, eval_windows
 
 
 @torch.no_grad()

@@ -12,17 +12,18 @@ import math
 import sys
 from pathlib import Path
 
-from . import ltt
-from .walk import (Example, dee_losses, decode_full, exit_confidences, sample_windows,
-                          threshold_grid, walk_grid)
 from ..atomic import make_dirs, write_json_atomic
 from ..config import DEEConfig, UserError
-from ..storage.data import prepare_corpus
-from ..model.exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, exit_examples,
-                              load_exit_classifier, save_exit_classifier, train_exit_classifier)
 from ..jobs import CalibrateJob
-from ..storage.loading import load_source, run_data_config
+from ..model.exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, exit_examples,
+                                     load_exit_classifier, save_exit_classifier,
+                                     train_exit_classifier)
 from ..runtime import pick_device
+from ..storage.data import prepare_corpus
+from ..storage.loading import load_source, run_data_config
+from . import ltt
+from .walk import (Example, decode_full, dee_losses, exit_confidences, sample_windows,
+                   threshold_grid, walk_grid)
 
 
 def _bar(desc: str):

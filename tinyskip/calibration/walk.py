@@ -19,7 +19,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import ltt
 from ..config import MEASURE_RANGES, DEEConfig, UserError
 from ..decode import dee_generate, generate
 from ..decode.confidence import TokenConfidence
@@ -27,6 +26,7 @@ from ..decode.stats import DecodeStats
 from ..model.exit_classifier import ExitClassifier
 from ..model.exits import ExitHead
 from ..model.transformer import Transformer
+from . import ltt
 
 
 @dataclass

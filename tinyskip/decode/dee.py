@@ -26,10 +26,10 @@ from typing import Optional
 
 import torch
 
-from ..model.kv_cache import KVCache
 from ..config import DEEConfig, UserError
 from ..model.exit_classifier import ExitClassifier
 from ..model.exits import ExitHead
+from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer
 from .confidence import HEAD_FREE, TokenConfidence, decayed_threshold
 from .sampling import SamplingConfig, choose

@@ -12,12 +12,12 @@ from typing import Callable, Iterator
 import torch
 
 from ..config import DataConfig, DEEConfig, SSDConfig, UserError
-from ..storage.data import load_lines
-from . import ModeSpec, SamplingConfig, Steps, decode
 from ..jobs import InferJob
-from ..storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
-                      read_calibration, run_data_config)
 from ..runtime import pick_device
+from ..storage.data import load_lines
+from ..storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
+                               read_calibration, run_data_config)
+from . import ModeSpec, SamplingConfig, Steps, decode
 
 
 def dee_config(job, loaded: Loaded) -> DEEConfig:

@@ -9,9 +9,9 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from ..model.kv_cache import KVCache
 from ..config import SamplingConfig, UserError
 from ..model.exits import ExitHead
+from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer, linear
 from .sampling import choose
 from .stats import DecodeStats

@@ -26,13 +26,11 @@ position took.
 
 from __future__ import annotations
 
-
-
 import torch
 from torch import nn
 
-from .transformer import MLP, Attention, RMSNorm
 from ..config import EXIT_MODULE_KINDS, ConfigError, ModelConfig
+from .transformer import MLP, Attention, RMSNorm
 
 
 def check_exit_layers(exit_layers: list[int], num_layers: int) -> None:

@@ -8,8 +8,7 @@ Exit E (1..L, blocks run) is the shared head (final ``norm`` + ``lm_head``) appl
 the *output* of block E-1, or, where exit modules are attached (exit_modules.py), the head
 after the exit's module; exit L is the model's normal output. Decoders drive the model
 through ``embed``, ``run_layers(h, start, end, cache, pos)`` and ``head`` /
-``head_at(h, exit, ...)``. (The training ``forward`` takes block indices 0..L-1 in
-``exit_layers``, as the trainer's exit weights are indexed.)
+``head_at(h, exit, ...)``; the training ``forward`` takes exits numbered the same way.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import KVCache
 from ..config import ModelConfig, UserError
+from .kv_cache import KVCache
 
 
 class LayerIndexError(UserError, ValueError):
@@ -413,10 +412,10 @@ class Transformer(nn.Module):
                                   f"blocks [0, {self.num_layers})")
 
     # -- training ---------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, exit_layers: Optional[Sequence[int]] = None,
+    def forward(self, input_ids: torch.Tensor, exits: Optional[Sequence[int]] = None,
                 layer_drop: Optional[Sequence[float]] = None,
                 drop_draws: Optional[torch.Tensor] = None, head: bool = True) -> torch.Tensor:
-        """Logits (n_exits, B, T, V) of the exits at ``exit_layers`` (default: the last block);
+        """Logits (n_exits, B, T, V) at ``exits`` (1..L, blocks run; default: exit L);
         with ``head=False``, what the shared ``lm_head`` would read instead (n_exits, B, T, d):
         the trainer's fused linear + cross-entropy takes those and never holds the logits.
 
@@ -427,18 +426,18 @@ class Transformer(nn.Module):
         trainer passes draws of the global batch so data-parallel ranks drop as one process.
         """
         L = self.num_layers
-        exit_layers = sorted(set(exit_layers)) if exit_layers is not None else [L - 1]
-        for layer in exit_layers:
-            if not 0 <= layer < L:
-                raise LayerIndexError(f"exit layer {layer} is outside 0..{L - 1}")
+        exits = sorted(set(exits)) if exits is not None else [L]
+        for e in exits:
+            if not 1 <= e <= L:
+                raise LayerIndexError(f"exit {e} is outside 1..{L}")
         if layer_drop is not None and len(layer_drop) != L:
             raise ValueError(f"layer_drop has {len(layer_drop)} probabilities for {L} blocks")
         h = self.embed(input_ids)
         if self.training and self.config.embedding_dropout > 0:
             h = F.dropout(h, self.config.embedding_dropout, training=True)
         ctx = self.context(0, input_ids.shape[1])
-        exits, wanted = [], set(exit_layers)
-        for i, layer in enumerate(self.layers[: exit_layers[-1] + 1]):
+        states, wanted = [], set(exits)
+        for i, layer in enumerate(self.layers[: exits[-1]]):
             p = layer_drop[i] if (layer_drop is not None and self.training) else 0.0
             if p <= 0.0:
                 h = layer(h, ctx)
@@ -450,12 +449,12 @@ class Transformer(nn.Module):
                     h = layer(h, ctx)
                 elif keep.numel() > 0:
                     h = h.index_copy(0, keep, layer(h.index_select(0, keep), ctx))
-            if i in wanted:
-                exits.append(h)
+            if i + 1 in wanted:                # block i's output is exit i + 1
+                states.append(h)
         if self.exit_modules is not None:     # exits with a module read its output
-            states = torch.stack([self.exit_state(h, i + 1) for i, h in zip(exit_layers, exits)])
+            states = torch.stack([self.exit_state(h, e) for e, h in zip(exits, states)])
         else:
-            states = self.norm(torch.stack(exits))                  # (n_exits, B, T, d)
+            states = self.norm(torch.stack(states))                 # (n_exits, B, T, d)
         # One head call over all exits: (n_exits, B, T, d) -> (n_exits, B, T, V).
         return self.lm_head(states) if head else states
 

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import make_dirs, publish_dir, temp_dir
 from ..config import ModelConfig, UserError
-from .data import load_tokenizer
 from ..model.transformer import Transformer
+from .data import load_tokenizer
 
 CHECKPOINT = "checkpoint"
 FILES = ("config.json", "model.safetensors", "tokenizer.model")

@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .hf_llama import weight_files
-from .checkpoint import CheckpointError, file_hash, read_json, save_run_folder
 from ..model.exit_modules import ExitModules
+from .checkpoint import CheckpointError, file_hash, read_json, save_run_folder
+from .hf_llama import weight_files
 
 EXITS = "exits"
 META, WEIGHTS = "exit_modules.json", "exit_modules.safetensors"

@@ -20,10 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import publish_dir, temp_dir, write_json_atomic
-from .checkpoint import read_json
 from ..config import ConfigError, ModelConfig, RopeScaling, UserError
-from .data import load_tokenizer
 from ..model.transformer import Transformer
+from .checkpoint import read_json
+from .data import load_tokenizer
 from .sentencepiece_json import to_tokenizer
 
 PREFIX = "model."

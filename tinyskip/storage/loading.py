@@ -17,16 +17,17 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
-from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
-                              read_exit_meta)
 from ..config import DEFAULT_RUN, DataConfig, ModelConfig, UserError
-from .hf_llama import HFTokenizer, load_hf_llama
-from .data import load_tokenizer, prepare_corpus
 from ..model.exit_classifier import FILE as CLASSIFIER_FILE, ExitClassifier, load_exit_classifier
 from ..model.exits import frequent_tokens
 from ..model.transformer import Transformer
 from ..runtime import DTYPES
+from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
+from .data import load_tokenizer, prepare_corpus
+from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
+                              read_exit_meta)
+from .hf_llama import HFTokenizer, load_hf_llama
+
 
 def checkpoint_path(run: Optional[str], checkpoint: Optional[str], checkpoint_root: str) -> Path:
     """The checkpoint folder a job names (``checkpoint=``, else ``run=``, else the default run)."""

@@ -26,12 +26,12 @@ import time
 import torch
 
 from ..config import ModelConfig, TrainConfig
-from ..storage.data import get_batch, prepare_corpus
 from ..jobs import TrainBenchJob
 from ..model.transformer import Transformer
+from ..runtime import median_seconds, pick_device
+from ..storage.data import get_batch, prepare_corpus
 from .optim import cosine_lr, make_optimizer
 from .trainer import ExitObjective, StepWork, compile_blocks, train_step
-from ..runtime import median_seconds, pick_device
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int) -> float:

@@ -22,23 +22,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..analysis.perplexity import exit_perplexities
 from ..atomic import append_text, make_dirs, write_json_atomic
-from ..storage.checkpoint import CHECKPOINT, CheckpointError, load_train_state, run_folder
 from ..config import ConfigError, TrainConfig
-from ..storage.data import get_batch, prepare_corpus
-from ..storage.exit_checkpoint import (EXITS, exits_folder, load_exit_modules, save_exit_modules)
-from ..model.exit_modules import ExitModules, check_exit_layers
-from .hidden_cache import cache_key, cache_meta, open_or_build
 from ..jobs import TrainJob
+from ..model.exit_modules import ExitModules, check_exit_layers
+from ..model.transformer import Transformer
+from ..runtime import autocast, pick_device
+from ..storage.checkpoint import CHECKPOINT, CheckpointError, load_train_state, run_folder
+from ..storage.data import get_batch, prepare_corpus
+from ..storage.exit_checkpoint import EXITS, exits_folder, load_exit_modules, save_exit_modules
 from ..storage.loading import Loaded, load_backbone, run_data_config
 from .distributed import init_distributed, rank_mean
+from .hidden_cache import cache_key, cache_meta, open_or_build
 from .losses import early_exit_loss, exit_kl
 from .optim import cosine_lr, make_optimizer
 from .result import TrainResult
-from ..model.transformer import Transformer
-from ..analysis.perplexity import exit_perplexities
 from .resume import check_recipe, truncate_metrics
-from ..runtime import autocast, pick_device
 
 
 def default_exit_layers(num_layers: int) -> list[int]:

@@ -47,16 +47,17 @@ def exit_scales(kind: str, num_layers: int, e_scale: float) -> list[float]:
     base = {"uniform": [1.0] * L, "linear": [float(l + 1) for l in range(L)],
             "sum_l": cumulative}.get(kind)
     if base is None:
-        raise ConfigError(f"exit_scale={kind!r}: must be one of none, uniform, linear, calm, "
+        raise ConfigError(f"exit_weighting={kind!r}: must be one of none, uniform, linear, calm, "
                           "sum_l, layerskip")
     return [e_scale * w for w in base[:-1]] + [base[-1] or 1.0]
 
 
 def curriculum_exits(cfg: TrainConfig, num_layers: int, step: int) -> list[int]:
-    """Exits C(t, l) switched on at ``step``; the last layer is always on."""
+    """Exits (1..L) switched on at ``step``, C(t, l); the last exit is always on. The
+    curricula count blocks from 0 (block l feeds exit l + 1), as the papers write them."""
     L = num_layers
-    if cfg.exit_scale == "none" or cfg.curriculum == "none":
-        active = range(L) if cfg.exit_scale != "none" else []
+    if cfg.exit_weighting == "none" or cfg.curriculum == "none":
+        active = range(L) if cfg.exit_weighting != "none" else []
     elif cfg.curriculum == "rotational":
         # Every R-th layer, the pattern shifted by one each step: ceil(L/R) exits per step.
         R = cfg.curriculum_rotation
@@ -69,15 +70,16 @@ def curriculum_exits(cfg: TrainConfig, num_layers: int, step: int) -> list[int]:
     else:
         raise ConfigError(f"curriculum={cfg.curriculum!r}: must be one of none, rotational, "
                           "gradual")
-    return sorted(set(active) | {L - 1})
+    return [l + 1 for l in sorted(set(active) | {L - 1})]
 
 
 def exit_weights(cfg: TrainConfig, num_layers: int, step: int) -> tuple[list[int], torch.Tensor]:
-    """Active exits and their normalised weights e~(t, l) (zero-weight exits are left out)."""
-    scales = exit_scales(cfg.exit_scale, num_layers, cfg.e_scale)
-    layers = [l for l in curriculum_exits(cfg, num_layers, step) if scales[l] > 0]
-    w = torch.tensor([scales[l] for l in layers])
-    return layers, w / w.sum()
+    """Active exits (1..L) and their normalised weights e~(t, l) (zero-weight exits are
+    left out)."""
+    scales = exit_scales(cfg.exit_weighting, num_layers, cfg.e_scale)     # scales[e - 1]: exit e
+    exits = [e for e in curriculum_exits(cfg, num_layers, step) if scales[e - 1] > 0]
+    w = torch.tensor([scales[e - 1] for e in exits])
+    return exits, w / w.sum()
 
 
 def early_exit_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor

@@ -10,9 +10,9 @@ import warnings
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from ..storage.checkpoint import CheckpointError, load_run_job
 from ..config import ModelConfig
 from ..jobs import TrainJob
+from ..storage.checkpoint import CheckpointError, load_run_job
 
 # Keys that change how a run is executed or reported, never what it computes: they may
 # differ on resume. Everything else under data. and train. is the recipe. The model is
@@ -23,6 +23,10 @@ RUNTIME_KEYS = {"data.cache_dir", "train.device", "train.compile", "train.eval_e
 # Why a changed max_steps is not "train longer": the schedules are functions of t / T.
 DEPENDS_ON = {"train.max_steps": "the cosine LR schedule, LayerDrop's S(t) and the gradual "
                                  "curriculum are functions of step / max_steps"}
+
+
+# Keys a run's job.json may hold under an earlier name: compared under today's.
+RENAMED = {"train.exit_scale": "train.exit_weighting"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -54,7 +58,8 @@ def check_recipe(job: TrainJob, run_dir: Path) -> None:
         warnings.warn(f"{run_dir} has no job.json: resuming without checking that the "
                       "recipe (data, train.*) is the one the run started with")
         return
-    old = {k: v for k, v in _flatten(saved).items() if k.startswith(("data.", "train."))}
+    old = {RENAMED.get(k, k): v for k, v in _flatten(saved).items()
+           if k.startswith(("data.", "train."))}
     new = _flatten(dataclasses.asdict(job))
     changed = [k for k in old if k in new and k not in RUNTIME_KEYS
                and not _same(k, old[k], new[k])]

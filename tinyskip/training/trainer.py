@@ -19,20 +19,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..analysis.perplexity import exit_perplexities
 from ..atomic import append_text, make_dirs, write_json_atomic
-from ..storage.checkpoint import (CHECKPOINT, CheckpointError, load_model, load_model_config,
-                         load_train_state, resolve_checkpoint, run_folder, save_checkpoint)
 from ..config import ConfigError, TrainConfig
-from ..storage.data import get_batch, prepare_corpus
 from ..jobs import TrainJob
+from ..model.transformer import Transformer
+from ..runtime import autocast, pick_device
+from ..storage.checkpoint import (CHECKPOINT, CheckpointError, load_model, load_model_config,
+                                  load_train_state, resolve_checkpoint, run_folder, save_checkpoint)
+from ..storage.data import get_batch, prepare_corpus
 from .distributed import init_distributed, rank_mean
 from .losses import exit_weights, layerdrop_probs, sampled_exit_loss
 from .optim import cosine_lr, make_optimizer
 from .result import TrainResult
-from ..model.transformer import Transformer
-from ..analysis.perplexity import exit_perplexities
 from .resume import check_model, check_recipe, truncate_metrics
-from ..runtime import autocast, pick_device
 
 
 def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
@@ -84,13 +84,13 @@ class ExitObjective(torch.nn.Module):
         super().__init__()
         self.model, self.tc, self.compiled = model, tc, compiled
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, layers: list[int],
+    def forward(self, x: torch.Tensor, y: torch.Tensor, exits: list[int],
                 weights: torch.Tensor, probs: list[float], draws: torch.Tensor,
                 generator: torch.Generator, rows: slice = slice(None)
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(weighted loss, per-exit mean CE, tokens the head scored over every exit)."""
         tc = self.tc
-        states = self.model(x, layers, probs, draws, head=False)
+        states = self.model(x, exits, probs, draws, head=False)
         return sampled_exit_loss(states, self.model.lm_head.weight, y, weights,
                                  tc.exit_token_fraction, generator, rows, tc.batch_size,
                                  tc.distill_weight, tc.distill_temperature, self.compiled)
@@ -112,7 +112,7 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc:
     """
     model = objective.module.model if hasattr(objective, "module") else objective.model
     L = model.num_layers
-    layers, weights = exit_weights(tc, L, step)
+    exits, weights = exit_weights(tc, L, step)
     g = torch.Generator().manual_seed(tc.seed * 7919 + step * 131)
     draws = torch.rand(tc.batch_size, L, generator=g)[rows]
     probs = layerdrop_probs(tc, L, step)
@@ -120,14 +120,15 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc:
     # strings): distinct masks per (seed, step, rank), whatever the number of ranks.
     torch.manual_seed(hash((tc.seed, step, rank)) & (2 ** 63 - 1))
     with autocast(x.device, tc.bf16):
-        loss, per_exit, head_rows = objective(x, y, layers, weights, probs, draws, g, rows)
+        loss, per_exit, head_rows = objective(x, y, exits, weights, probs, draws, g, rows)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tc.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     optimizer.step()
-    # Blocks past the deepest exit never run; a row skips block l when its draw < p_l.
-    block_rows = [int((draws[:, l] >= probs[l]).sum()) if l <= layers[-1] else 0
+    # Blocks past the deepest exit never run (block l feeds exit l + 1); a row skips block
+    # l when its draw < p_l.
+    block_rows = [int((draws[:, l] >= probs[l]).sum()) if l < exits[-1] else 0
                   for l in range(L)]
     return StepWork(loss.detach(), per_exit.detach(), block_rows, head_rows)
 
@@ -202,6 +203,7 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
+
         # Quiet when stderr is not a terminal (logs, pipes): evaluations are still written.
         bar = tqdm(total=tc.max_steps, initial=start, desc=f"train {job.run_name}",
                    dynamic_ncols=True, disable=not sys.stderr.isatty())
