@@ -299,6 +299,11 @@ class SamplingConfig:
 MODES = ("full", "static", "ssd", "dee")
 
 
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
+
+
 @dataclass
 class SSDConfig:
     """``mode=ssd``: draft with exit ``draft_layer`` (blocks [0, E)), verify with the rest."""
@@ -308,16 +313,19 @@ class SSDConfig:
     adaptive_threshold: float = 0.0  # stop drafting when the draft's top-1 prob falls below
     draft_vocab: int = 0             # score drafts over the N most frequent tokens (0 = all)
 
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"k={self.k}: must be >= 1 (draft tokens per round)")
+        if not 0.0 <= self.adaptive_threshold < 1.0:
+            raise ConfigError(f"adaptive_threshold={self.adaptive_threshold}: must be in [0, 1)")
+        if self.draft_vocab < 0:
+            raise ConfigError(f"draft_vocab={self.draft_vocab}: must be >= 0 (0 = full vocabulary)")
+
     def validate(self, num_layers: int) -> None:
+        """What only the model can tell: the draft exit against its L blocks."""
         if not 1 <= self.draft_layer <= num_layers:
             raise UserError(f"draft_layer={self.draft_layer}: must be in 1..{num_layers} for "
                             f"this {num_layers}-layer model (E = L drafts with the full model)")
-        if self.k < 1:
-            raise UserError(f"k={self.k}: must be >= 1 (draft tokens per round)")
-        if not 0.0 <= self.adaptive_threshold < 1.0:
-            raise UserError(f"adaptive_threshold={self.adaptive_threshold}: must be in [0, 1)")
-        if self.draft_vocab < 0:
-            raise UserError(f"draft_vocab={self.draft_vocab}: must be >= 0 (0 = full vocabulary)")
 
 
 # Confidence measures of dynamic early exit and the range of each (higher = more
@@ -346,19 +354,34 @@ class DEEConfig:
     cache: str = "propagate"         # how skipped layers get their K/V (see decode/dee.py)
     decay_tau: float = 0.0           # CALM's decaying threshold over the step (0 = constant)
 
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURE_RANGES:
+            raise ConfigError(f"measure={self.measure!r}: must be one of "
+                              f"{', '.join(MEASURE_RANGES)}")
+        if self.cache not in CACHE_STRATEGIES:
+            raise ConfigError(f"cache={self.cache!r}: must be one of {', '.join(CACHE_STRATEGIES)}")
+        if self.check_every < 1:
+            raise ConfigError(f"check_every={self.check_every}: must be >= 1")
+        if self.decay_tau < 0:
+            raise ConfigError(f"decay_tau={self.decay_tau}: must be >= 0 (0 = constant threshold)")
+        lo, hi = MEASURE_RANGES[self.measure]
+        for t in self.threshold:
+            if t != float("inf") and not lo <= t <= hi:
+                raise ConfigError(f"threshold={t}: outside the range [{lo}, {hi}] of measure="
+                                  f"{self.measure} (inf = never exit)")
+        if self.decay_tau and any(t < 0 for t in self.threshold):
+            raise ConfigError(f"decay_tau={self.decay_tau} with threshold={self.threshold}: the "
+                              "decaying schedule scales a threshold down, which a negative one "
+                              "would tighten instead")
+
     def checked_exits(self, num_layers: int) -> list[int]:
         if self.exits:
             return sorted(self.exits)
         return list(range(self.check_every, num_layers, self.check_every))
 
     def validate(self, num_layers: int) -> list[float]:
-        """Check against an L-layer model; returns one threshold per checked exit."""
-        _choice(self, "measure", tuple(MEASURE_RANGES))
-        _choice(self, "cache", CACHE_STRATEGIES)
-        if self.check_every < 1:
-            raise UserError(f"check_every={self.check_every}: must be >= 1")
-        if self.decay_tau < 0:
-            raise UserError(f"decay_tau={self.decay_tau}: must be >= 0 (0 = constant threshold)")
+        """What only the model can tell (the checked exits against its L blocks); returns
+        one threshold per checked exit."""
         bad = [e for e in self.exits if not 1 <= e < num_layers]
         if bad or list(self.exits) != sorted(set(self.exits)):
             raise UserError(f"exits={self.exits}: checked exits must be increasing and in "
@@ -373,13 +396,4 @@ class DEEConfig:
         if len(self.threshold) not in (1, len(exits)):
             raise UserError(f"threshold={self.threshold}: give one value or one per checked "
                             f"exit {exits}")
-        lo, hi = MEASURE_RANGES[self.measure]
-        for t in self.threshold:
-            if t != float("inf") and not lo <= t <= hi:
-                raise UserError(f"threshold={t}: outside the range [{lo}, {hi}] of measure="
-                                f"{self.measure} (inf = never exit)")
-        if self.decay_tau and any(t < 0 for t in self.threshold):
-            raise UserError(f"decay_tau={self.decay_tau} with threshold={self.threshold}: the "
-                            "decaying schedule scales a threshold down, which a negative one "
-                            "would tighten instead")
         return list(self.threshold) * len(exits) if len(self.threshold) == 1 else list(self.threshold)

@@ -21,7 +21,8 @@ def main(job: InferJob) -> None:
     results = []
     for r in generations(job):
         print(r["prompt"] + r["text"])
-        print(f"{r['mode']} {stats_line(r['stats'])}", flush=True)
+        under = f" under {r['calibration']}" if r["calibration"] else ""
+        print(f"{r['mode']}{under} {stats_line(r['stats'])}", flush=True)
         results.append(r)
     if job.out:
         write_json_atomic(Path(job.out).resolve(), results)

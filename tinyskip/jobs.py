@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import (CACHE_STRATEGIES, MEASURE_RANGES, MODES, ConfigError, DataConfig, ModelConfig,
-                     SamplingConfig, TrainConfig, check_seed)
+from .config import (ConfigError, DataConfig, DEEConfig, ModelConfig, SamplingConfig, SSDConfig,
+                     TrainConfig, check_mode, check_seed)
 
 
 def check_source(job) -> None:
@@ -121,7 +122,7 @@ class InferJob(CheckpointSource):
     mode: str = "full"
     prompt: Optional[str] = None
     prompts_file: Optional[str] = None        # one prompt per line
-    max_new_tokens: int = 64
+    max_new_tokens: Optional[int] = None      # None: 64, or what the calibration file covers
     temperature: float = 0.0                  # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
@@ -149,27 +150,58 @@ class InferJob(CheckpointSource):
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r}: must be one of {', '.join(MODES)}")
-        if self.max_new_tokens < 1:
+        check_mode(self.mode)
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
-        SamplingConfig(self.temperature, self.top_k, self.top_p)    # one check, one message
+        self.sampling()                       # each option checked where it is owned
         check_seed("seed", self.seed)
         if self.mode == "static" and self.exit_layer is None:
             raise ConfigError("mode=static needs exit_layer=<1..L>")
-        if self.mode == "ssd" and self.draft_layer is None:
-            raise ConfigError("mode=ssd needs draft_layer=<1..L> (and k=<drafts per round>)")
+        if self.mode == "ssd":
+            if self.draft_layer is None:
+                raise ConfigError("mode=ssd needs draft_layer=<1..L> (and k=<drafts per round>)")
+            self.ssd()
         if self.prompt is not None and self.prompts_file is not None:
             raise ConfigError('give prompt="..." or prompts_file=<file>, not both')
-        if self.measure is not None and self.measure not in MEASURE_RANGES:
-            raise ConfigError(f"measure={self.measure!r}: must be one of "
-                              f"{', '.join(MEASURE_RANGES)}")
-        if self.cache is not None and self.cache not in CACHE_STRATEGIES:
-            raise ConfigError(f"cache={self.cache!r}: must be one of {', '.join(CACHE_STRATEGIES)}")
         self.threshold = dee_threshold(self.threshold)
+        if self.mode == "dee":
+            self.dee()
+            if self.calibrated:
+                self._check_calibrated()
         check_source(self)
         check_dtype(self)
         check_out(self)
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+    def ssd(self) -> SSDConfig:
+        """``mode=ssd``'s decoder (its exit checked against the model when loaded)."""
+        return SSDConfig(self.draft_layer, self.k, self.adaptive_threshold, self.draft_vocab)
+
+    def dee(self) -> DEEConfig:
+        """``mode=dee``'s decoder as the options give it (``calibrated``: the threshold,
+        and with it the measure, exits and cache, come from a calibration file instead)."""
+        return DEEConfig(self.measure or "softmax", list(self.threshold), list(self.exits),
+                         self.check_every, self.cache or "propagate", self.decay_tau)
+
+    @property
+    def calibrated(self) -> bool:
+        """``mode=dee`` under a calibration file: ``calibration=`` or no ``threshold=``."""
+        return self.mode == "dee" and (bool(self.calibration) or not self.threshold)
+
+    def _check_calibrated(self) -> None:
+        """A calibration certifies one decoder (README, "A calibration certifies one
+        decoder"): what changes it is refused here, what the file holds is checked
+        against it when it is read (``decode/run.py``)."""
+        if self.calibration and self.threshold:
+            raise ConfigError("give threshold=... or calibration=..., not both")
+        if self.exits or self.decay_tau:
+            raise ConfigError("exits= and decay_tau= change the decoder the calibration file "
+                              "certifies: give threshold= to use them")
+        if not self.sampling().greedy:
+            raise ConfigError(f"temperature={self.temperature}: a calibration file certifies "
+                              "greedy decoding; sample with threshold= instead (no guarantee)")
 
 
 @dataclass
@@ -179,19 +211,19 @@ class BenchJob(CheckpointSource):
     n_prompts: int = 8
     prompt_len: int = 64
     max_new_tokens: int = 64
-    static_layers: Optional[list[int]] = None     # None: every exit 1..L-1
-    ssd_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
-    ssd_k: list[int] = field(default_factory=lambda: [2, 4, 6])
+    exit_layer: Optional[list[int]] = None     # None: every exit 1..L-1
+    draft_layer: list[int] = field(default_factory=lambda: [2, 3, 4])
+    k: list[int] = field(default_factory=lambda: [2, 4, 6])
     draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
     adaptive_threshold: float = 0.0           # > 0: also every ssd row with adaptive drafting
-    dee_measures: list[str] = field(default_factory=list)      # dee rows: measures x thresholds
-    dee_thresholds: list[float] = field(default_factory=list)  #   x cache strategies
-    dee_caches: list[str] = field(default_factory=lambda: ["propagate"])
-    dee_check_every: int = 1
-    dee_calibrations: list[str] = field(default_factory=list)  # + the decoder each file certifies
+    measure: list[str] = field(default_factory=list)      # dee rows: measures x thresholds
+    threshold: list[float] = field(default_factory=list)  #   x cache strategies
+    cache: list[str] = field(default_factory=lambda: ["propagate"])
+    check_every: int = 1
+    calibration: list[str] = field(default_factory=list)  # + the decoder each file certifies
     compile: bool = False                     # also every full/static/ssd row compiled, beside eager
     levers: bool = False                      # the compiled step's levers one by one, and the floor
-    ssd_costs: bool = False                   # an SSD round's calls priced, per ssd_layers x ssd_k
+    ssd_costs: bool = False                   # an SSD round's calls priced, per draft_layer x k
     hf_baseline: bool = False                 # transformers' generate on the same weights
     hf_early_exit: list[int] = field(default_factory=list)   # + generate(assistant_early_exit=E)
     threads: int = 0                          # 0 = torch's default
@@ -207,30 +239,29 @@ class BenchJob(CheckpointSource):
         for name in ("n_prompts", "prompt_len", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.ssd_layers and not self.ssd_k:
-            raise ConfigError("ssd_k=[]: give at least one k for the ssd_layers rows (or ssd_layers=[])")
-        if self.ssd_costs and not self.ssd_layers:
-            raise ConfigError("ssd_costs=true prices SSD rounds at the ssd_layers exits: give "
-                              "ssd_layers=[...] (or ssd_costs=false)")
+        if self.draft_layer and not self.k:
+            raise ConfigError("k=[]: give at least one k for the draft_layer rows (or draft_layer=[])")
+        for k in self.k:
+            SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab)
+        if self.ssd_costs and not self.draft_layer:
+            raise ConfigError("ssd_costs=true prices SSD rounds at the draft_layer exits: give "
+                              "draft_layer=[...] (or ssd_costs=false)")
         if self.threads < 0:
             raise ConfigError(f"threads={self.threads}: must be >= 0 (0 = torch's default)")
         # DEE rows are measures x thresholds x caches: one list without the other makes none.
-        if bool(self.dee_measures) != bool(self.dee_thresholds):
-            raise ConfigError(f"dee_measures={self.dee_measures}, dee_thresholds="
-                              f"{self.dee_thresholds}: give both for DEE rows (or neither)")
-        for m in self.dee_measures:
-            if m not in MEASURE_RANGES:
-                raise ConfigError(f"dee_measures: {m!r} is not one of {', '.join(MEASURE_RANGES)}")
-        for c in self.dee_caches:
-            if c not in CACHE_STRATEGIES:
-                raise ConfigError(f"dee_caches: {c!r} is not one of {', '.join(CACHE_STRATEGIES)}")
+        if bool(self.measure) != bool(self.threshold):
+            raise ConfigError(f"measure={self.measure}, threshold="
+                              f"{self.threshold}: give both for DEE rows (or neither)")
+        for m in self.measure:
+            for c in self.cache:
+                DEEConfig(m, list(self.threshold), cache=c, check_every=self.check_every)
         if self.hf_early_exit and not self.hf_baseline:
             raise ConfigError(f"hf_early_exit={self.hf_early_exit}: needs hf_baseline=true")
         if self.out_dir is not None and Path(self.out_dir).is_file():
             raise ConfigError(f"out_dir={self.out_dir!r} is a file: give a folder")
-        for path in self.dee_calibrations:
+        for path in self.calibration:
             if not Path(path).is_file():
-                raise ConfigError(f"dee_calibrations: {path!r} does not exist (python -m "
+                raise ConfigError(f"calibration: {path!r} does not exist (python -m "
                                   "tinyskip.calibrate writes <run>/calibration.json)")
 
 
@@ -274,11 +305,7 @@ class CalibrateJob(CheckpointSource):
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
-        if self.measure not in MEASURE_RANGES:
-            raise ConfigError(f"measure={self.measure!r}: must be one of "
-                              f"{', '.join(MEASURE_RANGES)}")
-        if self.cache not in CACHE_STRATEGIES:
-            raise ConfigError(f"cache={self.cache!r}: must be one of {', '.join(CACHE_STRATEGIES)}")
+        self.decoder()
         for name in ("delta", "epsilon"):
             value = getattr(self, name)
             if not 0 < value < 1:
@@ -301,6 +328,10 @@ class CalibrateJob(CheckpointSource):
         check_seed("seed", self.seed)
         check_source(self)
         check_out(self)
+
+    def decoder(self) -> DEEConfig:
+        """The DEE decoder being calibrated, with the threshold still open (inf)."""
+        return DEEConfig(self.measure, [math.inf], list(self.exits), self.check_every, self.cache)
 
 
 @dataclass

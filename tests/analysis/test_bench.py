@@ -26,8 +26,8 @@ def run_args(trained_tiny, wikitext_path, data_cache):
 
 
 def test_bench_prints_a_table_with_speedups_measured_in_one_run(run_args):
-    job = compose_job("bench", run_args + ["n_prompts=2", "max_new_tokens=8", "ssd_layers=[2]",
-                                           "ssd_k=[2]", "static_layers=[2]", "draft_vocab=100",
+    job = compose_job("bench", run_args + ["n_prompts=2", "max_new_tokens=8", "draft_layer=[2]",
+                                           "k=[2]", "exit_layer=[2]", "draft_vocab=100",
                                            "out_dir=null"])
     res = benchmark(job)
     labels = [r["mode"] for r in res["rows"]]
@@ -43,10 +43,10 @@ def test_bench_prints_a_table_with_speedups_measured_in_one_run(run_args):
 
 
 def test_static_rows_default_to_every_exit_below_the_last(run_args):
-    job = compose_job("bench", run_args + ["ssd_layers=[]", "out_dir=null"])
-    assert job.static_layers is None
+    job = compose_job("bench", run_args + ["draft_layer=[]", "out_dir=null"])
+    assert job.exit_layer is None
     res = benchmark(compose_job("bench", run_args + ["n_prompts=1", "max_new_tokens=2",
-                                                     "ssd_layers=[]", "out_dir=null"]))
+                                                     "draft_layer=[]", "out_dir=null"]))
     assert [r["exit_layer"] for r in res["rows"]] == [None, 1, 2, 3]
 
 
@@ -94,7 +94,7 @@ def test_ssd_grid_places_each_variant_at_its_draft_layer_and_k():
 def test_the_entry_point_writes_json_csv_markdown_and_a_pareto_plot(run_args, tmp_path):
     out = tmp_path / "bench"
     done = subprocess.run([sys.executable, "-m", "tinyskip.bench", *run_args, "n_prompts=2",
-                           "max_new_tokens=6", "static_layers=[1]", "ssd_layers=[2]", "ssd_k=[2]",
+                           "max_new_tokens=6", "exit_layer=[1]", "draft_layer=[2]", "k=[2]",
                            f"out_dir={out}"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-1500:]

@@ -84,7 +84,7 @@ def test_the_benchmark_prices_rounds_beside_the_acceptance_its_rows_measured(tra
     job = compose_job("bench", [f"checkpoint={run_dir}", f"data.path={wikitext_path}",
                                 f"data.cache_dir={data_cache}", "data.max_rows=1000",
                                 "data.vocab_size=300", "n_prompts=2", "max_new_tokens=8",
-                                "static_layers=[]", "ssd_layers=[2]", "ssd_k=[2]",
+                                "exit_layer=[]", "draft_layer=[2]", "k=[2]",
                                 "draft_vocab=100", "ssd_costs=true", "out_dir=null"])
     res = benchmark(job)
     ssd = next(r for r in res["rows"] if r["mode"] == "ssd E=2 k=2 vocab=100")

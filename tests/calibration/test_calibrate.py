@@ -90,8 +90,8 @@ def test_bench_adds_the_decoder_each_calibration_file_certifies(calibrated, run_
     from tinyskip.analysis.bench import benchmark
     path = str(run_dir / "calibration.json")
     base = [f"checkpoint={run_dir}", "n_prompts=2", "prompt_len=8", "max_new_tokens=6",
-            "ssd_layers=[]", "static_layers=[]", "out_dir=null"]
-    res = benchmark(compose_job("bench", base + [f"dee_calibrations=[{path}]"]))
+            "draft_layer=[]", "exit_layer=[]", "out_dir=null"]
+    res = benchmark(compose_job("bench", base + [f"calibration=[{path}]"]))
     full, row = res["rows"]
     lam = calibrated["threshold"]
     assert row["calibration"] == path and row["mode"].endswith(" calibrated")
@@ -101,7 +101,31 @@ def test_bench_adds_the_decoder_each_calibration_file_certifies(calibrated, run_
     other["weights_hash"] = "0" * 64
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(UserError, match="was made for other weights"):
-        benchmark(compose_job("bench", base + [f"dee_calibrations=[{tmp_path / 'other.json'}]"]))
+        benchmark(compose_job("bench", base + [f"calibration=[{tmp_path / 'other.json'}]"]))
+    with pytest.raises(UserError, match="max_new_tokens=7: calibration=.* certifies generations "
+                                        "of up to 6 new tokens"):
+        benchmark(compose_job("bench", base[:3] + ["max_new_tokens=7"] + base[4:]
+                              + [f"calibration=[{path}]"]))
+
+
+def test_a_calibration_runs_only_the_decoder_it_certifies(calibrated, run_dir):
+    """Greedy, at most the calibrated length (6 new tokens here), by default exactly that:
+    sampling or a longer generation under a calibration file is refused with one line."""
+    def dee(*args):
+        return compose_job("infer", [f"checkpoint={run_dir}", "mode=dee", "prompt=The game was",
+                                     "stop_at_eos=false", *args])
+
+    [r] = infer(dee())
+    assert len(r["ids"]) == 6 and r["calibration"] == str(run_dir / "calibration.json")
+    assert len(infer(dee("max_new_tokens=4"))[0]["ids"]) == 4
+    with pytest.raises(UserError, match="max_new_tokens=7: calibration=.* certifies generations "
+                                        "of up to 6 new tokens"):
+        infer(dee("max_new_tokens=7"))
+    with pytest.raises(UserError, match="temperature=0.8: a calibration file certifies greedy"):
+        dee("temperature=0.8")
+    # With threshold= the decoder is the user's own: any length, any temperature.
+    [r] = infer(dee("threshold=0.5", "max_new_tokens=9", "temperature=0.8"))
+    assert len(r["ids"]) == 9 and r["calibration"] is None
 
 
 @pytest.mark.parametrize("args,message", [
@@ -133,8 +157,9 @@ def test_the_commands_chain_as_written_on_the_default_run(trained_tiny, tmp_path
     done = cli(tmp_path, "tinyskip.calibrate", *SMALL)
     assert done.returncode == 0, done.stderr[-1500:]
     assert (tmp_path / "checkpoints" / "l6_d128" / "calibration.json").is_file()
-    for args in (["mode=dee"], ["mode=ssd", "draft_layer=3", "k=4"]):
-        done = cli(tmp_path, "tinyskip.infer", *args, "max_new_tokens=8",
+    # mode=dee generates the length its calibration covers unless told less.
+    for args in (["mode=dee"], ["mode=ssd", "draft_layer=3", "k=4", "max_new_tokens=8"]):
+        done = cli(tmp_path, "tinyskip.infer", *args,
                    stdin="The game was\n\nIn 1994 , the band\n")
         assert done.returncode == 0, done.stderr[-1500:]
         lines = done.stdout.strip().splitlines()
@@ -165,9 +190,9 @@ def test_bench_sweeps_dee_measures_thresholds_and_cache_strategies(run_dir):
     from tinyskip.analysis.bench import benchmark
     from tinyskip.analysis.bench_report import format_table
     res = benchmark(compose_job("bench", [f"checkpoint={run_dir}", "n_prompts=2", "prompt_len=8",
-                                          "max_new_tokens=6", "ssd_layers=[]", "static_layers=[]",
-                                          "dee_measures=[softmax]", "dee_thresholds=[inf,0.0]",
-                                          "dee_caches=[propagate,recompute,copy]"]))
+                                          "max_new_tokens=6", "draft_layer=[]", "exit_layer=[]",
+                                          "measure=[softmax]", "threshold=[inf,0.0]",
+                                          "cache=[propagate,recompute,copy]"]))
     rows = {r["mode"]: r for r in res["rows"]}
     assert len(rows) == 7
     for cache in ("propagate", "recompute", "copy"):

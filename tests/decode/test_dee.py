@@ -251,22 +251,24 @@ def test_confidence_measures_on_known_distributions():
     assert entropy_confidence(torch.tensor([1.0, 0, 0, 0])) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("cfg,message", [
-    (DEEConfig("softmax", [1.5]), r"threshold=1.5: outside the range \[0.0, 1.0\] of measure=softmax"),
-    (DEEConfig("entropy", [-0.1]), "outside the range"),
-    (DEEConfig("bogus", [0.5]), "DEEConfig.measure='bogus': must be one of softmax"),
-    (DEEConfig("softmax", [0.5], cache="share"), "DEEConfig.cache='share'"),
-    (DEEConfig("softmax", [0.5], exits=[4]), r"exits=\[4\]: checked exits must be increasing and in 1..3"),
-    (DEEConfig("softmax", [0.9, 0.2], exits=[3, 1]), r"exits=\[3, 1\]: checked exits must be increasing"),
-    (DEEConfig("softmax", [0.5], check_every=4), "check_every=4: checks no exit of this 4-layer model"),
-    (DEEConfig("saturation", [-0.5], decay_tau=4.0), "decay_tau=4.0 with threshold=\\[-0.5\\]"),
-    (DEEConfig("softmax", [0.5, 0.4]), "give one value or one per checked exit"),
-    (DEEConfig("softmax", []), "mode=dee needs threshold="),
-    (DEEConfig("classifier", [0.5]), "measure=classifier needs a trained exit classifier"),
+@pytest.mark.parametrize("args,kwargs,message", [
+    (("softmax", [1.5]), dict(), r"threshold=1.5: outside the range \[0.0, 1.0\] of measure=softmax"),
+    (("entropy", [-0.1]), dict(), "outside the range"),
+    (("bogus", [0.5]), dict(), "measure='bogus': must be one of softmax"),
+    (("softmax", [0.5]), dict(cache="share"), "cache='share': must be one of"),
+    (("softmax", [0.5]), dict(exits=[4]), r"exits=\[4\]: checked exits must be increasing and in 1..3"),
+    (("softmax", [0.9, 0.2]), dict(exits=[3, 1]), r"exits=\[3, 1\]: checked exits must be increasing"),
+    (("softmax", [0.5]), dict(check_every=4), "check_every=4: checks no exit of this 4-layer model"),
+    (("saturation", [-0.5]), dict(decay_tau=4.0), "decay_tau=4.0 with threshold=\\[-0.5\\]"),
+    (("softmax", [0.5, 0.4]), dict(), "give one value or one per checked exit"),
+    (("softmax", []), dict(), "mode=dee needs threshold="),
+    (("classifier", [0.5]), dict(), "measure=classifier needs a trained exit classifier"),
 ])
-def test_bad_dee_options_are_refused(tiny_model, cfg, message):
+def test_bad_dee_options_are_refused(tiny_model, args, kwargs, message):
+    """Field checks when the config is built, model checks when it decodes: either way
+    one UserError naming the option."""
     with pytest.raises(UserError, match=message):
-        dee_generate(tiny_model, torch.tensor([[1, 2, 3]]), 4, cfg)
+        dee_generate(tiny_model, torch.tensor([[1, 2, 3]]), 4, DEEConfig(*args, **kwargs))
 
 
 def test_exit_classifier_separates_agreeing_from_disagreeing_exits(classifier):

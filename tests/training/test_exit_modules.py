@@ -325,8 +325,8 @@ def test_evaluate_and_bench_read_the_exits_through_the_modules(balcony):
     assert bare["loss"][3] == mods["loss"][3]               # exit L has no module
     assert mods["checkpoint"].endswith("exits")
     res = benchmark(compose_job("bench", [f"checkpoint={root / 'tiny-exits'}", "n_prompts=1",
-                                          "prompt_len=8", "max_new_tokens=6", "ssd_layers=[2]",
-                                          "ssd_k=[2]", "static_layers=[2]", "out_dir=null"]))
+                                          "prompt_len=8", "max_new_tokens=6", "draft_layer=[2]",
+                                          "k=[2]", "exit_layer=[2]", "out_dir=null"]))
     assert [r["mode"] for r in res["rows"]] == ["full", "static E=2", "ssd E=2 k=2"]
     assert res["rows"][2]["agreement"] == 1.0
 

@@ -28,8 +28,8 @@ from ..decode.steps import cache_size
 from ..jobs import BenchJob
 from ..runtime import pick_device
 from ..storage.data import load_lines
-from ..storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
-                               read_calibration, run_data_config)
+from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
+                               exit_classifier_for, load_source, read_calibration, run_data_config)
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
 from .quality import RougeL, continuation_nll, perplexity
@@ -40,20 +40,20 @@ from .unit_costs import unit_costs
 def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
     """The sweep's configurations from the job's lists (calibration files aside)."""
     specs = [ModeSpec("full")]
-    static = job.static_layers if job.static_layers is not None else range(1, L)
+    static = job.exit_layer if job.exit_layer is not None else range(1, L)
     specs += [ModeSpec("static", exit_layer=e) for e in static]
-    for e in job.ssd_layers:
-        for k in job.ssd_k:
+    for e in job.draft_layer:
+        for k in job.k:
             specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k)))
             if job.draft_vocab:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, draft_vocab=job.draft_vocab)))
             if job.adaptive_threshold:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, job.adaptive_threshold)))
-    for measure in job.dee_measures:
-        for lam in job.dee_thresholds:
-            for cache in job.dee_caches:
+    for measure in job.measure:
+        for lam in job.threshold:
+            for cache in job.cache:
                 specs.append(ModeSpec("dee", dee=DEEConfig(measure, [lam], cache=cache,
-                                                           check_every=job.dee_check_every)))
+                                                           check_every=job.check_every)))
     for s in specs:                       # every option checked before anything runs
         s.validate(L)
     return specs
@@ -63,8 +63,9 @@ def calibrated_specs(job: BenchJob, loaded: Loaded) -> list[tuple[str, ModeSpec]
     """One DEE row per calibration file: the decoder the file certifies, refused when the
     file was made for other weights."""
     out = []
-    for path in job.dee_calibrations:
+    for path in job.calibration:
         cal = read_calibration(Path(path), loaded)
+        check_calibrated_length(Path(path), cal, job.max_new_tokens)
         spec = ModeSpec("dee", dee=DEEConfig(cal["measure"], cal["threshold"], cal["exits"],
                                              cache=cal["cache"]))
         spec.validate(loaded.model.num_layers)
@@ -138,10 +139,10 @@ def benchmark(job: BenchJob) -> dict:
         raise UserError("hf_baseline=true compares with a tinyskip checkpoint exported to "
                         "transformers: give run= or checkpoint=")
     mid, needed = job.prompt_len + job.max_new_tokens // 2, job.prompt_len + job.max_new_tokens
-    if job.ssd_costs and mid + max(job.ssd_k) + 1 > cache_size(model, needed):
+    if job.ssd_costs and mid + max(job.k) + 1 > cache_size(model, needed):
         # Refused before the sweep, not after it: the priced verify would run past the cache.
-        raise UserError(f"ssd_costs=true with ssd_k={job.ssd_k}: a round at position {mid} "
-                        f"verifies {max(job.ssd_k) + 1} positions, past this generation's "
+        raise UserError(f"ssd_costs=true with k={job.k}: a round at position {mid} "
+                        f"verifies {max(job.k) + 1} positions, past this generation's "
                         f"{cache_size(model, needed)}-slot cache (give a smaller k)")
     labelled = [(s.label, s, None) for s in bench_specs(job, L)]
     labelled += [(f"{s.label} calibrated", s, path) for path, s in calibrated_specs(job, loaded)]
@@ -228,7 +229,7 @@ def benchmark(job: BenchJob) -> dict:
         # Priced through the compiled steps when the sweep compiles (their graphs already
         # built), else the eager ones, with the draft vocabulary when the sweep has one;
         # beside the acceptance those rows measured.
-        ssd = round_costs(model, compiled or eager, mid, needed, job.ssd_layers, job.ssd_k,
+        ssd = round_costs(model, compiled or eager, mid, needed, job.draft_layer, job.k,
                           draft_ids if job.draft_vocab else None)
         ssd["measured"] = measured_acceptance(rows, job.compile, bool(job.draft_vocab))
     # Last: measuring the levers compiles the step afresh under each (and resets Dynamo).

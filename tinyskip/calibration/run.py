@@ -72,7 +72,7 @@ def calibrate(job: CalibrateJob) -> dict:
     run_dir, model = loaded.run_dir, loaded.model
     out = Path(job.out) if job.out else run_dir / "calibration.json"
     L = model.num_layers
-    base = DEEConfig(job.measure, [math.inf], list(job.exits), job.check_every, job.cache)
+    base = job.decoder()
     base.validate(L)
     need = ltt.min_examples(job.delta, job.epsilon)
     if job.n_examples < need:

@@ -16,11 +16,11 @@ from typing import Optional
 
 import torch
 
-from ..config import MODES, DEEConfig, SSDConfig, UserError
+from ..config import MODES, DEEConfig, SSDConfig, check_mode
 from ..model.exit_classifier import ExitClassifier
 from ..model.transformer import Transformer
 from .dee import dee_generate
-from .full import generate
+from .full import check_exit_layer, generate
 from .sampling import SamplingConfig
 from .ssd import ssd_generate
 from .stats import DecodeStats, Generation
@@ -36,14 +36,12 @@ class ModeSpec:
     classifier: Optional[ExitClassifier] = None   # dee with measure=classifier
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UserError(f"mode={self.mode!r}: must be one of {', '.join(MODES)}")
+        check_mode(self.mode)
 
     def validate(self, num_layers: int) -> None:
         """Check the mode's options against the model, once per generation run."""
-        if self.mode == "static" and not 1 <= (self.exit_layer or 0) <= num_layers:
-            raise UserError(f"exit_layer={self.exit_layer}: must be in 1..{num_layers} (the "
-                            "number of blocks to run)")
+        if self.mode == "static":
+            check_exit_layer(self.exit_layer, num_layers)
         if self.ssd is not None:
             self.ssd.validate(num_layers)
         if self.dee is not None:

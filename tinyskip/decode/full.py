@@ -21,6 +21,13 @@ from .steps import (Steps, StopIds, budget, new_cache, positions, prefill, stop_
 
 
 @torch.no_grad()
+def check_exit_layer(exit_layer: Optional[int], num_layers: int) -> None:
+    """A static exit runs blocks [0, E): E in 1..L."""
+    if not 1 <= (exit_layer or 0) <= num_layers:
+        raise UserError(f"exit_layer={exit_layer}: must be in 1..{num_layers} (the number of "
+                        "blocks to run)")
+
+
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
              exit_layer: Optional[int] = None, sampling: SamplingConfig = SamplingConfig(),
              eos_id: StopIds = None, generator: Optional[torch.Generator] = None,
@@ -33,8 +40,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     """
     L = model.num_layers
     E = L if exit_layer is None else exit_layer
-    if not 1 <= E <= L:
-        raise UserError(f"exit_layer={E}: must be in 1..{L} (the number of blocks to run)")
+    check_exit_layer(E, L)
     n_new = budget(model, prompt, max_new_tokens)
     step = steps or Steps(model)
     head = ExitHead(model)

@@ -7,54 +7,59 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..config import DataConfig, DEEConfig, SSDConfig, UserError
+from ..config import DataConfig, DEEConfig, UserError
 from ..jobs import InferJob
 from ..runtime import pick_device
 from ..storage.data import load_lines
-from ..storage.loading import (Loaded, draft_vocabulary, exit_classifier_for, load_source,
-                               read_calibration, run_data_config)
-from . import ModeSpec, SamplingConfig, Steps, decode
+from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
+                               exit_classifier_for, load_source, read_calibration, run_data_config)
+from . import ModeSpec, Steps, decode
+
+# New tokens per prompt when max_new_tokens is not given and no calibration file decides.
+DEFAULT_NEW_TOKENS = 64
 
 
-def dee_config(job, loaded: Loaded) -> DEEConfig:
-    """``threshold=`` given, else the calibration file (``calibration=`` or the run's own)."""
-    cal = None
-    if job.calibration and job.threshold:
-        raise UserError("give threshold=... or calibration=..., not both")
-    if job.calibration or not job.threshold:
-        path = Path(job.calibration) if job.calibration else \
-            (loaded.run_dir or Path(loaded.source)) / "calibration.json"
-        if not path.is_file():
-            raise UserError(f"mode=dee needs threshold=<value> or a calibration file; "
-                            f"{str(path)!r} does not exist (python -m tinyskip.calibrate writes it)")
-        cal = read_calibration(path, loaded)
-        # The guarantee covers the decoder as calibrated: same measure, exits, cache, and a
-        # constant threshold.
-        for name, value in (("measure", job.measure), ("cache", job.cache)):
-            if value is not None and value != cal[name]:
-                raise UserError(f"{name}={value!r}: the calibration file {str(path)!r} holds a "
-                                f"threshold for {name}={cal[name]!r}")
-        if job.exits or job.decay_tau:
-            raise UserError("exits= and decay_tau= change the decoder the calibration file "
-                            "certifies: give threshold= to use them")
-        return DEEConfig(cal["measure"], cal["threshold"], cal["exits"], cache=cal["cache"])
-    return DEEConfig(job.measure or "softmax", list(job.threshold), list(job.exits),
-                     job.check_every, job.cache or "propagate", job.decay_tau)
+def calibration_file(job: InferJob, loaded: Loaded) -> Path:
+    """``calibration=``, else the run's own ``calibration.json``."""
+    path = Path(job.calibration) if job.calibration else \
+        (loaded.run_dir or Path(loaded.source)) / "calibration.json"
+    if not path.is_file():
+        raise UserError(f"mode=dee needs threshold=<value> or a calibration file; "
+                        f"{str(path)!r} does not exist (python -m tinyskip.calibrate writes it)")
+    return path
 
 
-def mode_spec(job, loaded: Loaded) -> ModeSpec:
-    """The decoding mode a job asks for, validated against the loaded model."""
-    ssd = (SSDConfig(job.draft_layer, job.k, job.adaptive_threshold, job.draft_vocab)
-           if job.mode == "ssd" else None)
-    dee = dee_config(job, loaded) if job.mode == "dee" else None
-    spec = ModeSpec(job.mode, job.exit_layer, ssd, dee)
+def calibrated_decoder(job: InferJob, path: Path, loaded: Loaded) -> tuple[DEEConfig, int]:
+    """The decoder a calibration file certifies and the generation length it covers (the
+    job's ``max_new_tokens`` if given and covered, else the calibrated length). The
+    options that change the decoder were refused with the job (``InferJob``)."""
+    cal = read_calibration(path, loaded)
+    for name, value in (("measure", job.measure), ("cache", job.cache)):
+        if value is not None and value != cal[name]:
+            raise UserError(f"{name}={value!r}: the calibration file {str(path)!r} holds a "
+                            f"threshold for {name}={cal[name]!r}")
+    n = job.max_new_tokens or cal["max_new_tokens"]
+    check_calibrated_length(path, cal, n)
+    return DEEConfig(cal["measure"], cal["threshold"], cal["exits"], cache=cal["cache"]), n
+
+
+def mode_spec(job: InferJob, loaded: Loaded) -> tuple[ModeSpec, int, Optional[Path]]:
+    """The decoding mode a job asks for, validated against the loaded model; the new
+    tokens per prompt; the calibration file it runs under, if any."""
+    n, cal_path, dee = job.max_new_tokens or DEFAULT_NEW_TOKENS, None, None
+    if job.calibrated:
+        cal_path = calibration_file(job, loaded)
+        dee, n = calibrated_decoder(job, cal_path, loaded)
+    elif job.mode == "dee":
+        dee = job.dee()
+    spec = ModeSpec(job.mode, job.exit_layer, job.ssd() if job.mode == "ssd" else None, dee)
     spec.validate(loaded.model.num_layers)
     spec.classifier = exit_classifier_for(loaded, spec)
-    return spec
+    return spec, n, cal_path
 
 
 def read_prompts(job: InferJob, fallback: Callable[[], list[str]]) -> Iterator[str]:
@@ -123,11 +128,11 @@ def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
 
 def generations(job: InferJob) -> Iterator[dict]:
     """Decode every prompt as it comes (standard input is read lazily)."""
-    sampling = SamplingConfig(job.temperature, job.top_k, job.top_p)
+    sampling = job.sampling()
     device = pick_device(job.device)
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype)
     model, tok = loaded.model, loaded.tokenizer
-    spec = mode_spec(job, loaded)
+    spec, max_new_tokens, cal_path = mode_spec(job, loaded)
     draft_ids = draft_vocabulary(loaded, spec, job.data)
     eos = tok.stop_ids() if job.stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(job.seed)
@@ -136,11 +141,12 @@ def generations(job: InferJob) -> Iterator[dict]:
                                                                             job.data))):
         ids = tok.encode(text)
         prompt = torch.tensor([ids], dtype=torch.long, device=device)
-        gen = decode(model, prompt, job.max_new_tokens, spec, sampling, eos, generator, draft_ids,
+        gen = decode(model, prompt, max_new_tokens, spec, sampling, eos, generator, draft_ids,
                      steps)
         tokens = gen.tokens[0]
         yield {"prompt": text, "mode": spec.label, "prompt_ids": ids, "ids": tokens,
-               "text": continuation(tok, ids, tokens), "stats": gen.stats.as_dict()}
+               "text": continuation(tok, ids, tokens), "stats": gen.stats.as_dict(),
+               "calibration": str(cal_path) if cal_path else None}
 
 
 def infer(job: InferJob) -> list[dict]:

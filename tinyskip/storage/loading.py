@@ -150,11 +150,12 @@ def read_calibration(path: Path, loaded: Loaded) -> dict:
     """A calibration file, refused when it was made for other weights."""
     try:
         cal = json.loads(path.read_text(encoding="utf-8"))
-        measure, exits, lam, whash, cache = (cal["measure"], cal["exits"], cal["threshold"],
-                                             cal["weights_hash"], cal["cache"])
+        measure, exits, lam, whash, cache, length = (
+            cal["measure"], cal["exits"], cal["threshold"], cal["weights_hash"], cal["cache"],
+            cal["max_new_tokens"])
         if not (isinstance(measure, str) and isinstance(whash, str) and isinstance(cache, str)
                 and isinstance(exits, list) and all(isinstance(e, int) for e in exits)
-                and (lam is None or isinstance(lam, (int, float)))):
+                and (lam is None or isinstance(lam, (int, float))) and isinstance(length, int)):
             raise TypeError("a field has the wrong type")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"calibration={str(path)!r} is not a calibration file ({e})")
@@ -162,4 +163,13 @@ def read_calibration(path: Path, loaded: Loaded) -> dict:
         raise UserError(f"calibration={str(path)!r} was made for other weights (hash "
                         f"{whash[:12]}...) than {loaded.source}: run python -m tinyskip.calibrate")
     return {"measure": measure, "exits": exits, "cache": cache,
-            "threshold": [math.inf if lam is None else lam]}
+            "threshold": [math.inf if lam is None else lam], "max_new_tokens": length}
+
+
+def check_calibrated_length(path: Path, cal: dict, max_new_tokens: int) -> None:
+    """The guarantee covers generations as long as the calibration's, no longer."""
+    if max_new_tokens > cal["max_new_tokens"]:
+        raise UserError(f"max_new_tokens={max_new_tokens}: calibration={str(path)!r} certifies "
+                        f"generations of up to {cal['max_new_tokens']} new tokens (calibrate "
+                        f"again with max_new_tokens={max_new_tokens}, or give threshold= for "
+                        "no guarantee)")
