@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
 from tinyskip.analysis.engine_levers import LEVERS, format_levers, step_levers
-from tinyskip.model.transformer import DECODE_KERNELS, Kernels, linear, one_query_attention
+from tinyskip.model.kernels import DECODE_KERNELS, Kernels, linear, one_query_attention
 
 
 def _external_calls(model, gemv: bool, attention: bool) -> set[str]:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from tinyskip.config import ConfigError, ModelConfig, TrainConfig
-from tinyskip.model.transformer import Transformer, causal_attention
+from tinyskip.model.kernels import causal_attention
+from tinyskip.model.transformer import Transformer
 from tinyskip.training.bench import step_flops, step_products
 from tinyskip.training.losses import early_exit_loss, sampled_exit_loss
 from tinyskip.training.trainer import ExitObjective, compile_blocks, make_optimizer, train_step

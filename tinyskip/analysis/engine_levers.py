@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..decode.steps import cache_size
-from ..model.transformer import Kernels, Linear, Transformer, linear
+from ..model.kernels import Kernels, Linear, linear
+from ..model.transformer import Transformer
 from ..runtime import median_seconds
 
 # (name, products in the graph, attention in the graph, C++ wrapper); None: eager.

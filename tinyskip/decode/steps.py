@@ -11,8 +11,9 @@ import torch
 
 from ..config import SamplingConfig, UserError
 from ..model.exits import ExitHead
+from ..model.kernels import linear
 from ..model.kv_cache import KVCache
-from ..model.transformer import Transformer, linear
+from ..model.transformer import Transformer
 from .sampling import choose
 from .stats import DecodeStats
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import EXIT_MODULE_KINDS, ConfigError, ModelConfig
-from .transformer import MLP, Attention, RMSNorm
+from .layers import MLP, Attention, RMSNorm
 
 
 def check_exit_layers(exit_layers: list[int], num_layers: int) -> None:

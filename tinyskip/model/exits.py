@@ -17,8 +17,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .kernels import linear
 from .kv_cache import KVCache
-from .transformer import Transformer, linear
+from .transformer import Transformer
 
 
 def frequent_tokens(train_tokens: np.ndarray, vocab_size: int, n: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` minus its ``model.`` 
 Llama shim is a rename.
 
 Exit E (1..L, blocks run) is the shared head (final ``norm`` + ``lm_head``) applied to
-the *output* of block E-1, or, where exit modules are attached (exit_modules.py), the head
+the output of block E (``layers[E - 1]``), or, where exit modules are attached (exit_modules.py), the head
 after the exit's module; exit L is the model's normal output. Decoders drive the model
 through ``embed``, ``run_layers(h, start, end, cache, pos)`` and ``head`` /
 ``head_at(h, exit, ...)``; the training ``forward`` takes exits numbered the same way.
@@ -14,7 +14,6 @@ through ``embed``, ``run_layers(h, start, end, cache, pos)`` and ``head`` /
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -22,232 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, UserError
+from .kernels import DECODE_KERNELS, Kernels, Linear
 from .kv_cache import KVCache
+from .layers import AttnContext, DecoderLayer, RMSNorm, rope_tables
 
 
 class LayerIndexError(UserError, ValueError):
     """A layer index or range outside the model's blocks."""
-
-
-def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
-    """Rotary inverse frequencies (head_dim/2,), with Llama 3 scaling when configured."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (
-        torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    rs = cfg.rope_scaling
-    if rs is None:
-        return inv_freq
-    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, and the band in
-    # between is interpolated smoothly between the two.
-    wavelen = 2 * math.pi / inv_freq
-    low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
-    high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
-    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
-        rs.high_freq_factor - rs.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
-    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (max_position_embeddings, head_dim), Hugging Face "rotate half" layout."""
-    inv_freq = rope_inv_freq(cfg, device)
-    pos = torch.arange(cfg.max_position_embeddings, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)                       # (S, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)                  # (S, hd)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """How compiled one-row calls (decoding steps) on the CPU write their products
-    (``linear``) and their attention (``one_query_attention``): as multiply-and-sum that
-    inductor generates and fuses (True), or as calls to ATen's GEMM and SDPA kernels.
-    Callers pass it down through ``run_layers`` / ``head``; it is read while a graph is
-    traced, so each choice is its own graph. Decoding always uses ``DECODE_KERNELS``; the
-    engine benchmark passes the others to measure what each buys."""
-
-    products_in_graph: bool = True
-    attention_in_graph: bool = True
-
-
-DECODE_KERNELS = Kernels()
-
-
-def _one_row_compiled(x: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() and x.dim() > 1 and x.shape[-2] == 1 and \
-        x.device.type == "cpu"
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, in_graph: bool = True) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T -> (..., out).
-
-    One row per sequence (a decoding step, x (B, 1, in)) inside a graph compiled for the
-    CPU is written out as a multiply-and-sum: inductor then generates the matrix-vector
-    product itself, vectorised and fused with its neighbours, instead of calling an
-    external GEMM whose set-up costs more than the work at these sizes (a d128 projection
-    is 16k multiply-adds). Everywhere else (eager, prefill, verify widths > 1, GPUs) it is
-    ``F.linear``. ``in_graph=False`` keeps ``F.linear`` there too (see ``Kernels``).
-    """
-    if in_graph and _one_row_compiled(x):
-        return (x.unsqueeze(-2) * weight).sum(-1)     # (..., 1, in) * (out, in) -> (..., out)
-    return F.linear(x, weight)
-
-
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per sequence over the cache, as plain reductions.
-
-    q (B, H, 1, hd); k, v (B, n_kv, S, hd), the cache's whole buffers; mask (1, S), True =
-    may attend. What SDPA computes, written so that inductor fuses it into a few loops
-    instead of calling SDPA's kernel, whose set-up outweighs one query's work.
-    """
-    B, H, _, hd = q.shape
-    n_kv = k.shape[1]
-    # Query heads grouped by the key/value head they share (head h reads kv head h // rep,
-    # as Hugging Face's repeat_kv): (B, H, 1, hd) -> (B, n_kv, rep, 1, hd).
-    q = q.reshape(B, n_kv, H // n_kv, 1, hd)
-    scores = (q * k.unsqueeze(2)).sum(-1) * hd ** -0.5         # (B, n_kv, rep, S)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    y = (p.unsqueeze(-1) * v.unsqueeze(2)).sum(-2)            # (B, n_kv, rep, hd)
-    return y.reshape(B, H, 1, hd)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     dropout: float = 0.0) -> torch.Tensor:
-    """Causal self-attention of a whole sequence from position 0: q (B, H, T, hd); k, v
-    (B, n_kv, T, hd) -> (B, H, T, hd).
-
-    SDPA, except in bf16 on the CPU, where its flash kernel's backward is the slowest part
-    of a training step (measured at d=128, T=128, fwd + bwd per block: 16.4 ms against
-    5.8 ms for these explicit products and 8.4 ms for SDPA's own math backend).
-    """
-    H, n_kv = q.shape[1], k.shape[1]
-    if not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                               enable_gqa=n_kv != H)
-    if n_kv != H:       # query head h reads kv head h // rep, as Hugging Face's repeat_kv
-        k, v = k.repeat_interleave(H // n_kv, dim=1), v.repeat_interleave(H // n_kv, dim=1)
-    T = q.shape[2]
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)                 # (B, H, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    p = torch.softmax(scores.masked_fill(~causal, float("-inf")).float(), dim=-1).to(q.dtype)
-    if dropout > 0:
-        p = F.dropout(p, dropout, training=True)
-    return p @ v
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` without bias whose one-row calls take ``linear``'s compiled path."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor, kernels: Kernels = DECODE_KERNELS) -> torch.Tensor:
-        return linear(x, self.weight, kernels.products_in_graph)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as Hugging Face does), scale in the input dtype.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-
-
-@dataclass
-class AttnContext:
-    """What every layer of one ``run_layers`` call shares: positions, RoPE rows, mask."""
-
-    cos: torch.Tensor                     # (T, hd) RoPE rows of the T positions
-    sin: torch.Tensor                     # (T, hd)
-    input_pos: torch.Tensor               # (T,) absolute positions of the tokens
-    cache: Optional[KVCache] = None
-    mask: Optional[torch.Tensor] = None   # (T, S) bool over the whole cache, True = may attend
-    kernels: Kernels = DECODE_KERNELS
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-        self.layer_idx = layer_idx
-        self.dropout = cfg.attention_dropout
-        self.q_proj = Linear(d, self.n_heads * hd)
-        self.k_proj = Linear(d, self.n_kv * hd)
-        self.v_proj = Linear(d, self.n_kv * hd)
-        self.o_proj = Linear(self.n_heads * hd, d)
-
-    def kv(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated keys and values (B, n_kv, T, hd) of x (B, T, d)."""
-        B, T, _ = x.shape
-        # (B, T, n_kv*hd) -> (B, n_kv, T, hd)
-        k = self.k_proj(x, ctx.kernels).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x, ctx.kernels).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.cos.to(k.dtype), ctx.sin.to(k.dtype)
-        return k * cos + rotate_half(k) * sin, v
-
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        B, T, _ = x.shape
-        # (B, T, H*hd) -> (B, H, T, hd)
-        q = self.q_proj(x, ctx.kernels).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k, v = self.kv(x, ctx)
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, ctx.input_pos, k, v)
-            if ctx.kernels.attention_in_graph and _one_row_compiled(x):
-                y = one_query_attention(q, k, v, ctx.mask)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask,
-                                                   enable_gqa=self.n_kv != self.n_heads)
-        else:
-            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
-        # (B, H, T, hd) -> (B, T, H*hd) -> (B, T, d)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), ctx.kernels)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor, kernels: Kernels = DECODE_KERNELS) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, kernels)) * self.up_proj(x, kernels),
-                              kernels)
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
-        self.dropout = cfg.hidden_dropout
-
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        x = x + self._drop(self.self_attn(self.input_layernorm(x), ctx))
-        return x + self._drop(self.mlp(self.post_attention_layernorm(x), ctx.kernels))
-
-    def _drop(self, branch: torch.Tensor) -> torch.Tensor:
-        # Checked here rather than left to F.dropout: decoding steps pay no call for it.
-        if self.training and self.dropout > 0:
-            return F.dropout(branch, self.dropout, training=True)
-        return branch
 
 
 class Transformer(nn.Module):
