@@ -1,22 +1,13 @@
 """``python -m tinyskip.export run=NAME out=FOLDER``: a tinyskip checkpoint as a Hugging Face
-Llama folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+Llama folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads. The work is
+``export_run`` in ``tinyskip/storage/hf_llama.py``."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .cli import entry_point
 from .jobs import ExportJob
-from .runtime import DTYPES
-from .storage.checkpoint import load_model, resolve_checkpoint
-from .storage.hf_llama import export_hf
+from .storage.hf_llama import export_run
 from .storage.loading import checkpoint_path
-
-
-def export_run(path: Path | str, out: Path | str, dtype: str = "float32") -> Path:
-    ckpt = resolve_checkpoint(path)
-    model, _ = load_model(ckpt)
-    return export_hf(model, ckpt / "tokenizer.model", Path(out), DTYPES[dtype])
 
 
 @entry_point("export")

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
+from tinyskip.analysis.evaluation import evaluate
 from tinyskip.cli import compose_job
 from tinyskip.config import UserError
 from tinyskip.decode import generate
 from tinyskip.decode.run import infer
-from tinyskip.evaluate import evaluate
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_modes_agree_through_the_entry_point(run_args, trained_tiny, tmp_path):
 
 def test_infer_on_the_exported_hugging_face_folder_matches(run_args, trained_tiny, tmp_path):
     pytest.importorskip("transformers")
-    from tinyskip.export import export_run
+    from tinyskip.storage.hf_llama import export_run
     folder = export_run(trained_tiny[2], tmp_path / "hf")
     args = ['prompt=The game was', "max_new_tokens=15"]
     ours = infer(compose_job("infer", run_args + args))

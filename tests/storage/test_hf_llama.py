@@ -90,7 +90,7 @@ def test_export_round_trip_is_lossless_and_transformers_loads_it(tmp_path, tie):
 
 def test_tinyskip_checkpoint_exports_with_identical_logits(tmp_path, trained_tiny):
     model, _, run_dir = trained_tiny
-    from tinyskip.export import export_run
+    from tinyskip.storage.hf_llama import export_run
     out = export_run(run_dir, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 300, (1, 50))
@@ -231,7 +231,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
 def test_the_exported_tokenizer_loads_with_autotokenizer_as_installed(tmp_path, trained_tiny):
     """tokenizer.json is written: transformers would need protobuf to convert the
     SentencePiece file itself. Its ids are tinyskip's, with no BOS added."""
-    from tinyskip.export import export_run
+    from tinyskip.storage.hf_llama import export_run
     from tinyskip.storage.loading import SentencePieceTokenizer
     out = export_run(trained_tiny[2], tmp_path / "hf")
     assert (out / "tokenizer.json").is_file()

@@ -315,7 +315,7 @@ def test_the_backbones_own_run_folder_is_refused(balcony):
 
 def test_evaluate_and_bench_read_the_exits_through_the_modules(balcony):
     from tinyskip.analysis.bench import benchmark
-    from tinyskip.evaluate import evaluate
+    from tinyskip.analysis.evaluation import evaluate
 
     root = balcony[0]
     base = ["split=validation", "max_batches=2"]

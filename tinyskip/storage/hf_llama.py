@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from ..atomic import publish_dir, temp_dir, write_json_atomic
 from ..config import ConfigError, ModelConfig, RopeScaling, UserError
 from ..model.transformer import Transformer
-from .checkpoint import read_json
+from ..runtime import DTYPES
+from .checkpoint import load_model, read_json, resolve_checkpoint
 from .data import load_tokenizer
 from .sentencepiece_json import to_tokenizer
 
@@ -283,3 +284,10 @@ def _export_tokenizer(tokenizer_file: Path, folder: Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
         "add_eos_token": False, "bos_token": sp.id_to_piece(sp.bos_id()),
         "eos_token": sp.id_to_piece(sp.eos_id()), "unk_token": sp.id_to_piece(sp.unk_id())})
+
+
+def export_run(path: Path | str, out: Path | str, dtype: str = "float32") -> Path:
+    """A tinyskip checkpoint (folder or run) as a Hugging Face Llama folder at ``out``."""
+    ckpt = resolve_checkpoint(path)
+    model, _ = load_model(ckpt)
+    return export_hf(model, ckpt / "tokenizer.model", Path(out), DTYPES[dtype])

@@ -1,0 +1,48 @@
+"""The evaluation job behind ``python -m tinyskip.evaluate``: per-exit loss, word-level
+perplexity and agreement with the last exit on a split, and the table it prints."""
+
+from __future__ import annotations
+
+from ..config import UserError
+from ..jobs import EvaluateJob
+from ..runtime import pick_device
+from ..storage.checkpoint import load_run_job
+from ..storage.data import prepare_corpus
+from ..storage.loading import load_source, run_data_config
+from .perplexity import exit_perplexities
+
+
+def evaluate(job: EvaluateJob) -> dict:
+    """Per-exit quality of a run (through its exit modules, for an exit-module run)."""
+    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, None,
+                         pick_device(job.device))
+    model = loaded.model
+    seq_len = job.seq_len
+    ctx = model.config.max_position_embeddings
+    if seq_len is None:
+        saved = load_run_job(loaded.run_dir) or {}
+        seq_len = saved.get("train", {}).get("seq_len", ctx)
+    if seq_len > ctx:
+        raise UserError(f"seq_len={seq_len}: longer than the model's context "
+                        f"(max_position_embeddings={ctx})")
+    corpus = prepare_corpus(run_data_config(loaded.run_dir, job.data), loaded.tokenizer_file)
+    ev = exit_perplexities(model, corpus.tokens[job.split], corpus.words[job.split], seq_len,
+                           job.batch_size, job.max_batches, progress=True, stride=job.stride)
+    return {"checkpoint": str(loaded.exits or loaded.source), "split": job.split, "seq_len": seq_len,
+            "stride": job.stride, "words": corpus.words[job.split], "tokens": ev["tokens"],
+            "loss": ev["loss"], "word_ppl": ev["word_ppl"], "agreement": ev["agreement"],
+            "p_last_top": ev["p_last_top"]}
+
+
+def report(result: dict) -> str:
+    """The evaluation as a table, one row per exit (exit E = the head after E blocks)."""
+    lines = [f"{result['checkpoint']} on {result['split']} ({result['tokens']} tokens, "
+             f"{result['words']} words, windows of {result['seq_len']}"
+             + (f" every {result['stride']}" if result["stride"] else "") + ")",
+             f"{'exit':>4} {'loss/token':>10} {'word ppl':>10} {'top-1 agree':>11} "
+             f"{'p(last top)':>11}"]
+    for exit, row in enumerate(zip(result["loss"], result["word_ppl"], result["agreement"],
+                                   result["p_last_top"]), start=1):
+        loss, ppl, agree, p_top = row
+        lines.append(f"{exit:>4} {loss:>10.4f} {ppl:>10.2f} {agree:>11.3f} {p_top:>11.3f}")
+    return "\n".join(lines)
