@@ -1,4 +1,6 @@
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,11 @@ from tinyskip.model.transformer import Transformer
 # The offline WikiText-2 copy beside the checkout (see README: never copied into the repo).
 WIKITEXT = Path(os.environ.get("TINYSKIP_WIKITEXT",
                                Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext"))
+
+# Run folders (Hydra's, the benchmark's) of every command the tests start, in-process or
+# not, go to a temporary folder: the suite leaves the project's tree as it found it
+# (checked by ``project_tree_untouched``).
+os.environ["TINYSKIP_LOGS"] = tempfile.mkdtemp(prefix="tinyskip-test-logs-")
 
 # Tiny tensors gain nothing from threads, and one thread per test process keeps the
 # suite fast when other work (or the DDP test's two ranks) shares the cores.
@@ -137,3 +144,26 @@ def no_cxx():
     with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": (None, "no-such-c++-compiler")}):
         yield
     torch._dynamo.reset()
+
+
+def _project_files() -> set[str]:
+    """Untracked and ignored paths of the checkout, less what running Python itself leaves
+    (bytecode, the test cache, virtual environments, the editable install's metadata)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                         cwd=REPO, capture_output=True, text=True).stdout
+    skip = ("__pycache__", ".pytest_cache", ".venv", ".egg-info")
+    return {line[3:] for line in out.splitlines()
+            if line[:2] in ("??", "!!") and not any(s in line for s in skip)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def project_tree_untouched():
+    """The whole suite writes under temporary folders only: a file it leaves in the
+    checkout (a run folder, a checkpoint, a cache) fails the session."""
+    if not (REPO / ".git").exists():
+        yield
+        return
+    before = _project_files()
+    yield
+    left = sorted(_project_files() - before)
+    assert not left, f"the tests left files in the project: {left[:10]}"

@@ -13,6 +13,7 @@ import difflib
 import functools
 import os
 import re
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -44,11 +45,18 @@ def source_name(run, checkpoint, model_name) -> str:
     return str(model_name) if model_name else DEFAULT_RUN
 
 
+def logs_dir() -> str:
+    """Where run folders go (``${logs_dir:}`` in conf/): the project's ``logs/`` wherever
+    the command is started, or ``$TINYSKIP_LOGS`` (the tests point it at a temporary folder)."""
+    return os.environ.get("TINYSKIP_LOGS") or str(CONF_DIR.parent / "logs")
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=schema)
     OmegaConf.register_new_resolver("source_name", source_name, replace=True)
+    OmegaConf.register_new_resolver("logs_dir", logs_dir, replace=True)
 
 
 def conf_dir() -> str:
@@ -138,6 +146,26 @@ def compose_job(entry: str, overrides: list[str] | None = None):
         return to_job(cfg)
 
 
+def remove_run_folder() -> None:
+    """Undo what Hydra wrote before a job was refused: its run folder, when it holds
+    nothing but Hydra's own files (``.hydra/``, the job's log), and the folders above it
+    that this left empty, up to the logs folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if not folder.is_dir() or any(p.name not in own for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder)
+    top = Path(logs_dir()).resolve()
+    folder = folder.parent.resolve()
+    while folder != top and top in folder.parents and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
 def fail(e: UserError) -> NoReturn:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -156,6 +184,7 @@ def entry_point(entry: str) -> Callable:
             try:
                 fn(to_job(cfg))
             except UserError as e:
+                remove_run_folder()
                 fail(e)
 
         @functools.wraps(fn)

@@ -8,11 +8,12 @@ is ``tinyskip/decode/run.py``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .atomic import write_json_atomic
 from .cli import entry_point
-from .decode.run import generations, stats_line
+from .decode.run import generations, shown_text, stats_line
 from .jobs import InferJob
 
 
@@ -20,9 +21,11 @@ from .jobs import InferJob
 def main(job: InferJob) -> None:
     results = []
     for r in generations(job):
-        print(r["prompt"] + r["text"])
+        print(shown_text(r))
         under = f" under {r['calibration']}" if r["calibration"] else ""
-        print(f"{r['mode']}{under} {stats_line(r['stats'])}", flush=True)
+        print(f"{r['mode']}{under} {stats_line(r)}", flush=True)
+        if r["note"]:
+            print(r["note"], file=sys.stderr)
         results.append(r)
     if job.out:
         write_json_atomic(Path(job.out).resolve(), results)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import time
 
 import torch
@@ -42,3 +43,79 @@ def median_seconds(fn, reps: int, device: torch.device) -> float:
     for _ in range(5):
         fn()
     return statistics.median(seconds(fn, device) for _ in range(reps))
+
+
+# How often long work reports itself when its output is not a terminal (logs, CI, pipes).
+PROGRESS_EVERY_S = 30.0
+
+
+def progress_bar(iterable=None, *, total=None, desc: str = "", initial: int = 0,
+             every: float = PROGRESS_EVERY_S):
+    """A progress report for long work: tqdm's bar on a terminal; elsewhere one plain line
+    to standard error at most every ``every`` seconds and one at the end (step, rate,
+    elapsed, ETA, and what ``set_postfix`` was given), so logs see the work advance."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True,
+                    leave=False)
+    return LineProgress(iterable, total=total, desc=desc, initial=initial, every=every)
+
+
+class LineProgress:
+    """The part of tqdm's interface tinyskip uses (iterate, ``update``, ``set_postfix``,
+    ``write``, ``close``, a context manager), as plain lines."""
+
+    def __init__(self, iterable=None, total=None, desc: str = "", initial: int = 0,
+                 every: float = PROGRESS_EVERY_S):
+        self.iterable, self.desc, self.every = iterable, desc, every
+        self.total = total if total is not None else (
+            len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n = self.start = initial
+        self.postfix = ""
+        self.t0 = self.last = time.monotonic()
+        self.reported = None          # the step of the last line printed
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.every:
+            self._report()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def write(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.reported != self.n:
+            self._report()
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        elapsed, done = now - self.t0, self.n - self.start
+        parts = [f"{self.n}/{self.total}" if self.total else f"{self.n}"]
+        if self.postfix:
+            parts.append(self.postfix)
+        parts.append(f"{_clock(elapsed)} elapsed")
+        if self.total and done > 0 and self.n < self.total:
+            parts.append(f"ETA {_clock(elapsed / done * (self.total - self.n))}")
+        print(f"{self.desc}: " + ", ".join(parts), file=sys.stderr, flush=True)
+        self.last, self.reported = now, self.n
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"

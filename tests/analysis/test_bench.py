@@ -134,3 +134,29 @@ def test_median_extra_seconds_is_not_biased_by_which_call_comes_first():
         calls.append(1)
 
     assert median_extra_seconds(call, call, 9, torch.device("cpu")) < 0.001
+
+
+def test_the_pareto_plot_names_only_the_front_and_offsets_the_names():
+    from matplotlib.figure import Figure
+
+    from tinyskip.analysis.plots import plot_pareto
+    rows = [{"mode": m, "family": f, "speedup": s, "agreement": a}
+            for m, f, s, a in [("full", "full", 1.0, 1.0), ("static E=1", "static", 3.0, 0.2),
+                               ("static E=2", "static", 2.0, 0.1), ("ssd E=2 k=2", "ssd", 0.9, 1.0),
+                               ("dee", "dee", 1.5, 0.6)]]
+    ax = Figure().subplots()
+    plot_pareto(ax, rows)
+    named = [t.get_text() for t in ax.texts]
+    assert named == ["full", "dee", "static E=1"]          # the front, by speed
+    assert len({t.get_position() for t in ax.texts}) == 3 # each nudged its own way
+
+
+def test_the_table_says_why_early_exit_ran_slower_only_when_it_did():
+    from tinyskip.analysis.bench_report import regime_line
+
+    def res(*speedups):
+        return {"rows": [{"family": "full", "speedup": 1.0}]
+                + [{"family": "ssd", "speedup": s} for s in speedups]}
+    assert "2 of the SSD/DEE rows ran slower than full decoding (down to 0.80x)" in \
+        regime_line(res(0.9, 0.8, 1.2))
+    assert regime_line(res(1.1, 1.4)) == ""

@@ -118,3 +118,18 @@ def test_compiled_ssd_runs_blocks_eagerly_only_for_the_prompt(model, compiled, m
         or real(self, *a, **kw))
     g = ssd_generate(model, prompt, 12, SSDConfig(2, 2), steps=compiled)
     assert g.stats.rounds > 1 and eager == [6]
+
+
+def test_compile_time_is_reported_apart_and_never_counted_in_tokens_per_s(model):
+    """A generation whose steps compile first: the seconds spent compiling (several, on
+    this CPU) are reported in compile_s and left out of decode_s, so tokens/s is what the
+    compiled steps run at. (Last in the file: it resets Dynamo's graphs.)"""
+    torch._dynamo.reset()
+    steps = Steps(model, compile=True)
+    prompt = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(4))
+    first = generate(model, prompt, 8, steps=steps).stats
+    again = generate(model, prompt, 8, steps=steps).stats
+    assert first.compile_s > 0.5 and again.compile_s == 0
+    assert first.decode_s < 0.1 * first.compile_s        # eight tiny steps: milliseconds
+    ssd = ssd_generate(model, prompt, 8, SSDConfig(2, 2), steps=steps).stats
+    assert ssd.compile_s > 0.5 and ssd.decode_s < 0.1 * ssd.compile_s   # draft, verify graphs

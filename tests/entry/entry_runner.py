@@ -6,9 +6,10 @@ runs as ``__main__`` with ``sys.argv`` set, in ``cwd``, with stdin empty), so it
 status, stdout and stderr are its own. Only the interpreter start-up and the imports are
 shared, which makes forty cases cost seconds instead of minutes on a busy machine.
 
-Around every case the files under ``cwd`` and the ``watch`` folders are fingerprinted
-(Hydra's ``logs/`` aside, which every run that gets past composition writes), and the
-paths the case created, changed or removed are reported.
+Around every case the files under ``cwd``, the ``watch`` folders and the run folders'
+root (``$TINYSKIP_LOGS``) are fingerprinted, and the paths the case created, changed or
+removed are reported: ``touched`` outside the run folders, ``logged`` inside them (a job
+that runs leaves a run folder there; a refused one leaves nothing).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ def fingerprint(roots: list[str]) -> dict[str, str]:
     files = {}
     for root in roots:
         for folder, dirs, names in os.walk(root):
-            dirs[:] = [d for d in dirs if not (folder == root and d == "logs")]
             files[folder] = "dir"
             for name in names:
                 path = os.path.join(folder, name)
@@ -83,12 +83,13 @@ def run_case(case: dict) -> dict:
 def main(cases_file: str, results_file: str) -> None:
     results = []
     for case in json.loads(open(cases_file).read()):
-        roots = [case["cwd"], *case.get("watch", [])]
-        before = fingerprint(roots)
+        roots, logs = [case["cwd"], *case.get("watch", [])], os.environ["TINYSKIP_LOGS"]
+        before = fingerprint(roots + [logs])
         result = run_case(case)
-        after = fingerprint(roots)
-        result["touched"] = sorted(p for p in before.keys() | after.keys()
-                                   if before.get(p) != after.get(p))
+        after = fingerprint(roots + [logs])
+        changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+        result["touched"] = [p for p in changed if not p.startswith(logs)]
+        result["logged"] = [p for p in changed if p.startswith(logs)]
         results.append(result)
     with open(results_file, "w") as f:
         json.dump(results, f)

@@ -197,7 +197,7 @@ def test_bad_input_is_one_error_line_with_exit_2_and_nothing_written(results, i)
     lines = r["stderr"].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r["stderr"][-3000:]
     assert message in lines[0]
-    assert r["touched"] == []
+    assert r["touched"] == [] and r["logged"] == []
 
 
 def test_enough_cases_across_every_entry_point():
@@ -210,6 +210,7 @@ def test_a_huge_k_drafts_only_what_the_budget_allows(results):
     r = results[len(CASES)]
     assert r["rc"] == 0, r["stderr"][-3000:]
     assert "ssd E=2 k=1000000000 [8 new tokens" in r["stdout"] and r["touched"] == []
+    assert r["logged"], "a job that ran left no run folder: the runner watches the wrong place"
 
 
 @pytest.mark.parametrize("i", [1, 29])

@@ -14,19 +14,17 @@ in machine speed hits all alike. Results go to ``out_dir`` (see bench_report.py)
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..calibration.ltt import f1_loss
 from ..config import DEEConfig, SSDConfig, UserError
 from ..decode import DecodeStats, ModeSpec, Steps, decode
 from ..decode.steps import cache_size
 from ..jobs import BenchJob
-from ..runtime import pick_device
+from ..runtime import pick_device, progress_bar
 from ..storage.data import load_lines
 from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
                                exit_classifier_for, load_source, read_calibration, run_data_config)
@@ -160,10 +158,8 @@ def benchmark(job: BenchJob) -> dict:
                      if s.mode != "dee"]
     run = lambda spec, steps, prompt: decode(model, prompt, job.max_new_tokens, spec, draft_ids=(
         draft_ids if spec.ssd is not None and spec.ssd.draft_vocab else None), steps=steps)
-    quiet = not sys.stderr.isatty()
     warmup = {}
-    for label, spec, _, steps in tqdm(rows_def, desc="warm-up (compiles)", leave=False,
-                                      disable=quiet):
+    for label, spec, _, steps in progress_bar(rows_def, desc="warm-up (compiles)"):
         # A compiled row decodes every prompt once first: greedy decoding then meets no
         # shape in the timed pass (SSD's verify widths follow acceptance) that it has not
         # compiled, so compile time never counts in tokens/s.
@@ -174,7 +170,7 @@ def benchmark(job: BenchJob) -> dict:
     totals = {r[0]: {"stats": DecodeStats(), "agree": 0, "exact": 0, "f1_loss": 0.0,
                      "per_prompt": [], "generated": []} for r in rows_def}
     full_tokens = []
-    with tqdm(total=len(prompts) * len(rows_def), desc="sweep", disable=quiet) as bar:
+    with progress_bar(total=len(prompts) * len(rows_def), desc="sweep") as bar:
         for prompt in prompts:
             reference = None
             for label, spec, _, steps in rows_def:

@@ -62,7 +62,23 @@ def format_table(res: dict) -> str:
         lines += ["", format_levers(res["levers"])]
     if res.get("ssd_costs"):
         lines += ["", format_round_costs(res["ssd_costs"])]
+    note = regime_line(res)
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
+
+
+def regime_line(res: dict) -> str:
+    """One honest line when early exit measured slower than full decoding, saying where
+    it does pay; empty when every SSD and DEE row beat full."""
+    slower = [r for r in res["rows"] if r["family"] in ("ssd", "dee") and r["speedup"] < 1]
+    if not slower:
+        return ""
+    return (f"{len(slower)} of the SSD/DEE rows ran slower than full decoding (down to "
+            f"{min(r['speedup'] for r in slower):.2f}x). On a model whose weights stay in the "
+            "CPU's cache a step costs compute and per-op overhead, so a draft or a confidence "
+            "check costs nearly what it saves; early exit pays where decoding is bound by "
+            "reading the weights (docs/results/decoding.md).")
 
 
 def format_markdown(res: dict) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.transformer import Transformer
-from ..runtime import autocast
+from ..runtime import autocast, progress_bar
 from ..storage.data import IGNORE, eval_windows
 
 
@@ -40,10 +39,8 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     n_tokens = 0
     batches = eval_windows(tokens, seq_len, batch_size, max_batches, stride)
     if progress:
-        from tqdm import tqdm
         total = math.ceil((tokens.size - 1) / (stride or seq_len) / batch_size)
-        batches = tqdm(batches, total=max_batches or total, desc="eval", leave=False,
-                       disable=not sys.stderr.isatty())      # quiet in logs and pipes
+        batches = progress_bar(batches, total=max_batches or total, desc="eval")
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         scored = y != IGNORE                                                 # (B, T)

@@ -37,9 +37,14 @@ def plot_pareto(ax, rows: list[dict], quality: str = "agreement",
         colour = FAMILY_COLOURS.get(r.get("family"), "grey")
         ax.scatter(r["speedup"], r[quality], s=22, edgecolors=colour,
                    facecolors="none" if r.get("compiled") else colour)
-        if annotate:
-            ax.annotate(r["mode"], (r["speedup"], r[quality]), fontsize=5, alpha=0.7)
     front = pareto_front([(r["speedup"], r[quality]) for r in rows], lower_is_better)
+    if annotate:
+        # Only the front is named (the rest are dominated: their colour says their family),
+        # each label nudged off its point by a step that cycles, so neighbours do not pile up.
+        for n, i in enumerate(front):
+            r = rows[i]
+            ax.annotate(r["mode"], (r["speedup"], r[quality]), xytext=(4, 4 + 7 * (n % 3)),
+                        textcoords="offset points", fontsize=6, alpha=0.8)
     ax.plot([rows[i]["speedup"] for i in front], [rows[i][quality] for i in front],
             "k--", lw=0.7, label="Pareto front")
     for family, colour in FAMILY_COLOURS.items():

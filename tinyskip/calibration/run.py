@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 
 from ..atomic import make_dirs, write_json_atomic
@@ -18,17 +17,12 @@ from ..jobs import CalibrateJob
 from ..model.exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, exit_examples,
                                      load_exit_classifier, save_exit_classifier,
                                      train_exit_classifier)
-from ..runtime import pick_device
+from ..runtime import pick_device, progress_bar
 from ..storage.data import prepare_corpus
 from ..storage.loading import load_source, run_data_config
 from . import ltt
 from .walk import (Example, decode_full, dee_losses, exit_confidences, sample_windows,
                    threshold_grid, walk_grid)
-
-
-def _bar(desc: str):
-    from tqdm import tqdm
-    return lambda it, **kw: tqdm(it, desc=desc, leave=False, disable=not sys.stderr.isatty(), **kw)
 
 
 def cached_examples(model, run_dir: Path, key: dict, windows, max_new_tokens: int,
@@ -42,7 +36,8 @@ def cached_examples(model, run_dir: Path, key: dict, windows, max_new_tokens: in
         saved = json.loads(path.read_text())
         if saved.get("key") == name:
             return [Example(**e) for e in saved["examples"]]
-    examples, _ = decode_full(model, _bar("full outputs")(windows), max_new_tokens, eos)
+    examples, _ = decode_full(model, progress_bar(windows, desc="full outputs"), max_new_tokens,
+                               eos)
     make_dirs(folder)
     write_json_atomic(path, {"key": name, "examples": [dataclasses.asdict(e) for e in examples]})
     return examples
@@ -105,7 +100,8 @@ def calibrate(job: CalibrateJob) -> dict:
                           job.measure, job.grid)
     walked = walk_grid(model, cal, base, grid, job.max_new_tokens, eos, job.loss, job.delta,
                        job.epsilon, job.quality, full_grid=job.check_splits > 0,
-                       progress=_bar(f"thresholds ({job.measure})"), classifier=classifier)
+                       progress=lambda g: progress_bar(g, desc=f"thresholds ({job.measure})"),
+                       classifier=classifier)
     res = ltt.calibrate_threshold(walked["thresholds"], walked["losses"], job.delta, job.epsilon)
     naive = ltt.naive_threshold(walked["thresholds"], walked["losses"], job.quality)
     conf, agree = exit_confidences(model, cal, job.measure, exits, classifier)

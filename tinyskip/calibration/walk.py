@@ -112,7 +112,10 @@ def walk_grid(model: Transformer, examples: list[Example], base: DEEConfig, grid
     rows, stats = [], []
     ltt_ok = naive_ok = True
     n = len(examples)
-    for lam in (progress(grid) if progress else grid):
+    walk = progress(grid) if progress else grid
+    for lam in walk:
+        if progress:
+            walk.set_postfix(threshold=f"{lam:.4g}")
         cfg = dataclasses.replace(base, threshold=[lam])
         losses, st = dee_losses(model, examples, cfg, max_new_tokens, eos_id, kind, classifier)
         rows.append(losses)
@@ -122,6 +125,8 @@ def walk_grid(model: Transformer, examples: list[Example], base: DEEConfig, grid
         naive_ok = naive_ok and ltt.keeps_quality(risk, quality)
         if not (ltt_ok or naive_ok or full_grid):
             break
+    if progress:
+        walk.close()
     return {"thresholds": grid[:len(rows)], "losses": np.stack(rows), "stats": stats}
 
 

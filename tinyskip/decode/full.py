@@ -54,7 +54,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
     out = torch.empty(B, n_new, dtype=torch.long, device=prompt.device)
     stops = torch.tensor(sorted(stop_set(eos_id)), dtype=torch.long, device=prompt.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    t0 = time.perf_counter()
+    t0, compiling = time.perf_counter(), step.compile_s
     n = 0
     for n in range(1, n_new + 1):
         tok = choose(logits, sampling, generator)                       # (B,)
@@ -70,7 +70,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
         logits = step.token(tok[:, None], E, cache, positions(T + n - 1, 1, prompt.device),
                             head, exit_kv=())[1][:, -1]
     sync(prompt.device)
-    stats.decode_s = time.perf_counter() - t0
+    stats.compile_s = step.compile_s - compiling
+    stats.decode_s = time.perf_counter() - t0 - stats.compile_s
     rows = [truncate_at_eos(r, eos_id)[0] for r in out[:, :n].tolist()]
     stats.new_tokens = sum(len(r) for r in rows)
     stats.add_exit(E, stats.new_tokens)

@@ -111,11 +111,26 @@ def _stdin_prompts() -> Iterator[str]:
 
 
 def opening_prompts(data: DataConfig, n: int = 3, words: int = 12) -> list[str]:
-    """The first ``words`` words of the test split's first ``n`` paragraphs (headings,
-    the " = Title = " lines, skipped)."""
+    """About the first ``words`` words of the test split's first ``n`` paragraphs
+    (headings, the " = Title = " lines, skipped), cut mid-sentence: never at a
+    punctuation mark nor just before one, so the text asks to be continued (an opening
+    that ends a sentence invites the end of the text at once)."""
     lines = [line.strip() for line in load_lines(data)[0]["test"]]
-    paragraphs = [line for line in lines if line and not line.startswith("=")]
-    return [" ".join(p.split()[:words]) for p in paragraphs[:n]]
+    paragraphs = [line.split() for line in lines if line and not line.startswith("=")]
+    return [" ".join(p[:opening_length(p, words)])
+            for p in paragraphs if len(p) > words][:n]
+
+
+def opening_length(paragraph: list[str], words: int) -> int:
+    """How many of ``paragraph``'s words (at most ``words``) an opening keeps: it backs off
+    until its last word is a word and the next one is not a punctuation mark."""
+    def mark(word: str) -> bool:
+        return not any(c.isalnum() for c in word)
+
+    cut = words
+    while cut > 1 and (mark(paragraph[cut - 1]) or mark(paragraph[cut])):
+        cut -= 1
+    return cut
 
 
 def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
@@ -137,6 +152,7 @@ def generations(job: InferJob) -> Iterator[dict]:
     eos = tok.stop_ids() if job.stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(job.seed)
     steps = Steps(model, compile=job.compile)       # shared, so graphs compile once
+    note = True                                     # the regime note goes with the first
     for text in read_prompts(job, lambda: opening_prompts(run_data_config(loaded.run_dir,
                                                                             job.data))):
         ids = tok.encode(text)
@@ -146,17 +162,61 @@ def generations(job: InferJob) -> Iterator[dict]:
         tokens = gen.tokens[0]
         yield {"prompt": text, "mode": spec.label, "prompt_ids": ids, "ids": tokens,
                "text": continuation(tok, ids, tokens), "stats": gen.stats.as_dict(),
-               "calibration": str(cal_path) if cal_path else None}
+               "ended": bool(tokens) and tokens[-1] in tok.stop_ids(),
+               "compiled": steps.compiled,
+               "calibration": str(cal_path) if cal_path else None,
+               "note": regime_note(model, spec.mode) if note else None}
+        note = False
+
+
+# Weights below about this size stay in a CPU's last-level cache (32 MiB measured here):
+# there a step is bound by compute and per-op overhead, not by reading the weights.
+CACHE_RESIDENT_BYTES = 32 * 2 ** 20
+
+
+def regime_note(model, mode: str) -> Optional[str]:
+    """One honest line for an early-exit mode on a model small enough to live in cache,
+    where early exit does not pay (docs/results/decoding.md shows it measured)."""
+    if mode not in ("ssd", "dee"):
+        return None
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if size >= CACHE_RESIDENT_BYTES:
+        return None
+    return (f"note: this model's weights ({size / 2 ** 20:.1f} MiB) fit in a CPU cache, where "
+            f"a step costs compute and per-op overhead rather than reading weights, so "
+            f"mode={mode} is usually slower than full decoding here; early exit pays on "
+            "models bound by reading their weights (docs/results/decoding.md; compare with "
+            "python -m tinyskip.bench)")
 
 
 def infer(job: InferJob) -> list[dict]:
     return list(generations(job))
 
 
-def stats_line(s: dict) -> str:
-    line = (f"[{s['new_tokens']} new tokens, {s['tokens_per_s']:.1f} tok/s, prefill "
-            f"{s['prompt_tokens']} tokens in {s['prefill_s'] * 1e3:.1f} ms, "
-            f"{s['layers_per_token']:.2f} layers/token, {s['heads_per_token']:.2f} heads/token")
+def shown_text(r: dict) -> str:
+    """A generation as ``infer`` prints it: the prompt, ``->``, the continuation; ``<end>``
+    where the model ended the text, and ``[...]`` where the length limit cut it, after
+    the last whole word (a cut token can be half a word)."""
+    text = r["text"].rstrip("\n")
+    if r["ended"]:
+        return f"{r['prompt']} -> {text.strip()} <end>"
+    words = text.split()
+    # Cut by the limit: the last word may go on in the next token, so it is left out.
+    return f"{r['prompt']} -> {' '.join(words[:-1] if len(words) > 1 else words)} [...]"
+
+
+def stats_line(r: dict) -> str:
+    """A generation's statistics; the time compiling graphs is shown apart, never in tok/s."""
+    s = r["stats"]
+    steps = "compiled steps" if r["compiled"] else "eager steps"
+    if r["ended"] and s["new_tokens"] == 1:
+        line = f"[the model ended the text at once: no decoding speed to report, {steps}"
+    else:
+        line = f"[{s['new_tokens']} new tokens, {s['tokens_per_s']:.1f} tok/s, {steps}"
+    if s["compile_s"]:
+        line += f" (compiling the decoding steps took {s['compile_s']:.1f} s, not counted)"
+    line += (f", prefill {s['prompt_tokens']} tokens in {s['prefill_s'] * 1e3:.1f} ms, "
+             f"{s['layers_per_token']:.2f} layers/token, {s['heads_per_token']:.2f} heads/token")
     if "acceptance" in s:
         line += f", acceptance {s['acceptance']:.2f}, mean accepted {s['mean_accepted']:.2f}"
     if s.get("mean_exit") is not None:

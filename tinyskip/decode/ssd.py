@@ -54,7 +54,7 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     module_kv = (E,)
     through_module = model.exit_module(E) is not None      # (looked up once, not per draft)
     out = [first_token(model, prompt, cache, stats, sampling, generator, module_kv)]
-    t0 = time.perf_counter()
+    t0, compiling = time.perf_counter(), step.compile_s
     # Exit states of one round: at most k drafts plus the last committed token (the
     # buffer never exceeds what the budget can use, whatever k asks for).
     width = min(cfg.k, n_new) + 1
@@ -115,6 +115,7 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         stats.accept_hist += [0] * (a + 1 - len(stats.accept_hist))
         stats.accept_hist[a] += 1
     sync(dev)
-    stats.decode_s = time.perf_counter() - t0
+    stats.compile_s = step.compile_s - compiling
+    stats.decode_s = time.perf_counter() - t0 - stats.compile_s
     stats.new_tokens = len(out)
     return Generation([out], stats)

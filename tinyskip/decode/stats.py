@@ -25,7 +25,8 @@ class DecodeStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0            # the new tokens' time, compiling graphs not counted
+    compile_s: float = 0.0           # calls that compiled a graph first (see Steps)
     calls: dict[str, float] = field(default_factory=dict)
     rounds: int = 0
     drafted: int = 0

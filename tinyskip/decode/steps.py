@@ -8,6 +8,7 @@ import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import torch
+from torch._dynamo.utils import counters
 
 from ..config import SamplingConfig, UserError
 from ..model.exits import ExitHead
@@ -119,6 +120,9 @@ class Steps:
     def __init__(self, model: Transformer, compile: bool = False):
         self.model = model
         self.compiled = compile
+        # Seconds of the calls that compiled a graph before running it: a loop takes what
+        # accrued during its generation out of its decoding time (DecodeStats.compile_s).
+        self.compile_s = 0.0
         self._token_fn = self._wrap(self._token) if compile else self._token
         self._blocks_fn = self._wrap(self._blocks) if compile else self._blocks
         self._states_fn = self._wrap(self._states) if compile else self._states
@@ -134,8 +138,9 @@ class Steps:
         state = {"fn": compiled}
 
         def call(*args):
+            graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
             try:
-                return state["fn"](*args)
+                out = state["fn"](*args)
             except Exception as e:    # no C++ compiler, unsupported backend, ...
                 if state["fn"] is fn:
                     raise
@@ -143,6 +148,9 @@ class Steps:
                               "decoding eagerly", stacklevel=2)
                 state["fn"] = fn
                 return fn(*args)
+            if counters["stats"]["unique_graphs"] != graphs:
+                self.compile_s += time.perf_counter() - t0
+            return out
         return call
 
     # The head's weight goes in as a tensor, not the ExitHead: a compiled graph then takes it

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..config import ConfigError, TrainConfig
 from ..jobs import TrainJob
 from ..model.exit_modules import ExitModules, check_exit_layers
 from ..model.transformer import Transformer
-from ..runtime import autocast, pick_device
+from ..runtime import autocast, pick_device, progress_bar
 from ..storage.checkpoint import CHECKPOINT, CheckpointError, load_train_state, run_folder
 from ..storage.data import get_batch, prepare_corpus
 from ..storage.exit_checkpoint import EXITS, exits_folder, load_exit_modules, save_exit_modules
@@ -190,9 +189,8 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
     train_time, train_tokens, window = 0.0, 0, []
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=tc.max_steps, initial=start, desc=f"exit modules {job.run_name}",
-                   dynamic_ncols=True, disable=not sys.stderr.isatty())
+        bar = progress_bar(total=tc.max_steps, initial=start,
+                            desc=f"exit modules {job.run_name}")
     for step in range(start, tc.max_steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:

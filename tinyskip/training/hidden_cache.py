@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from ..atomic import make_dirs, publish_dir, temp_dir
+from ..runtime import progress_bar
 from ..storage.checkpoint import CheckpointError
 
 # numpy has no bfloat16: such caches hold the raw 16-bit patterns.
@@ -103,9 +103,7 @@ def open_or_build(folder: Path, meta: dict, explicit: bool,
         array = np.memmap(tmp / "states.bin", dtype=_NUMPY[dtype], mode="w+", shape=shape)
         steps = range(meta["steps"])
         if progress:
-            from tqdm import tqdm
-            steps = tqdm(steps, desc="hidden-state cache", leave=False,
-                         disable=not sys.stderr.isatty())
+            steps = progress_bar(steps, desc="hidden-state cache")
         for step in steps:
             exits, last = states_of(step)                        # (n, B, T, d), (B, T, d)
             both = torch.cat([exits, last[None]]).to(dtype).cpu()

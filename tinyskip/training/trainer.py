@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ..atomic import append_text, make_dirs, write_json_atomic
 from ..config import ConfigError, TrainConfig
 from ..jobs import TrainJob
 from ..model.transformer import Transformer
-from ..runtime import autocast, pick_device
+from ..runtime import autocast, pick_device, progress_bar
 from ..storage.checkpoint import (CHECKPOINT, CheckpointError, load_model, load_model_config,
                                   load_train_state, resolve_checkpoint, run_folder, save_checkpoint)
 from ..storage.data import get_batch, prepare_corpus
@@ -202,11 +201,7 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     train_time, train_tokens, window_losses = 0.0, 0, []
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
-
-        # Quiet when stderr is not a terminal (logs, pipes): evaluations are still written.
-        bar = tqdm(total=tc.max_steps, initial=start, desc=f"train {job.run_name}",
-                   dynamic_ncols=True, disable=not sys.stderr.isatty())
+        bar = progress_bar(total=tc.max_steps, initial=start, desc=f"train {job.run_name}")
     for step in range(start, tc.max_steps):
         t0 = time.perf_counter()
         lr = cosine_lr(tc, step)
