@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Inputs for every notebook from a fresh clone, in a few minutes on 2 cores:
+# Inputs for every notebook from a fresh clone, in about a minute on 2 cores:
 #
 #   bash notebooks/tiny_inputs.sh DATA_PATH [OUT]      # OUT defaults to logs/notebooks
 #

@@ -1,5 +1,4 @@
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -146,24 +145,30 @@ def no_cxx():
     torch._dynamo.reset()
 
 
-def _project_files() -> set[str]:
-    """Untracked and ignored paths of the checkout, less what running Python itself leaves
-    (bytecode, the test cache, virtual environments, the editable install's metadata)."""
-    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
-                         cwd=REPO, capture_output=True, text=True).stdout
-    skip = ("__pycache__", ".pytest_cache", ".venv", ".egg-info")
-    return {line[3:] for line in out.splitlines()
-            if line[:2] in ("??", "!!") and not any(s in line for s in skip)}
+def _project_files() -> dict[str, tuple]:
+    """Every file and folder of the checkout with its size and modification time, less
+    what running Python itself leaves (bytecode, the test cache, virtual environments, the
+    editable install's metadata) and git's own folder."""
+    skip = (".git", "__pycache__", ".pytest_cache")
+    found = {}
+    for folder, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".venv")
+                   and not d.endswith(".egg-info")]
+        rel = os.path.relpath(folder, REPO)
+        found[rel] = ("folder",)
+        for name in names:
+            st = os.stat(os.path.join(folder, name))
+            found[os.path.join(rel, name)] = (st.st_size, st.st_mtime_ns)
+    return found
 
 
 @pytest.fixture(scope="session", autouse=True)
 def project_tree_untouched():
-    """The whole suite writes under temporary folders only: a file it leaves in the
-    checkout (a run folder, a checkpoint, a cache) fails the session."""
-    if not (REPO / ".git").exists():
-        yield
-        return
+    """The whole suite writes under temporary folders only: a file or folder it creates,
+    changes or removes in the checkout (a run folder, a checkpoint, a cache) fails the
+    session."""
     before = _project_files()
     yield
-    left = sorted(_project_files() - before)
-    assert not left, f"the tests left files in the project: {left[:10]}"
+    after = _project_files()
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    assert not changed, f"the tests changed the project's tree: {changed[:10]}"

@@ -294,7 +294,8 @@ class SamplingConfig:
         return self.temperature == 0
 
 
-# Exits are numbered by blocks run: exit E (1..L) is the head on the output of block E-1.
+# Exits are numbered by blocks run: exit E (1..L) is the head on the output of the E-th
+# block (``layers[E - 1]``).
 
 MODES = ("full", "static", "ssd", "dee")
 

@@ -157,17 +157,17 @@ class InferJob(CheckpointSource):
         check_seed("seed", self.seed)
         if self.mode == "static" and self.exit_layer is None:
             raise ConfigError("mode=static needs exit_layer=<1..L>")
-        if self.mode == "ssd":
-            if self.draft_layer is None:
-                raise ConfigError("mode=ssd needs draft_layer=<1..L> (and k=<drafts per round>)")
-            self.ssd()
+        if self.mode == "ssd" and self.draft_layer is None:
+            raise ConfigError("mode=ssd needs draft_layer=<1..L> (and k=<drafts per round>)")
         if self.prompt is not None and self.prompts_file is not None:
             raise ConfigError('give prompt="..." or prompts_file=<file>, not both')
         self.threshold = dee_threshold(self.threshold)
-        if self.mode == "dee":
-            self.dee()
-            if self.calibrated:
-                self._check_calibrated()
+        # Every mode's options are checked whatever the mode: a bad value is refused even
+        # where this mode would ignore it.
+        self.ssd()
+        self.dee()
+        if self.calibrated:
+            self._check_calibrated()
         check_source(self)
         check_dtype(self)
         check_out(self)
@@ -196,9 +196,9 @@ class InferJob(CheckpointSource):
         against it when it is read (``decode/run.py``)."""
         if self.calibration and self.threshold:
             raise ConfigError("give threshold=... or calibration=..., not both")
-        if self.exits or self.decay_tau:
-            raise ConfigError("exits= and decay_tau= change the decoder the calibration file "
-                              "certifies: give threshold= to use them")
+        if self.exits or self.decay_tau or self.check_every != 1:
+            raise ConfigError("exits=, check_every= and decay_tau= change the decoder the "
+                              "calibration file certifies: give threshold= to use them")
         if not self.sampling().greedy:
             raise ConfigError(f"temperature={self.temperature}: a calibration file certifies "
                               "greedy decoding; sample with threshold= instead (no guarantee)")
@@ -252,7 +252,7 @@ class BenchJob(CheckpointSource):
         if bool(self.measure) != bool(self.threshold):
             raise ConfigError(f"measure={self.measure}, threshold="
                               f"{self.threshold}: give both for DEE rows (or neither)")
-        for m in self.measure:
+        for m in self.measure or ["softmax"]:      # each cache and check_every, rows or not
             for c in self.cache:
                 DEEConfig(m, list(self.threshold), cache=c, check_every=self.check_every)
         if self.hf_early_exit and not self.hf_baseline:

@@ -4,7 +4,7 @@
 runs in a forked child exactly as ``python -m tinyskip.<entry> <args>`` would (the module
 runs as ``__main__`` with ``sys.argv`` set, in ``cwd``, with stdin empty), so its exit
 status, stdout and stderr are its own. Only the interpreter start-up and the imports are
-shared, which makes forty cases cost seconds instead of minutes on a busy machine.
+shared, which makes dozens of cases cost seconds instead of minutes on a busy machine.
 
 Around every case the files under ``cwd``, the ``watch`` folders and the run folders'
 root (``$TINYSKIP_LOGS``) are fingerprinted, and the paths the case created, changed or

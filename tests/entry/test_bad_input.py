@@ -3,10 +3,9 @@ line naming the value, no traceback, and nothing written.
 
 The cases run as ``python -m tinyskip.<entry> ...`` in a temporary working folder that
 holds copies of the tiny trained run (some broken on purpose), through
-tests/entry_runner.py: one interpreter start-up, one forked child per case. Two cases
-are also run as real subprocesses, to show that the runner reports what they report.
-Hydra's log folder (``logs/``), which every run writes once composition succeeds, is the
-one thing a failed run may leave.
+tests/entry/entry_runner.py: one interpreter start-up, one forked child per case. Two
+cases are also run as real subprocesses, to show that the runner reports what they
+report. A refused job leaves no run folder either (under ``$TINYSKIP_LOGS``).
 """
 
 import json
@@ -75,6 +74,16 @@ CASES = [
      "past this generation's 128-slot cache"),
     ("bench", ["run=tiny", "calibration=[nope.json]"], "calibration: 'nope.json' does not exist"),
     ("bench", ["run=tiny", "out_dir=latin1.txt"], "out_dir='latin1.txt' is a file: give a folder"),
+    ("bench", ["run=tiny", "cache=[share]"], "cache='share': must be one of propagate"),
+    ("bench", ["run=tiny", "check_every=0"], "check_every=0: must be >= 1"),
+    # Every mode's options are checked, whichever mode runs.
+    ("infer", ["run=tiny", "mode=full", "measure=bogus"], "measure='bogus': must be one of"),
+    ("infer", ["run=tiny", "mode=ssd", "draft_layer=2", "cache=share"], "cache='share': must be"),
+    # A calibration certifies one decoder: what would change it is refused.
+    ("infer", ["run=tiny", "mode=dee", "check_every=3"],
+     "exits=, check_every= and decay_tau= change the decoder the calibration file certifies"),
+    ("infer", ["run=tiny", "mode=dee", "temperature=0.7"],
+     "temperature=0.7: a calibration file certifies greedy decoding"),
     # Rejected when the run, its files or the data are looked at.
     ("train", ["run=../../x"], "run='../../x': a run name must be a relative path inside"),
     ("infer", ["run=/tmp/x", "prompt=hi"], "run='/tmp/x': a run name must be a relative path inside"),

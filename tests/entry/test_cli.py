@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -112,3 +113,11 @@ def test_evaluate_reports_every_exit(run_args, trained_tiny):
     share = res["words"] * res["tokens"] / predictable
     for loss, ppl in zip(res["loss"], res["word_ppl"]):
         assert ppl == pytest.approx(math.exp(loss * res["tokens"] / share), rel=1e-9)
+
+
+def test_evaluate_in_a_log_reports_its_batches_then_the_table(cli, run_args):
+    done = cli("tinyskip.evaluate", *run_args, "split=test", "max_batches=2")
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert re.search(r"^eval: 2/2, \d+:\d\d elapsed$", done.stderr, re.M), done.stderr[-1500:]
+    assert done.stdout.splitlines()[1].split() == ["exit", "loss/token", "word", "ppl", "top-1",
+                                                   "agree", "p(last", "top)"]

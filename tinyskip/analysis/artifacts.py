@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 from typing import Union
 
+from ..storage.checkpoint import read_json
+
+# read_json is the readers' too (the notebooks import it from here).
+__all__ = ["read_json", "read_metrics", "bench_results"]
+
 PathLike = Union[str, Path]
-
-
-def read_json(path: PathLike) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def read_metrics(run_dir: PathLike) -> list[dict]:

@@ -133,8 +133,9 @@ def check_on(model, job: CalibrateJob, held_out: list[Example], base: DEEConfig,
              thresholds: dict, eos: int, classifier=None) -> dict:
     """Loss, exits and speed of each calibrated threshold on a held-out split."""
     # Full decoding timed here, in the same process as the DEE rows it is compared with.
-    _, full = decode_full(model, [(e.prompt, e.reference) for e in held_out], job.max_new_tokens,
-                          eos)
+    windows = [(e.prompt, e.reference) for e in held_out]
+    _, full = decode_full(model, progress_bar(windows, desc=f"full on {job.test_split}"),
+                          job.max_new_tokens, eos)
     full_tps = full.tokens_per_s
     report = {"split": job.test_split, "n": len(held_out), "full_tokens_per_s": full_tps}
     for name, lam in thresholds.items():

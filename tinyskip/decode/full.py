@@ -20,7 +20,6 @@ from .steps import (Steps, StopIds, budget, new_cache, positions, prefill, stop_
                     truncate_at_eos)
 
 
-@torch.no_grad()
 def check_exit_layer(exit_layer: Optional[int], num_layers: int) -> None:
     """A static exit runs blocks [0, E): E in 1..L."""
     if not 1 <= (exit_layer or 0) <= num_layers:
@@ -28,6 +27,7 @@ def check_exit_layer(exit_layer: Optional[int], num_layers: int) -> None:
                         "blocks to run)")
 
 
+@torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
              exit_layer: Optional[int] = None, sampling: SamplingConfig = SamplingConfig(),
              eos_id: StopIds = None, generator: Optional[torch.Generator] = None,

@@ -163,7 +163,7 @@ def generations(job: InferJob) -> Iterator[dict]:
         yield {"prompt": text, "mode": spec.label, "prompt_ids": ids, "ids": tokens,
                "text": continuation(tok, ids, tokens), "stats": gen.stats.as_dict(),
                "ended": bool(tokens) and tokens[-1] in tok.stop_ids(),
-               "compiled": steps.compiled,
+               "compiled": steps.compiled and spec.mode != "dee",   # DEE's steps: eager
                "calibration": str(cal_path) if cal_path else None,
                "note": regime_note(model, spec.mode) if note else None}
         note = False
@@ -177,7 +177,7 @@ CACHE_RESIDENT_BYTES = 32 * 2 ** 20
 def regime_note(model, mode: str) -> Optional[str]:
     """One honest line for an early-exit mode on a model small enough to live in cache,
     where early exit does not pay (docs/results/decoding.md shows it measured)."""
-    if mode not in ("ssd", "dee"):
+    if mode not in ("ssd", "dee") or model.lm_head.weight.device.type != "cpu":
         return None
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     if size >= CACHE_RESIDENT_BYTES:

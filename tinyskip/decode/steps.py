@@ -147,6 +147,7 @@ class Steps:
                 warnings.warn(f"torch.compile is unavailable here ({type(e).__name__}): "
                               "decoding eagerly", stacklevel=2)
                 state["fn"] = fn
+                self.compiled = False             # what the statistics report
                 return fn(*args)
             if counters["stats"]["unique_graphs"] != graphs:
                 self.compile_s += time.perf_counter() - t0

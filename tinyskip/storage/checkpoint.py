@@ -38,8 +38,9 @@ class CheckpointError(UserError):
     """A checkpoint is missing, incomplete or does not match what was asked."""
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path | str) -> Any:
     """A JSON file tinyskip or Hugging Face wrote; unreadable content is one clear error."""
+    path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
