@@ -16,6 +16,8 @@ WIKITEXT = Path(os.environ.get("TINYSKIP_WIKITEXT",
 # not, go to a temporary folder: the suite leaves the project's tree as it found it
 # (checked by ``project_tree_untouched``).
 os.environ["TINYSKIP_LOGS"] = tempfile.mkdtemp(prefix="tinyskip-test-logs-")
+# Likewise the converted-model cache (GGUF files), which defaults to ~/.cache/tinyskip.
+os.environ["TINYSKIP_CACHE"] = tempfile.mkdtemp(prefix="tinyskip-test-cache-")
 
 # Tiny tensors gain nothing from threads, and one thread per test process keeps the
 # suite fast when other work (or the DDP test's two ranks) shares the cores.

@@ -75,6 +75,9 @@ CASES = [
     ("bench", ["run=tiny", "calibration=[nope.json]"], "calibration: 'nope.json' does not exist"),
     ("bench", ["run=tiny", "out_dir=latin1.txt"], "out_dir='latin1.txt' is a file: give a folder"),
     ("bench", ["run=tiny", "cache=[share]"], "cache='share': must be one of propagate"),
+    ("infer", ["model=hf_llama", "model.path=bad.gguf", "prompt=hi"], "bad.gguf is not a GGUF file"),
+    ("infer", ["model=hf_llama", "model.path=none.gguf", "prompt=hi"],
+     "model.path='none.gguf': no such GGUF file"),
     ("bench", ["run=tiny", "check_every=0"], "check_every=0: must be >= 1"),
     # Every mode's options are checked, whichever mode runs.
     ("infer", ["run=tiny", "mode=full", "measure=bogus"], "measure='bogus': must be one of"),
@@ -152,6 +155,7 @@ def workdir(trained_tiny, wikitext_path, tmp_path_factory) -> Path:
     (work / "hf_badcfg").mkdir()
     (work / "hf_badcfg" / "config.json").write_bytes(b'{"vocab_size": "\xe9"}')
     (work / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    (work / "bad.gguf").write_bytes(b"GGUF but not really")
     (work / "exists").mkdir()
     (work / "exists" / "a-file").write_text("not a cache")
     # Exit modules whose recorded backbone hash is not the backbone's.

@@ -25,6 +25,7 @@ from ..model.transformer import Transformer
 from ..runtime import DTYPES
 from .checkpoint import load_model, read_json, resolve_checkpoint
 from .data import load_tokenizer
+from .gguf import gguf_folder, is_gguf
 from .sentencepiece_json import to_tokenizer
 
 PREFIX = "model."
@@ -109,7 +110,10 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
 
 # -- import ------------------------------------------------------------------------------
 def resolve_folder(path_or_id: str) -> Path:
-    """A local folder as is; otherwise a Hub id, downloaded through huggingface_hub."""
+    """A local folder as is; a GGUF file as the folder made from it (gguf.py); otherwise a
+    Hub id, downloaded through huggingface_hub."""
+    if is_gguf(path_or_id):
+        return gguf_folder(path_or_id)
     local = Path(path_or_id).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
