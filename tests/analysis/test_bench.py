@@ -112,6 +112,11 @@ def test_the_entry_point_writes_json_csv_markdown_and_a_pareto_plot(run_args, tm
     assert md[2].startswith("| mode |") and sum(line.startswith("| ssd E=2 k=2 |") for line in md) == 1
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(res["rows"][0]["ppl"]) and 0.0 <= res["rows"][0]["rouge_l"] <= 1.0
+    # Achieved bandwidth: the bytes each token read over its time, beside a streaming read.
+    assert res["stream_gb_per_s"] > 0
+    for r in res["rows"]:
+        assert r["gb_per_s"] == pytest.approx(r["bytes_per_token"] * r["tokens_per_s"] / 1e9)
+    assert res["rows"][1]["bytes_per_token"] < res["rows"][0]["bytes_per_token"]  # exit 1: less
 
 
 def test_median_extra_seconds_is_what_the_first_call_adds_to_the_second():
@@ -167,3 +172,24 @@ def test_the_table_says_why_early_exit_ran_slower_only_when_it_did():
            "0.80x)" in line
     assert regime_line(res(("ssd", False, 110.0), ("dee", False, 140.0),
                            ("ssd", True, 330.0))) == ""
+
+
+def test_bytes_per_token_is_the_blocks_kv_buffers_and_head_counted_by_hand(tiny_config):
+    """A full generation of n tokens on a 4-block model: every token's pass reads each
+    block's weights and its whole KV buffers once, and the head once."""
+    from tinyskip.analysis.bandwidth import bytes_per_token, call_bytes
+    from tinyskip.decode import generate
+    from tinyskip.decode.steps import cache_size
+    from tinyskip.model.transformer import Transformer
+
+    cfg = tiny_config(tie_word_embeddings=False)          # d 32, 4 heads of 8, 2 kv, I 64, V 97
+    model = Transformer(cfg).eval()
+    g = generate(model, torch.tensor([[3, 4, 5]]), 6)
+    slots = cache_size(model, 3 + 6)
+    block = 4 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64 + 2 * 32)   # q, k+v, o, mlp, norms
+    kv = 4 * 2 * slots * 2 * 8
+    head = 4 * (97 * 32 + 32)                                              # lm_head and norm
+    assert bytes_per_token(g.stats.calls, g.stats.new_tokens, model, slots) == \
+        4 * (block + kv) + head
+    # DEE's propagation into a skipped block: its norm, key and value projections.
+    assert call_bytes(model, slots)["kv"] == 4 * (32 + 2 * 32 * 16)

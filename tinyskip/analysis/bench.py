@@ -28,6 +28,7 @@ from ..runtime import pick_device, progress_bar
 from ..storage.data import load_lines
 from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
                                exit_classifier_for, load_source, read_calibration, run_data_config)
+from .bandwidth import bytes_per_token, stream_bandwidth
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
 from .quality import RougeL, continuation_nll, perplexity
@@ -186,6 +187,7 @@ def benchmark(job: BenchJob) -> dict:
                 t["exact"] += out == reference
                 t["f1_loss"] += f1_loss(out, reference)     # DEE's calibration loss
                 bar.update()
+    slots = cache_size(model, needed)             # every generation's cache (equal lengths)
     widths = [int(k.split(":")[1]) for t in totals.values() for k in t["stats"].calls]
     costs = unit_costs(model, job.prompt_len + job.max_new_tokens // 2, max(widths))
     quality = Quality(loaded, prompts, references)
@@ -206,9 +208,11 @@ def benchmark(job: BenchJob) -> dict:
                      "mean_exit": st.mean_exit, "exit_hist": st.exit_hist or None,
                      "agreement": t["agree"] / n, "exact_match": t["exact"] / len(prompts),
                      "f1_loss": t["f1_loss"] / len(prompts), **quality(t["generated"]),
-                     "cost_s": cost, "warmup_s": warmup[label]})
+                     "cost_s": cost, "warmup_s": warmup[label],
+                     "bytes_per_token": bytes_per_token(st.calls, n, model, slots)})
     full = rows[0]
     for r in rows:
+        r["gb_per_s"] = r["bytes_per_token"] * r["tokens_per_s"] / 1e9
         r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
         r["predicted"] = full["cost_s"] / r["cost_s"]
         r["efficiency"] = r["speedup"] / r["predicted"]
@@ -233,4 +237,5 @@ def benchmark(job: BenchJob) -> dict:
     return {"checkpoint": str(loaded.exits or loaded.source), "device": str(device),
             "threads": torch.get_num_threads(), "prompts": len(prompts),
             "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
-            "costs": costs, "rows": rows, "hf": hf, "levers": levers, "ssd_costs": ssd}
+            "costs": costs, "rows": rows, "hf": hf, "levers": levers, "ssd_costs": ssd,
+            "stream_gb_per_s": stream_bandwidth(device) / 1e9}

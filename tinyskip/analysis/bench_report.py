@@ -23,7 +23,7 @@ CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "
                "tokens_per_s", "tokens_per_s_prompt_mean", "speedup", "prefill_ms",
                "layers_per_token", "heads_per_token", "predicted", "efficiency", "acceptance",
                "accept_hist", "mean_exit", "exit_hist", "agreement", "exact_match", "f1_loss",
-               "ppl", "rouge_l", "warmup_s"]
+               "ppl", "rouge_l", "warmup_s", "bytes_per_token", "gb_per_s"]
 
 
 def _num(x, fmt: str, suffix: str = "") -> str:
@@ -39,13 +39,14 @@ def describe(res: dict) -> str:
             f"{c['head:1'] * 1e6:.0f} us, full step {c['step'] * 1e6:.0f} us (outside blocks "
             f"and head: {c['overhead'] * 100:.1f}%); the step's matrix products as eager "
             f"calls {c['matmuls'] * 1e6:.0f} us ({c['matmuls'] / c['step'] * 100:.0f}% of the "
-            f"step; levers=true measures them in one compiled graph, the floor).")
+            f"step; levers=true measures them in one compiled graph, the floor). A streaming "
+            f"read of memory: {res['stream_gb_per_s']:.1f} GB/s.")
 
 
 def format_table(res: dict) -> str:
     cols = (f"{'mode':<46}{'tok/s':>8}{'speedup':>9}{'layers/t':>9}{'heads/t':>8}{'accept':>8}"
             f"{'exit':>6}{'agree':>7}{'exact':>6}{'f1loss':>7}{'ppl':>8}{'rougeL':>7}"
-            f"{'predicted':>10}{'effic.':>8}")
+            f"{'predicted':>10}{'effic.':>8}{'GB/s':>7}{'% stream':>9}")
     lines = [describe(res), cols, "-" * len(cols)]
     for r in res["rows"]:
         lines.append(f"{r['mode']:<46}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
@@ -53,7 +54,8 @@ def format_table(res: dict) -> str:
                      f"{_num(r['acceptance'], '.2f'):>8}{_num(r['mean_exit'], '.2f'):>6}"
                      f"{r['agreement']:>7.2f}{r['exact_match']:>6.2f}{r['f1_loss']:>7.3f}"
                      f"{r['ppl']:>8.1f}{r['rouge_l']:>7.3f}{r['predicted']:>9.2f}x"
-                     f"{r['efficiency']:>8.2f}")
+                     f"{r['efficiency']:>8.2f}{r['gb_per_s']:>7.1f}"
+                     f"{r['gb_per_s'] / res['stream_gb_per_s']:>9.0%}")
     for r in res["hf"]:
         lines.append(f"{r['mode']:<46}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
                      f"{'':>33}{r['agreement']:>7.2f}{'':>13}{r['ppl']:>8.1f}"
@@ -89,7 +91,7 @@ def format_markdown(res: dict) -> str:
     """A GitHub table of every configuration (the README's results are pasted from it)."""
     head = ["mode", "tok/s", "tok/s (prompt mean)", "speedup", "prefill ms", "layers/tok",
             "heads/tok", "acceptance", "mean exit", "agreement", "exact", "f1 loss", "ppl",
-            "ROUGE-L", "predicted", "efficiency"]
+            "ROUGE-L", "predicted", "efficiency", "GB/s read"]
     lines = [describe(res), "", "| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in res["rows"] + res["hf"]:
@@ -100,7 +102,8 @@ def format_markdown(res: dict) -> str:
                  _num(r.get("mean_exit"), ".2f"), _num(r["agreement"], ".3f"),
                  _num(r.get("exact_match"), ".2f"), _num(r.get("f1_loss"), ".3f"),
                  _num(r["ppl"], ".1f"), _num(r["rouge_l"], ".3f"),
-                 _num(r.get("predicted"), ".2f", "x"), _num(r.get("efficiency"), ".2f")]
+                 _num(r.get("predicted"), ".2f", "x"), _num(r.get("efficiency"), ".2f"),
+                 _num(r.get("gb_per_s"), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     if res.get("levers"):
         lines += ["", format_levers(res["levers"])]

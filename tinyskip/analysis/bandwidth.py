@@ -1,0 +1,56 @@
+"""What a decoding step reads from memory, and how fast this machine reads.
+
+A one-token step on a model larger than the caches is bound by reading its weights: its
+floor is the bytes it reads over the memory bandwidth. ``bytes_per_token`` counts them
+from a generation's counted calls (``DecodeStats.calls``): each block call reads the
+block's weights once, whatever its width, and the block's whole KV cache buffers
+(attention reads every preallocated slot under a mask); each head call reads the head (a
+call over a draft vocabulary its share); each exit-module call the module; each of DEE's
+propagations into a skipped block its norm and key and value projections. The bench
+divides by the time per token for the achieved bandwidth, next to ``stream_bandwidth``,
+a plain read of a buffer far larger than the caches, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.transformer import Transformer
+from ..runtime import median_seconds
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def call_bytes(model: Transformer, slots: int) -> dict[str, int]:
+    """Bytes one call of each kind reads, with a KV cache of ``slots`` positions."""
+    cfg = model.config
+    elem = model.embed_tokens.weight.element_size()
+    kv = 2 * slots * cfg.num_key_value_heads * cfg.head_dim * elem     # keys and values
+    block = model.layers[0]
+    out = {"layer": _bytes(block) + kv,
+           "head": model.lm_head.weight.numel() * elem + _bytes(model.norm),
+           # DEE's state propagation into a skipped block: its norm and key and value
+           # projections read, one slot of its cache written.
+           "kv": sum(_bytes(m) for m in (block.input_layernorm, block.self_attn.k_proj,
+                                         block.self_attn.v_proj))}
+    if model.exit_modules is not None:         # one kind of module: price the first
+        module = model.exit_module(model.exit_modules.exit_layers[0])
+        out["module"] = _bytes(module) + (kv if module.has_attention else 0)
+    return out
+
+
+def bytes_per_token(calls: dict[str, float], new_tokens: int, model: Transformer,
+                    slots: int) -> float:
+    """Bytes read per new token by the counted calls of a generation (or a sum of them)."""
+    price = call_bytes(model, slots)
+    return sum(count * price[key.split(":")[0]] for key, count in calls.items()) / new_tokens
+
+
+@torch.no_grad()
+def stream_bandwidth(device: torch.device, mib: int = 1024, reps: int = 5) -> float:
+    """Bytes per second of a streaming read (a sum over ``mib`` MiB of fp32, far larger
+    than any cache), the median of ``reps`` reads: the floor's denominator."""
+    buf = torch.ones(mib * 2 ** 20 // 4, dtype=torch.float32, device=device)
+    return buf.numel() * 4 / median_seconds(lambda: buf.sum(), reps, device)
