@@ -193,3 +193,20 @@ def test_bytes_per_token_is_the_blocks_kv_buffers_and_head_counted_by_hand(tiny_
         4 * (block + kv) + head
     # DEE's propagation into a skipped block: its norm, key and value projections.
     assert call_bytes(model, slots)["kv"] == 4 * (32 + 2 * 32 * 16)
+
+
+@pytest.mark.slow
+def test_the_transformers_baseline_runs_the_same_weights_from_either_source(run_args,
+                                                                             trained_tiny,
+                                                                             tmp_path):
+    """A tinyskip checkpoint (exported for transformers) and a Hugging Face folder (read
+    as it is): generate's greedy tokens equal tinyskip's full decoding in fp32."""
+    from tinyskip.storage.hf_llama import export_run
+    folder = export_run(trained_tiny[2], tmp_path / "hf")
+    data = [a for a in run_args if a.startswith("data.")]
+    common = ["n_prompts=2", "max_new_tokens=6", "exit_layer=[]", "draft_layer=[]",
+              "hf_baseline=true", "out_dir=null"]
+    for source in ([run_args[0]], ["model=hf_llama", f"model.path={folder}"]):
+        res = benchmark(compose_job("bench", source + data + common))
+        [hf] = res["hf"]
+        assert hf["mode"] == "hf generate" and hf["agreement"] == 1.0 and hf["tokens_per_s"] > 0

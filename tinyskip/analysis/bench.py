@@ -134,9 +134,6 @@ def benchmark(job: BenchJob) -> dict:
     if bad:
         raise UserError(f"hf_early_exit={job.hf_early_exit}: exits must be in 1..{L - 1} for "
                         f"this {L}-layer model")
-    if job.hf_baseline and loaded.tokenizer_file is None:
-        raise UserError("hf_baseline=true compares with a tinyskip checkpoint exported to "
-                        "transformers: give run= or checkpoint=")
     mid, needed = job.prompt_len + job.max_new_tokens // 2, job.prompt_len + job.max_new_tokens
     if job.ssd_costs and mid + max(job.k) + 1 > cache_size(model, needed):
         # Refused before the sweep, not after it: the priced verify would run past the cache.
@@ -218,8 +215,7 @@ def benchmark(job: BenchJob) -> dict:
         r["efficiency"] = r["speedup"] / r["predicted"]
     hf = []
     if job.hf_baseline:
-        hf = hf_rows(model, loaded.tokenizer_file, prompts, job.max_new_tokens,
-                     job.hf_early_exit, full_tokens)
+        hf = hf_rows(loaded, prompts, job.max_new_tokens, job.hf_early_exit, full_tokens)
         for r in hf:
             r["family"] = "transformers"
             r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]

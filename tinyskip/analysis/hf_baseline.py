@@ -1,5 +1,6 @@
-"""The ``transformers`` baselines of the benchmark: the same weights, exported through
-``export_hf``, decoded by ``LlamaForCausalLM.generate`` greedily, plain and with
+"""The ``transformers`` baselines of the benchmark: the same weights in the same dtype (the
+Hugging Face folder a model was loaded from, or a tinyskip checkpoint exported through
+``export_hf``), decoded by ``LlamaForCausalLM.generate`` greedily, plain and with
 ``assistant_early_exit=E`` (Hugging Face's self-speculation: the draft shares weights but
 keeps its own cache, and verification recomputes all L layers)."""
 
@@ -11,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from ..model.transformer import Transformer
 from ..storage.hf_llama import export_hf
+from ..storage.loading import Loaded
 
 
-def hf_rows(model: Transformer, tokenizer_file: Path, prompts: list[torch.Tensor],
-            max_new_tokens: int, early_exits: list[int], reference: list[list[int]]) -> list[dict]:
+def hf_rows(loaded: Loaded, prompts: list[torch.Tensor], max_new_tokens: int,
+            early_exits: list[int], reference: list[list[int]]) -> list[dict]:
     """tokens/s of ``generate`` per configuration (prefill excluded as in tinyskip's rows:
     a one-token generate per prompt is timed and subtracted) and agreement with
     ``reference`` (tinyskip's full greedy tokens). Empty when transformers is missing."""
@@ -25,9 +26,11 @@ def hf_rows(model: Transformer, tokenizer_file: Path, prompts: list[torch.Tensor
     except ImportError:
         print("transformers is not installed: the Hugging Face baselines are skipped")
         return []
+    dtype = loaded.model.embed_tokens.weight.dtype
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export_hf(model, tokenizer_file, Path(tmp) / "hf", torch.float32)
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        folder = Path(loaded.source) if loaded.fmt == "hf" else \
+            export_hf(loaded.model, loaded.tokenizer_file, Path(tmp) / "hf", torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     # The benchmark's tinyskip rows never stop early: neither does generate.
     hf.generation_config.eos_token_id = None
     rows = []

@@ -78,6 +78,7 @@ class Loaded:
     run_dir: Optional[Path] = None    # where this model's results go (calibration, classifier)
     exits: Optional[Path] = None      # the exit-module folder attached, if any
     _backbone_digest: Optional[str] = None
+    fmt: str = "tinyskip"             # the backbone's format: "tinyskip" or "hf" (a folder)
 
     def backbone_hash(self) -> str:
         """The backbone weights' hash (computed once, on demand: an 8B model is 16 GB)."""
@@ -101,7 +102,7 @@ def load_backbone(path: str, fmt: str, device: torch.device, dtype: str = "float
         model, folder = load_hf_llama(path, device, DTYPES[dtype])
         sp = folder / "tokenizer.model"
         return Loaded(model, HFTokenizer(folder, model.config), str(folder),
-                      sp if sp.is_file() else None, None)
+                      sp if sp.is_file() else None, None, fmt="hf")
     model, ckpt = load_model(path, device, DTYPES[dtype])
     tok = ckpt / "tokenizer.model"
     return Loaded(model, SentencePieceTokenizer(tok), str(ckpt), tok, ckpt.parent)
