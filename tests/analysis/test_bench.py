@@ -210,3 +210,20 @@ def test_the_transformers_baseline_runs_the_same_weights_from_either_source(run_
         res = benchmark(compose_job("bench", source + data + common))
         [hf] = res["hf"]
         assert hf["mode"] == "hf generate" and hf["agreement"] == 1.0 and hf["tokens_per_s"] > 0
+        assert hf["dtype"] == "float32"
+    # The same dtype as tinyskip's rows: generate in bf16 when they run in bf16.
+    res = benchmark(compose_job("bench", ["model=hf_llama", f"model.path={folder}",
+                                          "dtype=bfloat16"] + data + common))
+    assert res["hf"][0]["dtype"] == "bfloat16"
+
+
+def test_a_call_reads_its_weights_once_whatever_its_width(tiny_config):
+    """A verify of 3 positions reads each block once, not three times; a head call over a
+    draft vocabulary reads its share."""
+    from tinyskip.analysis.bandwidth import bytes_per_token, call_bytes
+    from tinyskip.model.transformer import Transformer
+
+    model = Transformer(tiny_config())
+    price = call_bytes(model, 256)
+    assert bytes_per_token({"layer:3": 2, "head:3": 1, "head:1": 0.25}, 1, model, 256) == \
+        2 * price["layer"] + 1.25 * price["head"]

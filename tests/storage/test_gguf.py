@@ -122,3 +122,39 @@ def test_the_conversion_is_cached_and_a_bad_file_leaves_nothing(tiny, cache, tmp
     with pytest.raises(GGUFError, match="is not a GGUF file"):
         gguf_folder(str(bad))
     assert sorted(p.name for p in (cache / "gguf").iterdir()) == [first.name]
+
+
+def _bad_gguf(path, arch="llama", drop=None, f64=False):
+    """A one-tensor GGUF that is wrong in one way."""
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, add in [("block_count", w.add_block_count), ("head_count", w.add_head_count),
+                     ("embedding_length", w.add_embedding_length)]:
+        if key != drop:
+            add(4 if key != "embedding_length" else 8)
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float64 if f64 else np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("gpt2", "architecture 'gpt2'; tinyskip reads llama GGUF files"),
+    ("no-heads", "has no llama.attention.head_count in its metadata"),
+    ("f64", "tensor output_norm.weight is F64, a type the gguf reader cannot dequantise"),
+    ("truncated", "is not a GGUF file"),
+])
+def test_a_gguf_tinyskip_cannot_read_is_one_line_and_leaves_nothing(tiny, cache, tmp_path,
+                                                                    kind, message):
+    path = tmp_path / f"{kind}.gguf"
+    if kind == "truncated":
+        path.write_bytes(tiny[1].read_bytes()[:1000])
+    else:
+        _bad_gguf(path, arch="gpt2" if kind == "gpt2" else "llama",
+                  drop="head_count" if kind == "no-heads" else None, f64=kind == "f64")
+    with pytest.raises(GGUFError, match=message) as e:
+        gguf_folder(str(path))
+    assert "\n" not in str(e.value)
+    assert not any((cache / "gguf").iterdir())

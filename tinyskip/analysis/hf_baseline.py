@@ -54,6 +54,7 @@ def hf_rows(loaded: Loaded, prompts: list[torch.Tensor], max_new_tokens: int,
             tokens += len(out)      # as tinyskip counts: every new token, prefill's time excluded
             agree += sum(a == b for a, b in zip(out, ref))
             outs.append(out)
-        rows.append({"mode": label, "tokens_per_s": tokens / seconds,
+        rows.append({"mode": label, "dtype": str(hf.dtype).removeprefix("torch."),
+                     "tokens_per_s": tokens / seconds,
                      "agreement": agree / sum(len(r) for r in reference), "generated": outs})
     return rows

@@ -31,6 +31,10 @@ MODEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                "output": "lm_head"}
 
 
+# Part of the cache key: a change to the conversion makes new folders, never reuses old ones.
+CONVERTER_VERSION = b"tinyskip-gguf-1"
+
+
 class GGUFError(UserError):
     """A GGUF file that is not a Llama model tinyskip can read."""
 
@@ -48,7 +52,7 @@ def gguf_folder(path: str) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
         raise GGUFError(f"model.path={path!r}: no such GGUF file")
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(CONVERTER_VERSION)
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
@@ -59,16 +63,26 @@ def gguf_folder(path: str) -> Path:
     tmp = temp_dir(folder.parent, f".{folder.name}-tmp-")
     try:
         _convert(file, tmp)
-    except BaseException:
+        publish_dir(tmp, folder)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)     # a refused or interrupted file leaves nothing
+        if isinstance(e, OSError) and (folder / "model.safetensors").is_file():
+            return folder                          # another process published it first
         raise
-    publish_dir(tmp, folder)
     return folder
 
 
-def _field(reader, key: str, default=None):
+_REQUIRED = object()
+
+
+def _field(reader, key: str, default=_REQUIRED):
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        if default is _REQUIRED:
+            raise GGUFError(f"the GGUF file has no {key} in its metadata (a Llama model needs "
+                            "it)")
+        return default
+    return field.contents()
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -91,16 +105,20 @@ def _convert(file: Path, out: Path) -> None:
     except Exception as e:        # the reader raises plain errors on a file it cannot parse
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise GGUFError(f"{file} is not a GGUF file ({type(e).__name__}: {reason})")
-    arch = _field(reader, "general.architecture")
+    arch = _field(reader, "general.architecture", None)
     if arch != "llama":
         raise GGUFError(f"{file}: architecture {arch!r}; tinyskip reads llama GGUF files")
-    if _field(reader, "llama.rope.scaling.type") not in (None, "none"):
+    if _field(reader, "llama.rope.scaling.type", None) not in (None, "none"):
         raise GGUFError(f"{file}: RoPE scaling in a GGUF file is not supported yet")
     heads = int(_field(reader, "llama.attention.head_count"))
     kv_heads = int(_field(reader, "llama.attention.head_count_kv", heads))
     tensors = {}
     for t in reader.tensors:
-        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)    # a writable copy
+        try:
+            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)   # writable copy
+        except NotImplementedError:
+            raise GGUFError(f"{file}: tensor {t.name} is {t.tensor_type.name}, a type the gguf "
+                            "reader cannot dequantise")
         w = w.reshape(tuple(int(n) for n in reversed(t.shape.tolist())))   # (out, in)
         part, _, kind = t.name.rpartition(".")
         if part.startswith("blk."):
@@ -128,11 +146,15 @@ def _convert(file: Path, out: Path) -> None:
         "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
         "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "lm_head.weight" not in tensors, "hidden_act": "silu",
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None),
         "torch_dtype": "float32"})
     save_file(tensors, str(out / "model.safetensors"))
     # The tokenizer as transformers reads it from the same file: its pre-tokenizer,
     # merges, special tokens and whether it adds BOS.
-    tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except Exception as e:       # no tokenizer in the file, or one transformers cannot build
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise GGUFError(f"{file}: no tokenizer transformers can read ({reason})")
     tokenizer.save_pretrained(str(out))
