@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from .config import (ConfigError, DataConfig, DEEConfig, ModelConfig, SamplingConfig, SSDConfig,
                      TrainConfig, check_mode, check_seed)
+from .runtime import DTYPES, QUANTIZE
 
 
 def check_source(job) -> None:
@@ -20,8 +21,21 @@ def check_source(job) -> None:
 
 
 def check_dtype(job) -> None:
-    if job.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype={job.dtype!r}: must be one of float32, bfloat16, float16")
+    if job.dtype not in DTYPES:
+        raise ConfigError(f"dtype={job.dtype!r}: must be one of {', '.join(DTYPES)}")
+    quantize = getattr(job, "quantize", "none")
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"quantize={quantize!r}: must be one of {', '.join(QUANTIZE)}")
+
+
+def precision(text: str) -> tuple[str, str]:
+    """A bench precision, ``DTYPE`` or ``DTYPE+QUANTIZE`` (``bfloat16+int8``: int8
+    weights, bf16 activations) -> (dtype, quantize), refused in one line when unknown."""
+    dtype, _, quantize = str(text).partition("+")
+    if dtype not in DTYPES or (quantize or "none") not in QUANTIZE:
+        raise ConfigError(f"precisions: {text!r} is not DTYPE or DTYPE+QUANTIZE (DTYPE one of "
+                          f"{', '.join(DTYPES)}; QUANTIZE one of {', '.join(QUANTIZE[1:])})")
+    return dtype, quantize or "none"
 
 
 def check_out(job) -> None:
@@ -146,6 +160,7 @@ class InferJob(CheckpointSource):
     out: Optional[str] = None                 # JSON with ids, text and statistics per prompt
     device: str = "auto"
     dtype: str = "float32"
+    quantize: str = "none"                    # int8: weight-only int8 (model/quantize.py)
     model: Optional[ModelConfig] = None       # model=hf_llama model.path=...
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -229,6 +244,11 @@ class BenchJob(CheckpointSource):
     threads: int = 0                          # 0 = torch's default
     device: str = "auto"
     dtype: str = "float32"
+    quantize: str = "none"                    # int8: weight-only int8 (model/quantize.py)
+    # Full decoding again at each further precision (DTYPE or DTYPE+int8), interleaved
+    # with the rows above: speed, bandwidth, agreement and the test text's perplexity.
+    precisions: list[str] = field(default_factory=list)
+    prefill_len: int = 0                      # > 0: a prompt this long prefilled per precision
     out_dir: Optional[str] = None            # results.{json,csv,md}, pareto.png (conf: logs/bench/<run>/<time>)
     model: Optional[ModelConfig] = None       # model=hf_llama model.path=...
     data: DataConfig = field(default_factory=DataConfig)
@@ -236,6 +256,10 @@ class BenchJob(CheckpointSource):
     def __post_init__(self) -> None:
         check_source(self)
         check_dtype(self)
+        for p in self.precisions:
+            precision(p)
+        if self.prefill_len < 0:
+            raise ConfigError(f"prefill_len={self.prefill_len}: must be >= 0 (0 = no prefill rows)")
         for name in ("n_prompts", "prompt_len", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")

@@ -12,6 +12,8 @@ import torch
 from .config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight-only quantisation of a loaded model (model/quantize.py), on top of its dtype.
+QUANTIZE = ("none", "int8")
 
 
 def pick_device(name: str) -> torch.device:
@@ -20,6 +22,18 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def check_runs(device: torch.device, dtype: torch.dtype, name: str) -> None:
+    """Refuse, in one line, a dtype this device cannot compute in, before a model is
+    loaded into it: a small product in that dtype is tried on the device."""
+    try:
+        a = torch.ones(2, 2, device=device, dtype=dtype)
+        (a @ a).sum().item()
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"dtype={name}: this machine's {device.type} cannot compute in it "
+                          f"({reason})") from None
 
 
 def autocast(device: torch.device, bf16: bool):

@@ -113,7 +113,8 @@ def test_the_entry_point_writes_json_csv_markdown_and_a_pareto_plot(run_args, tm
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(res["rows"][0]["ppl"]) and 0.0 <= res["rows"][0]["rouge_l"] <= 1.0
     # Achieved bandwidth: the bytes each token read over its time, beside a streaming read.
-    assert res["stream_gb_per_s"] > 0
+    assert 0 < res["stream_gb_per_s_min"] <= res["stream_gb_per_s"] <= res["stream_gb_per_s_max"]
+    assert res["stream_samples"] == 2                          # one read before each prompt
     for r in res["rows"]:
         assert r["gb_per_s"] == pytest.approx(r["bytes_per_token"] * r["tokens_per_s"] / 1e9)
     assert res["rows"][1]["bytes_per_token"] < res["rows"][0]["bytes_per_token"]  # exit 1: less
@@ -227,3 +228,42 @@ def test_a_call_reads_its_weights_once_whatever_its_width(tiny_config):
     price = call_bytes(model, 256)
     assert bytes_per_token({"layer:3": 2, "head:3": 1, "head:1": 0.25}, 1, model, 256) == \
         2 * price["layer"] + 1.25 * price["head"]
+
+
+def test_further_precisions_decode_the_same_prompts_beside_the_main_rows(run_args):
+    """precisions= adds full decoding on the same weights in bf16 and as int8, interleaved
+    with the main rows: each row says its precision, what it reads, how it agrees with the
+    fp32 reference row and the test text's perplexity under its own weights; prefill_len=
+    prefills one long prompt per precision beside its dtype's matrix peak."""
+    res = benchmark(compose_job("bench", run_args + [
+        "n_prompts=2", "max_new_tokens=6", "exit_layer=[]", "draft_layer=[]", "out_dir=null",
+        "precisions=[bfloat16,float32+int8]", "prefill_len=40"]))
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert list(rows) == ["full", "full bfloat16", "full float32+int8"]
+    assert [r["precision"] for r in rows.values()] == ["float32", "bfloat16", "float32+int8"]
+    full, bf16, int8 = rows.values()
+    # Bytes per weight: 4, 2, and 1 plus a scale per row (the KV cache stays in the dtype).
+    assert bf16["bytes_per_token"] < full["bytes_per_token"]
+    assert int8["bytes_per_token"] < 0.5 * full["bytes_per_token"]
+    # The same text scored under each precision's weights: close, and not the same number.
+    assert int8["text_ppl"] != full["text_ppl"]
+    assert int8["text_ppl"] == pytest.approx(full["text_ppl"], rel=0.05)
+    assert bf16["text_ppl"] == pytest.approx(full["text_ppl"], rel=0.05)
+    assert int8["agreement"] > 0.5 and int8["predicted"] is None
+    assert [p["precision"] for p in res["prefill"]] == ["float32", "bfloat16", "float32+int8"]
+    for p in res["prefill"]:
+        assert p["prefill_tokens"] == 40 and p["prefill_tokens_per_s"] > 0
+        assert p["prefill_of_peak"] == pytest.approx(p["prefill_tflops"] / p["matrix_peak_tflops"])
+    table = format_table(res)
+    assert "| float32+int8 | 40 |" in table and "full float32+int8" in table
+
+
+def test_prefill_flops_counted_by_hand(tiny_config):
+    """T = 10 tokens on the 4-block model (d 32, 4 heads of 8, kv 2 x 8, I 64, V 97)."""
+    from tinyskip.analysis.prefill import prefill_flops
+    from tinyskip.model.transformer import Transformer
+
+    block = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64       # multiply-adds per token
+    attention = 2 * (10 * 10 / 2) * 32                          # scores and sum, causal
+    assert prefill_flops(Transformer(tiny_config()), 10) == 2 * (4 * (10 * block + attention)
+                                                                 + 97 * 32)

@@ -32,13 +32,13 @@ def test_compiled_steps_trace_without_graph_breaks(model):
     head = ExitHead(model)
     tok = torch.tensor([[5]])
     explain = torch._dynamo.explain(steps._token)(tok, 4, cache, positions(3, 1, "cpu"), head.weight,
-                                                  None)
+                                                  head.scale, None)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     explain = torch._dynamo.explain(steps._blocks)(tok, 2, cache, positions(3, 1, "cpu"), (2,))
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     h = torch.zeros(1, 3, model.config.hidden_size)
     explain = torch._dynamo.explain(steps._states)(h, 2, 4, cache, positions(3, 3, "cpu"),
-                                                   head.weight, ())
+                                                   head.weight, head.scale, ())
     assert explain.graph_break_count == 0 and explain.graph_count == 1
 
 
@@ -84,7 +84,8 @@ def test_steps_through_attending_exit_modules_trace_without_graph_breaks(tiny_co
     model.attach_exit_modules(ExitModules(model.config, [2], "block").init_from(model))
     steps, cache, head = Steps(model), model.new_cache(1, 32), ExitHead(model)
     explain = torch._dynamo.explain(steps._token)(torch.tensor([[5]]), 2, cache,
-                                                  positions(3, 1, "cpu"), head.weight, None)
+                                                  positions(3, 1, "cpu"), head.weight, head.scale,
+                                                  None)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     explain = torch._dynamo.explain(steps._blocks)(torch.tensor([[5]]), 2, cache,
                                                    positions(3, 1, "cpu"), (2,))

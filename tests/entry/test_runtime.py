@@ -4,7 +4,11 @@ import re
 import subprocess
 import sys
 
-from tinyskip.runtime import LineProgress, progress_bar
+import pytest
+import torch
+
+from tinyskip.config import ConfigError
+from tinyskip.runtime import LineProgress, check_runs, progress_bar
 
 
 def test_line_progress_reports_step_rate_postfix_and_eta(capsys):
@@ -42,3 +46,15 @@ def test_a_training_run_in_a_log_reports_its_progress(repo, tiny_train_overrides
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"^train r: 6/6, loss \d", done.stderr, re.M), done.stderr[-2000:]
     assert re.search(r"^step 3: val loss by exit", done.stderr, re.M)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_a_dtype_the_device_cannot_compute_in_is_refused_in_one_line():
+    """Tried for real: a small product in ComplexHalf, which the CPU has no kernel for."""
+    with pytest.raises(ConfigError) as e:
+        check_runs(torch.device("cpu"), torch.complex32, "complex32")
+    msg = str(e.value)
+    assert msg.startswith("dtype=complex32: this machine's cpu cannot compute in it (") and \
+        "\n" not in msg
+    for dtype in (torch.float32, torch.bfloat16):      # what loading checks before it loads
+        check_runs(torch.device("cpu"), dtype, str(dtype))

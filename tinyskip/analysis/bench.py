@@ -23,14 +23,15 @@ from ..calibration.ltt import f1_loss
 from ..config import DEEConfig, SSDConfig, UserError
 from ..decode import DecodeStats, ModeSpec, Steps, decode
 from ..decode.steps import cache_size
-from ..jobs import BenchJob
+from ..jobs import BenchJob, precision
 from ..runtime import pick_device, progress_bar
 from ..storage.data import load_lines
 from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
                                exit_classifier_for, load_source, read_calibration, run_data_config)
-from .bandwidth import bytes_per_token, stream_bandwidth
+from .bandwidth import StreamRead, bytes_per_token
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
+from .prefill import prefill_speed
 from .quality import RougeL, continuation_nll, perplexity
 from .ssd_costs import measured_acceptance, round_costs
 from .unit_costs import unit_costs
@@ -72,11 +73,15 @@ def calibrated_specs(job: BenchJob, loaded: Loaded) -> list[tuple[str, ModeSpec]
     return out
 
 
-def test_prompts(data, job: BenchJob, tokenizer, device) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """``n_prompts`` windows of ``prompt_len`` tokens spread over the test split, and the
-    ``max_new_tokens`` tokens that follow each in the text (ROUGE-L's reference)."""
-    text = " ".join(line.strip() for line in load_lines(data)[0]["test"] if line.strip())
-    ids = tokenizer.encode(text)
+def test_ids(data, tokenizer) -> list[int]:
+    """The test split as one token sequence."""
+    return tokenizer.encode(" ".join(line.strip() for line in load_lines(data)[0]["test"]
+                                     if line.strip()))
+
+
+def test_prompts(ids: list[int], job: BenchJob, device) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """``n_prompts`` windows of ``prompt_len`` tokens spread over the test split's ``ids``,
+    and the ``max_new_tokens`` tokens that follow each in the text (ROUGE-L's reference)."""
     span = job.prompt_len + job.max_new_tokens
     if len(ids) < span:
         raise UserError(f"prompt_len + max_new_tokens = {span} tokens: the test split holds "
@@ -104,10 +109,19 @@ class Quality:
     list scored once (greedy modes mostly reproduce the full model's output)."""
 
     def __init__(self, loaded: Loaded, prompts: list[torch.Tensor], references: list[list[int]]):
-        self.loaded, self.prompts = loaded, prompts
+        self.loaded, self.prompts, self.ref_ids = loaded, prompts, references
         self.references = [loaded.tokenizer.decode(r) for r in references]
         self.rouge = RougeL()
         self._nll: dict = {}
+        self._text: dict = {}
+
+    def text_ppl(self, model) -> float:
+        """Perplexity of the test text that follows each prompt (the references) under
+        ``model``: a precision's own quality, beside its agreement with full decoding."""
+        if id(model) not in self._text:
+            nll = sum(continuation_nll(model, p, r) for p, r in zip(self.prompts, self.ref_ids))
+            self._text[id(model)] = perplexity(nll, sum(len(r) for r in self.ref_ids))
+        return self._text[id(model)]
 
     def __call__(self, generated: list[list[int]]) -> dict:
         nll = rouge = 0.0
@@ -125,11 +139,15 @@ def benchmark(job: BenchJob) -> dict:
     device = pick_device(job.device)
     if job.threads:
         torch.set_num_threads(job.threads)
-    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype)
+    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype,
+                         job.quantize)
     model = loaded.model
-    prompts, references = test_prompts(run_data_config(loaded.run_dir, job.data), job,
-                                       loaded.tokenizer, device)
+    ids = test_ids(run_data_config(loaded.run_dir, job.data), loaded.tokenizer)
+    prompts, references = test_prompts(ids, job, device)
     L = model.num_layers
+    if job.prefill_len and not job.prefill_len < min(len(ids), model.config.max_position_embeddings):
+        raise UserError(f"prefill_len={job.prefill_len}: must be shorter than the test split "
+                        f"({len(ids)} tokens) and the context ({model.config.max_position_embeddings})")
     bad = [e for e in job.hf_early_exit if not 1 <= e < L]
     if bad:
         raise UserError(f"hf_early_exit={job.hf_early_exit}: exits must be in 1..{L - 1} for "
@@ -148,14 +166,25 @@ def benchmark(job: BenchJob) -> dict:
     draft_ids = draft_vocabulary(loaded, vocab_spec, job.data) if vocab_spec else None
     # Rows: (label, spec, calibration file, steps). Compiled rows run the same modes through
     # compiled steps (DEE's per-layer steps stay eager); the first row, eager full, is the
-    # reference every speedup and agreement is measured against.
+    # reference every speedup and agreement is measured against. Each further precision
+    # adds full decoding on its own copy of the weights (its steps carry its model).
     eager, compiled = Steps(model), Steps(model, compile=True) if job.compile else None
     rows_def = [(label, s, cal, eager) for label, s, cal in labelled]
     if compiled is not None:
         rows_def += [(label + " compiled", s, cal, compiled) for label, s, cal in labelled
                      if s.mode != "dee"]
-    run = lambda spec, steps, prompt: decode(model, prompt, job.max_new_tokens, spec, draft_ids=(
-        draft_ids if spec.ssd is not None and spec.ssd.draft_vocab else None), steps=steps)
+    main_precision = job.dtype + ("" if job.quantize == "none" else "+" + job.quantize)
+    others = {p: load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device,
+                             *precision(p)) for p in job.precisions if p != main_precision}
+    for p, other in others.items():
+        rows_def.append((f"full {p}", ModeSpec("full"), None, Steps(other.model)))
+        if job.compile:
+            rows_def.append((f"full {p} compiled", ModeSpec("full"), None,
+                             Steps(other.model, compile=True)))
+    run = lambda spec, steps, prompt: decode(steps.model, prompt, job.max_new_tokens, spec,
+                                             draft_ids=(draft_ids if spec.ssd is not None and
+                                                        spec.ssd.draft_vocab else None),
+                                             steps=steps)
     warmup = {}
     for label, spec, _, steps in progress_bar(rows_def, desc="warm-up (compiles)"):
         # A compiled row decodes every prompt once first: greedy decoding then meets no
@@ -168,8 +197,10 @@ def benchmark(job: BenchJob) -> dict:
     totals = {r[0]: {"stats": DecodeStats(), "agree": 0, "exact": 0, "f1_loss": 0.0,
                      "per_prompt": [], "generated": []} for r in rows_def}
     full_tokens = []
+    stream = StreamRead(device)
     with progress_bar(total=len(prompts) * len(rows_def), desc="sweep") as bar:
         for prompt in prompts:
+            stream.sample()                 # the floor's denominator, between the rows
             reference = None
             for label, spec, _, steps in rows_def:
                 g = run(spec, steps, prompt)
@@ -189,12 +220,17 @@ def benchmark(job: BenchJob) -> dict:
     costs = unit_costs(model, job.prompt_len + job.max_new_tokens // 2, max(widths))
     quality = Quality(loaded, prompts, references)
     rows = []
-    for label, spec, cal, _ in rows_def:
+    precision_of = {id(m.model): p for p, m in [(main_precision, loaded), *others.items()]}
+    for label, spec, cal, steps in rows_def:
         t = totals[label]
         st, n = t["stats"], t["stats"].new_tokens
-        # Predicted seconds per token: every counted call at its measured unit cost.
-        cost = sum(count * costs[key] for key, count in st.calls.items()) / n
+        # Predicted seconds per token: every counted call at its measured unit cost (the
+        # unit costs are the main precision's: other precisions predict nothing).
+        mine = steps.model is model
+        cost = sum(count * costs[key] for key, count in st.calls.items()) / n if mine else None
         rows.append({"mode": label, **spec_fields(spec), "calibration": cal,
+                     "precision": precision_of[id(steps.model)],
+                     "text_ppl": quality.text_ppl(steps.model),
                      "compiled": label.endswith(" compiled"),
                      "tokens_per_s": st.tokens_per_s,
                      "tokens_per_s_prompt_mean": statistics.fmean(t["per_prompt"]),
@@ -206,20 +242,32 @@ def benchmark(job: BenchJob) -> dict:
                      "agreement": t["agree"] / n, "exact_match": t["exact"] / len(prompts),
                      "f1_loss": t["f1_loss"] / len(prompts), **quality(t["generated"]),
                      "cost_s": cost, "warmup_s": warmup[label],
-                     "bytes_per_token": bytes_per_token(st.calls, n, model, slots)})
+                     "bytes_per_token": bytes_per_token(st.calls, n, steps.model, slots)})
     full = rows[0]
     for r in rows:
         r["gb_per_s"] = r["bytes_per_token"] * r["tokens_per_s"] / 1e9
         r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
-        r["predicted"] = full["cost_s"] / r["cost_s"]
-        r["efficiency"] = r["speedup"] / r["predicted"]
+        r["predicted"] = full["cost_s"] / r["cost_s"] if r["cost_s"] else None
+        r["efficiency"] = r["speedup"] / r["predicted"] if r["predicted"] else None
     hf = []
     if job.hf_baseline:
-        hf = hf_rows(loaded, prompts, job.max_new_tokens, job.hf_early_exit, full_tokens)
-        for r in hf:
-            r["family"] = "transformers"
-            r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
-            r.update(quality(r.pop("generated")))
+        # generate on the same weights in each float dtype the rows ran in (transformers
+        # has no int8 path of its own here: an int8 row compares with its activations' dtype)
+        dtypes = {}
+        for p, m in [(main_precision, loaded), *others.items()]:
+            if m.quantize == "none" or m.fmt == "hf":     # (a checkpoint is exported first)
+                dtypes.setdefault(precision(p)[0], m)
+        for dtype, m in dtypes.items():
+            for r in hf_rows(m, prompts, job.max_new_tokens, job.hf_early_exit, full_tokens):
+                if len(dtypes) > 1:
+                    r["mode"] += f" {dtype}"
+                r["family"] = "transformers"
+                r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
+                r.update(quality(r.pop("generated")))
+                hf.append(r)
+    long_prompt = torch.tensor([ids[:job.prefill_len]], device=device)
+    prefill = [{"precision": p, **prefill_speed(m.model, long_prompt)}
+               for p, m in [(main_precision, loaded), *others.items()]] if job.prefill_len else []
     ssd = None
     if job.ssd_costs:
         # Priced through the compiled steps when the sweep compiles (their graphs already
@@ -234,4 +282,4 @@ def benchmark(job: BenchJob) -> dict:
             "threads": torch.get_num_threads(), "prompts": len(prompts),
             "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
             "costs": costs, "rows": rows, "hf": hf, "levers": levers, "ssd_costs": ssd,
-            "stream_gb_per_s": stream_bandwidth(device) / 1e9}
+            "prefill": prefill, **stream.summary()}

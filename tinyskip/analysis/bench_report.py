@@ -23,7 +23,8 @@ CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "
                "tokens_per_s", "tokens_per_s_prompt_mean", "speedup", "prefill_ms",
                "layers_per_token", "heads_per_token", "predicted", "efficiency", "acceptance",
                "accept_hist", "mean_exit", "exit_hist", "agreement", "exact_match", "f1_loss",
-               "ppl", "rouge_l", "warmup_s", "bytes_per_token", "gb_per_s"]
+               "ppl", "rouge_l", "warmup_s", "bytes_per_token", "gb_per_s", "precision",
+               "text_ppl"]
 
 
 def _num(x, fmt: str, suffix: str = "") -> str:
@@ -39,8 +40,25 @@ def describe(res: dict) -> str:
             f"{c['head:1'] * 1e6:.0f} us, full step {c['step'] * 1e6:.0f} us (outside blocks "
             f"and head: {c['overhead'] * 100:.1f}%); the step's matrix products as eager "
             f"calls {c['matmuls'] * 1e6:.0f} us ({c['matmuls'] / c['step'] * 100:.0f}% of the "
-            f"step; levers=true measures them in one compiled graph, the floor). A streaming "
-            f"read of memory: {res['stream_gb_per_s']:.1f} GB/s.")
+            f"step; levers=true measures them in one compiled graph, the floor). {stream_line(res)}")
+
+
+def stream_line(res: dict) -> str:
+    """The streaming read the % columns divide by, with its spread over the run."""
+    return (f"A streaming read of memory: {res['stream_gb_per_s']:.1f} GB/s, the median of "
+            f"{res['stream_samples']} reads between the rows ({res['stream_gb_per_s_min']:.1f}"
+            f"-{res['stream_gb_per_s_max']:.1f}).")
+
+
+def format_prefill(res: dict) -> str:
+    """Prefill of one long prompt per precision against its dtype's matrix peak."""
+    lines = ["| precision | prefill tokens | tokens/s | TFLOP/s | matrix peak TFLOP/s | of peak |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for p in res.get("prefill") or []:
+        lines.append(f"| {p['precision']} | {p['prefill_tokens']} | "
+                     f"{p['prefill_tokens_per_s']:.0f} | {p['prefill_tflops']:.3f} | "
+                     f"{p['matrix_peak_tflops']:.3f} | {p['prefill_of_peak']:.0%} |")
+    return "\n".join(lines)
 
 
 def format_table(res: dict) -> str:
@@ -53,13 +71,15 @@ def format_table(res: dict) -> str:
                      f"{r['layers_per_token']:>9.2f}{r['heads_per_token']:>8.2f}"
                      f"{_num(r['acceptance'], '.2f'):>8}{_num(r['mean_exit'], '.2f'):>6}"
                      f"{r['agreement']:>7.2f}{r['exact_match']:>6.2f}{r['f1_loss']:>7.3f}"
-                     f"{r['ppl']:>8.1f}{r['rouge_l']:>7.3f}{r['predicted']:>9.2f}x"
-                     f"{r['efficiency']:>8.2f}{r['gb_per_s']:>7.1f}"
+                     f"{r['ppl']:>8.1f}{r['rouge_l']:>7.3f}{_num(r['predicted'], '.2f', 'x'):>10}"
+                     f"{_num(r['efficiency'], '.2f'):>8}{r['gb_per_s']:>7.1f}"
                      f"{r['gb_per_s'] / res['stream_gb_per_s']:>9.0%}")
     for r in res["hf"]:
         lines.append(f"{r['mode']:<46}{r['tokens_per_s']:>8.1f}{r['speedup']:>8.2f}x"
                      f"{'':>33}{r['agreement']:>7.2f}{'':>13}{r['ppl']:>8.1f}"
                      f"{r['rouge_l']:>7.3f}   (transformers, same weights)")
+    if res.get("prefill"):
+        lines += ["", format_prefill(res)]
     if res.get("levers"):
         lines += ["", format_levers(res["levers"])]
     if res.get("ssd_costs"):
@@ -91,7 +111,7 @@ def format_markdown(res: dict) -> str:
     """A GitHub table of every configuration (the README's results are pasted from it)."""
     head = ["mode", "tok/s", "tok/s (prompt mean)", "speedup", "prefill ms", "layers/tok",
             "heads/tok", "acceptance", "mean exit", "agreement", "exact", "f1 loss", "ppl",
-            "ROUGE-L", "predicted", "efficiency", "GB/s read"]
+            "ROUGE-L", "predicted", "efficiency", "GB/s read", "test-text ppl"]
     lines = [describe(res), "", "| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in res["rows"] + res["hf"]:
@@ -103,8 +123,10 @@ def format_markdown(res: dict) -> str:
                  _num(r.get("exact_match"), ".2f"), _num(r.get("f1_loss"), ".3f"),
                  _num(r["ppl"], ".1f"), _num(r["rouge_l"], ".3f"),
                  _num(r.get("predicted"), ".2f", "x"), _num(r.get("efficiency"), ".2f"),
-                 _num(r.get("gb_per_s"), ".1f")]
+                 _num(r.get("gb_per_s"), ".1f"), _num(r.get("text_ppl"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    if res.get("prefill"):
+        lines += ["", format_prefill(res)]
     if res.get("levers"):
         lines += ["", format_levers(res["levers"])]
     if res.get("ssd_costs"):

@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 
 from ..decode.steps import cache_size
-from ..model.kernels import Kernels, Linear, linear
+from ..model.kernels import Kernels, Linear
 from ..model.transformer import Transformer
 from ..runtime import median_seconds
+from .bandwidth import module_bytes
 
 # (name, products in the graph, attention in the graph, C++ wrapper); None: eager.
 LEVERS = [("eager", None, None, None), ("torch.compile", False, False, False),
@@ -50,13 +51,14 @@ def step_levers(model: Transformer, pos: int, needed: int, reps: int = 50) -> di
             return model.head(h, kernels).argmax(-1)
         return step
 
-    mats = [m.weight for m in model.modules() if isinstance(m, Linear)]
-    x = {w.shape[1]: torch.randn(1, 1, w.shape[1], device=dev, dtype=w.dtype) for w in mats}
+    mats = [m for m in model.modules() if isinstance(m, Linear)]
+    dtype = model.embed_tokens.weight.dtype
+    x = {m.in_features: torch.randn(1, 1, m.in_features, device=dev, dtype=dtype) for m in mats}
 
     def matrix_work():
-        return [linear(x[w.shape[1]], w) for w in mats]
+        return [m(x[m.in_features]) for m in mats]
 
-    out = {"levers": {}, "weight_bytes": sum(w.numel() * w.element_size() for w in mats)}
+    out = {"levers": {}, "weight_bytes": sum(module_bytes(m) for m in mats)}
     try:
         for name, gemv, attention, cpp in LEVERS:
             fn = step_with(Kernels())

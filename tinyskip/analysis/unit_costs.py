@@ -9,6 +9,7 @@ import statistics
 
 import torch
 
+from ..model.kernels import Linear
 from ..model.transformer import Transformer
 from ..runtime import median_seconds, seconds
 
@@ -72,10 +73,10 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
     # The step's matrix work alone: every weight of the blocks and the head applied to one
     # token, nothing else (no norms, RoPE, attention or bookkeeping): the floor the step's
     # time would reach if everything between the matmuls were free.
-    mats = [m.weight for layer in model.layers for m in layer.modules()
-            if isinstance(m, torch.nn.Linear)] + [model.lm_head.weight]
-    vecs = {w.shape[1]: torch.randn(1, w.shape[1], device=dev, dtype=dtype) for w in mats}
-    costs["matmuls"] = timed(lambda: [torch.nn.functional.linear(vecs[w.shape[1]], w) for w in mats])
+    mats = [m for layer in model.layers for m in layer.modules()
+            if isinstance(m, Linear)] + [model.lm_head]
+    vecs = {m.in_features: torch.randn(1, m.in_features, device=dev, dtype=dtype) for m in mats}
+    costs["matmuls"] = timed(lambda: [m(vecs[m.in_features]) for m in mats])
     h1 = model.embed(x)
     costs["kv:1"] = timed(lambda: model.propagate_kv(h1, 0, L, cache, pos)) / L
     step = timed(lambda: model.head(model.run_layers(model.embed(x), 0, L, cache, pos, ())[:, -1])

@@ -145,7 +145,8 @@ def generations(job: InferJob) -> Iterator[dict]:
     """Decode every prompt as it comes (standard input is read lazily)."""
     sampling = job.sampling()
     device = pick_device(job.device)
-    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype)
+    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype,
+                         job.quantize)
     model, tok = loaded.model, loaded.tokenizer
     spec, max_new_tokens, cal_path = mode_spec(job, loaded)
     draft_ids = draft_vocabulary(loaded, spec, job.data)

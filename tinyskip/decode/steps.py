@@ -154,14 +154,14 @@ class Steps:
             return out
         return call
 
-    # The head's weight goes in as a tensor, not the ExitHead: a compiled graph then takes it
-    # as an input instead of guarding on a Python object that every generation rebuilds.
+    # The head's weight (and int8 scale) go in as tensors, not the ExitHead: a compiled graph
+    # then takes them as inputs instead of guarding on a Python object that every generation rebuilds.
     def token(self, tok: torch.Tensor, end: int, cache: KVCache, input_pos: torch.Tensor,
               head: ExitHead, exit_kv: Optional[tuple[int, ...]] = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, T) through blocks [0, end) -> states (B, T, d), logits (B, T, N)
         (``exit_kv``: see ``Transformer.run_layers``)."""
-        return self._token_fn(tok, end, cache, input_pos, head.weight, exit_kv)
+        return self._token_fn(tok, end, cache, input_pos, head.weight, head.scale, exit_kv)
 
     def blocks(self, tok: torch.Tensor, end: int, cache: KVCache, input_pos: torch.Tensor,
                exit_kv: Optional[tuple[int, ...]] = None) -> torch.Tensor:
@@ -174,18 +174,20 @@ class Steps:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """States (B, T, d) after ``start`` blocks through blocks [start, end) and a head
         (``exit_kv``: see ``Transformer.run_layers``)."""
-        return self._states_fn(h, start, end, cache, input_pos, head.weight, exit_kv)
+        return self._states_fn(h, start, end, cache, input_pos, head.weight, head.scale,
+                               exit_kv)
 
-    def _token(self, tok, end, cache, input_pos, weight, exit_kv):
+    def _token(self, tok, end, cache, input_pos, weight, scale, exit_kv):
         h = self._blocks(tok, end, cache, input_pos, exit_kv)
-        return h, linear(self.model.exit_state(h, end, cache, input_pos), weight)  # = ExitHead.logits
+        # = ExitHead.logits
+        return h, linear(self.model.exit_state(h, end, cache, input_pos), weight, scale=scale)
 
     def _blocks(self, tok, end, cache, input_pos, exit_kv):
         return self.model.run_layers(self.model.embed(tok), 0, end, cache, input_pos, exit_kv)
 
-    def _states(self, h, start, end, cache, input_pos, weight, exit_kv):
+    def _states(self, h, start, end, cache, input_pos, weight, scale, exit_kv):
         h = self.model.run_layers(h, start, end, cache, input_pos, exit_kv)
-        return h, linear(self.model.exit_state(h, end, cache, input_pos), weight)
+        return h, linear(self.model.exit_state(h, end, cache, input_pos), weight, scale=scale)
 
 
 def positions(pos: int, T: int, device) -> torch.Tensor:

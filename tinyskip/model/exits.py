@@ -37,9 +37,11 @@ class ExitHead:
 
     def __init__(self, model: Transformer, vocab_ids: Optional[torch.Tensor] = None):
         self.model = model
-        w = model.lm_head.weight
+        w, scale = model.lm_head.weight, model.lm_head.weight_scale
         self.ids = None if vocab_ids is None else vocab_ids.to(w.device)
         self.weight = w if self.ids is None else w[self.ids].contiguous()      # (N, d)
+        # (N,) when the head is int8 (model/quantize.py), else None
+        self.scale = scale if scale is None or self.ids is None else scale[self.ids]
         self.vocab_size = w.shape[0]
         # Cost of one call in full-vocabulary head evaluations (the V*d matmul dominates).
         self.cost = self.weight.shape[0] / self.vocab_size
@@ -49,7 +51,7 @@ class ExitHead:
         """(B, T, d) hidden states after ``exit`` blocks at positions pos.. -> (B, T, N)
         logits (without a cache: a whole sequence from position 0; see
         ``Transformer.exit_state``)."""
-        return linear(self.model.exit_state(h, exit, cache, pos), self.weight)
+        return linear(self.model.exit_state(h, exit, cache, pos), self.weight, scale=self.scale)
 
     def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
         """Indices into the head's vocabulary -> token ids."""

@@ -20,8 +20,9 @@ import torch
 from ..config import DEFAULT_RUN, DataConfig, ModelConfig, UserError
 from ..model.exit_classifier import FILE as CLASSIFIER_FILE, ExitClassifier, load_exit_classifier
 from ..model.exits import frequent_tokens
+from ..model.quantize import quantize_int8
 from ..model.transformer import Transformer
-from ..runtime import DTYPES
+from ..runtime import DTYPES, check_runs
 from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
 from .data import load_tokenizer, prepare_corpus
 from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
@@ -79,6 +80,7 @@ class Loaded:
     exits: Optional[Path] = None      # the exit-module folder attached, if any
     _backbone_digest: Optional[str] = None
     fmt: str = "tinyskip"             # the backbone's format: "tinyskip" or "hf" (a folder)
+    quantize: str = "none"            # "int8": weight-only int8 since loading (model/quantize.py)
 
     def backbone_hash(self) -> str:
         """The backbone weights' hash (computed once, on demand: an 8B model is 16 GB)."""
@@ -88,11 +90,14 @@ class Loaded:
 
     def weights_hash(self) -> str:
         """What results made with this model are keyed by: the backbone's hash, combined
-        with the exit modules' when they are attached."""
-        if self.exits is None:
-            return self.backbone_hash()
-        both = self.backbone_hash() + exit_modules_hash(self.exits)
-        return hashlib.sha256(both.encode()).hexdigest()
+        with the exit modules' when they are attached, and with the quantisation when
+        there is one (a calibration made on fp32 weights does not certify int8 ones)."""
+        digest = self.backbone_hash()
+        if self.exits is not None:
+            digest = hashlib.sha256((digest + exit_modules_hash(self.exits)).encode()).hexdigest()
+        if self.quantize != "none":
+            digest = hashlib.sha256((digest + self.quantize).encode()).hexdigest()
+        return digest
 
 
 def load_backbone(path: str, fmt: str, device: torch.device, dtype: str = "float32") -> Loaded:
@@ -110,20 +115,27 @@ def load_backbone(path: str, fmt: str, device: torch.device, dtype: str = "float
 
 def load_source(run: Optional[str], checkpoint: Optional[str], checkpoint_root: str,
                 model_cfg: Optional[ModelConfig], device: torch.device,
-                dtype: str = "float32") -> Loaded:
+                dtype: str = "float32", quantize: str = "none") -> Loaded:
     """What a job names: a Hugging Face Llama (``model.path``), a tinyskip run, or an
-    exit-module run (its backbone, hash-checked, with the modules attached)."""
+    exit-module run (its backbone, hash-checked, with the modules attached); with
+    ``quantize="int8"``, the backbone's weights then made int8 (model/quantize.py)."""
+    check_runs(device, DTYPES[dtype], dtype)
     if model_cfg is not None and model_cfg.path:
-        return load_backbone(model_cfg.path, "hf", device, dtype)
-    folder = Path(checkpoint) if checkpoint else run_folder(checkpoint_root, run or DEFAULT_RUN)
-    exits = exits_folder(folder)
-    if exits is None:
-        return load_backbone(str(resolve_checkpoint(folder)), "tinyskip", device, dtype)
-    backbone = read_exit_meta(exits)["backbone"]
-    loaded = load_backbone(backbone["path"], backbone["format"], device, dtype)
-    modules = load_exit_modules(exits, loaded.model, loaded.backbone_hash())
-    loaded.model.attach_exit_modules(modules)
-    loaded.run_dir, loaded.exits = exits.parent, exits
+        loaded = load_backbone(model_cfg.path, "hf", device, dtype)
+    else:
+        folder = Path(checkpoint) if checkpoint else run_folder(checkpoint_root, run or DEFAULT_RUN)
+        exits = exits_folder(folder)
+        if exits is None:
+            loaded = load_backbone(str(resolve_checkpoint(folder)), "tinyskip", device, dtype)
+        else:
+            backbone = read_exit_meta(exits)["backbone"]
+            loaded = load_backbone(backbone["path"], backbone["format"], device, dtype)
+            modules = load_exit_modules(exits, loaded.model, loaded.backbone_hash())
+            loaded.model.attach_exit_modules(modules)
+            loaded.run_dir, loaded.exits = exits.parent, exits
+    if quantize == "int8":
+        quantize_int8(loaded.model)
+        loaded.quantize = quantize
     return loaded
 
 

@@ -1,0 +1,95 @@
+"""Weight-only int8: the rounding, the logits it gives against the float model on every
+path a product takes (eager, ATen's int8 kernel, the compiled one-row loop), and what it
+reads per token."""
+
+import pytest
+import torch
+
+from tinyskip.analysis.bandwidth import bytes_per_token
+from tinyskip.decode import generate
+from tinyskip.decode.steps import Steps, cache_size
+from tinyskip.model.kernels import Linear
+from tinyskip.model.quantize import int8_rows, is_quantized, quantize_int8
+from tinyskip.model.transformer import Transformer
+
+
+def models(tiny_config, dtype=torch.float32, **overrides):
+    """A float model and an int8 copy of the same weights, in ``dtype``."""
+    torch.manual_seed(0)
+    cfg = tiny_config(**overrides)
+    float_model = Transformer(cfg).to(dtype).eval()
+    int8_model = Transformer(cfg).to(dtype).eval()
+    int8_model.load_state_dict(float_model.state_dict())
+    return float_model, quantize_int8(int8_model)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_int8_rows_round_each_entry_to_within_half_its_rows_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 48) * torch.logspace(-3, 1, 64)[:, None]      # rows of every scale
+    q, s = int8_rows(w)
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    assert q.abs().amax(dim=1).eq(127).all()          # each row's largest entry uses the range
+    err = (q.float() * s[:, None] - w).abs()
+    assert (err <= s[:, None] / 2 + 1e-7).all()
+
+
+def test_every_block_projection_and_the_head_become_int8_and_the_embedding_stays(tiny_config):
+    float_model, model = models(tiny_config)
+    linears = [m for m in [*model.layers.modules(), model.lm_head] if isinstance(m, Linear)]
+    assert all(m.weight.dtype == torch.int8 and m.weight_scale is not None for m in linears)
+    assert is_quantized(model) and not is_quantized(float_model)
+    # The tied head got its own int8 copy; the embedding keeps the float table.
+    assert model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(model.embed_tokens.weight, float_model.embed_tokens.weight)
+
+
+# The stated tolerance: int8 logits within 2% (relative L2) of the float model's, in the
+# float model's own dtype. A wrong scale, a missing one or a transposed weight is off by
+# 30% or more; the rounding itself costs about 0.5% on these weights.
+TOLERANCE = 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_logits_stay_within_the_tolerance_of_the_float_model(tiny_config, dtype):
+    """Whole sequences (F.linear of the widened weight in fp32; ATen's int8 kernel in
+    bf16) and one-token steps through the cache."""
+    float_model, model = models(tiny_config, dtype)
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        want, got = float_model(ids)[0], model(ids)[0]
+        assert rel_error(got, want) < TOLERANCE
+        caches = [m.new_cache(2, 16) for m in (float_model, model)]
+        steps = [m.head(m.run_layers(m.embed(ids[:, :1]), 0, 4, c, 0))
+                 for m, c in zip((float_model, model), caches)]
+    assert rel_error(steps[1], steps[0]) < TOLERANCE
+
+
+def test_the_compiled_int8_step_matches_the_eager_one(tiny_config):
+    """The compiled one-row loop (int8 widened to fp32 inside inductor's loop) decodes the
+    tokens eager int8 decodes."""
+    _, model = models(tiny_config)
+    prompt = torch.randint(0, 97, (1, 5))
+    eager = generate(model, prompt, 12)
+    steps = Steps(model, compile=True)
+    compiled = generate(model, prompt, 12, steps=steps)
+    assert steps.compiled and compiled.stats.compile_s > 0     # compiled, not fallen back
+    assert compiled.tokens == eager.tokens
+
+
+def test_an_int8_model_reads_one_byte_per_weight_and_its_scales_counted_by_hand(tiny_config):
+    """As the float count (tests/analysis/test_bench.py), with int8 weights and fp32
+    scales (one per output row) in place of fp32 weights; norms and KV stay fp32."""
+    _, model = models(tiny_config, tie_word_embeddings=False)    # d 32, 4 heads of 8, 2 kv, I 64
+    g = generate(model, torch.tensor([[3, 4, 5]]), 6)
+    slots = cache_size(model, 3 + 6)
+    weights = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64          # q, k+v, o, mlp
+    scales = 4 * (32 + 2 * 16 + 32 + 2 * 64 + 32)                   # per output row
+    block = weights + scales + 4 * 2 * 32                           # + the two norms
+    kv = 4 * 2 * slots * 2 * 8
+    head = 97 * 32 + 4 * 97 + 4 * 32                                 # int8 head, scales, norm
+    assert bytes_per_token(g.stats.calls, g.stats.new_tokens, model, slots) == \
+        4 * (block + kv) + head
