@@ -21,8 +21,10 @@ def check_source(job) -> None:
 
 
 def check_dtype(job) -> None:
-    if job.dtype not in DTYPES:
-        raise ConfigError(f"dtype={job.dtype!r}: must be one of {', '.join(DTYPES)}")
+    """``dtype=`` and ``quantize=``, on the jobs that have them."""
+    dtype = getattr(job, "dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
     quantize = getattr(job, "quantize", "none")
     if quantize not in QUANTIZE:
         raise ConfigError(f"quantize={quantize!r}: must be one of {', '.join(QUANTIZE)}")
@@ -31,11 +33,16 @@ def check_dtype(job) -> None:
 def precision(text: str) -> tuple[str, str]:
     """A bench precision, ``DTYPE`` or ``DTYPE+QUANTIZE`` (``bfloat16+int8``: int8
     weights, bf16 activations) -> (dtype, quantize), refused in one line when unknown."""
-    dtype, _, quantize = str(text).partition("+")
-    if dtype not in DTYPES or (quantize or "none") not in QUANTIZE:
+    dtype, plus, quantize = str(text).partition("+")
+    if dtype not in DTYPES or (plus and quantize not in QUANTIZE[1:]):
         raise ConfigError(f"precisions: {text!r} is not DTYPE or DTYPE+QUANTIZE (DTYPE one of "
                           f"{', '.join(DTYPES)}; QUANTIZE one of {', '.join(QUANTIZE[1:])})")
     return dtype, quantize or "none"
+
+
+def precision_name(dtype: str, quantize: str) -> str:
+    """(dtype, quantize) -> the name ``precision`` reads: ``bfloat16``, ``bfloat16+int8``."""
+    return dtype if quantize == "none" else f"{dtype}+{quantize}"
 
 
 def check_out(job) -> None:
@@ -325,10 +332,12 @@ class CalibrateJob(CheckpointSource):
     check_splits: int = 0                     # > 0: the guarantee's frequency over random splits
     out: Optional[str] = None                 # default <run>/calibration.json
     seed: int = 0
+    quantize: str = "none"                    # int8: calibrate the int8 weights infer runs
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        check_dtype(self)
         self.decoder()
         for name in ("delta", "epsilon"):
             value = getattr(self, name)

@@ -162,12 +162,17 @@ def test_the_pareto_plot_names_only_the_front_and_offsets_the_names():
 
 def test_the_table_says_why_early_exit_ran_slower_only_when_it_did():
     """Each SSD or DEE row against full decoding run the same way: a compiled row that
-    beats eager full but not compiled full is slower."""
+    beats eager full but not compiled full is slower. Full decoding at a further precision
+    (precisions=) is no reference for the sweep's rows."""
     from tinyskip.analysis.bench_report import regime_line
 
     def res(*rows):
-        return {"rows": [{"family": f, "compiled": c, "tokens_per_s": s} for f, c, s in
-                         [("full", False, 100.0), ("full", True, 300.0), *rows]]}
+        return {"rows": [{"family": f, "compiled": c, "tokens_per_s": s, "precision": p}
+                         for f, c, s, p in [("full", False, 100.0, "float32"),
+                                            ("full", True, 300.0, "float32"),
+                                            *[(*r, "float32") for r in rows],
+                                            ("full", False, 900.0, "bfloat16+int8"),
+                                            ("full", True, 990.0, "bfloat16+int8")]]}
     line = regime_line(res(("ssd", False, 120.0), ("dee", False, 80.0), ("ssd", True, 240.0)))
     assert "2 of the SSD/DEE rows ran slower than full decoding run the same way (down to " \
            "0.80x)" in line
@@ -237,9 +242,9 @@ def test_further_precisions_decode_the_same_prompts_beside_the_main_rows(run_arg
     prefills one long prompt per precision beside its dtype's matrix peak."""
     res = benchmark(compose_job("bench", run_args + [
         "n_prompts=2", "max_new_tokens=6", "exit_layer=[]", "draft_layer=[]", "out_dir=null",
-        "precisions=[bfloat16,float32+int8]", "prefill_len=40"]))
+        "precisions=[bfloat16,float32+int8,float32,bfloat16]", "prefill_len=40"]))
     rows = {r["mode"]: r for r in res["rows"]}
-    assert list(rows) == ["full", "full bfloat16", "full float32+int8"]
+    assert list(rows) == ["full", "full bfloat16", "full float32+int8"]    # each once
     assert [r["precision"] for r in rows.values()] == ["float32", "bfloat16", "float32+int8"]
     full, bf16, int8 = rows.values()
     # Bytes per weight: 4, 2, and 1 plus a scale per row (the KV cache stays in the dtype).

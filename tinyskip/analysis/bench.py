@@ -23,7 +23,7 @@ from ..calibration.ltt import f1_loss
 from ..config import DEEConfig, SSDConfig, UserError
 from ..decode import DecodeStats, ModeSpec, Steps, decode
 from ..decode.steps import cache_size
-from ..jobs import BenchJob, precision
+from ..jobs import BenchJob, precision, precision_name
 from ..runtime import pick_device, progress_bar
 from ..storage.data import load_lines
 from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
@@ -173,9 +173,13 @@ def benchmark(job: BenchJob) -> dict:
     if compiled is not None:
         rows_def += [(label + " compiled", s, cal, compiled) for label, s, cal in labelled
                      if s.mode != "dee"]
-    main_precision = job.dtype + ("" if job.quantize == "none" else "+" + job.quantize)
-    others = {p: load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device,
-                             *precision(p)) for p in job.precisions if p != main_precision}
+    main_precision = precision_name(job.dtype, job.quantize)
+    others = {}
+    for dtype, quantize in map(precision, job.precisions):
+        p = precision_name(dtype, quantize)
+        if p != main_precision and p not in others:
+            others[p] = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model,
+                                    device, dtype, quantize)
     for p, other in others.items():
         rows_def.append((f"full {p}", ModeSpec("full"), None, Steps(other.model)))
         if job.compile:
@@ -230,7 +234,7 @@ def benchmark(job: BenchJob) -> dict:
         cost = sum(count * costs[key] for key, count in st.calls.items()) / n if mine else None
         rows.append({"mode": label, **spec_fields(spec), "calibration": cal,
                      "precision": precision_of[id(steps.model)],
-                     "text_ppl": quality.text_ppl(steps.model),
+                     "text_ppl": quality.text_ppl(steps.model) if spec.mode == "full" else None,
                      "compiled": label.endswith(" compiled"),
                      "tokens_per_s": st.tokens_per_s,
                      "tokens_per_s_prompt_mean": statistics.fmean(t["per_prompt"]),
@@ -265,9 +269,11 @@ def benchmark(job: BenchJob) -> dict:
                 r["speedup"] = r["tokens_per_s"] / full["tokens_per_s"]
                 r.update(quality(r.pop("generated")))
                 hf.append(r)
-    long_prompt = torch.tensor([ids[:job.prefill_len]], device=device)
-    prefill = [{"precision": p, **prefill_speed(m.model, long_prompt)}
-               for p, m in [(main_precision, loaded), *others.items()]] if job.prefill_len else []
+    prefill = []
+    if job.prefill_len:
+        long_prompt = torch.tensor([ids[:job.prefill_len]], device=device)
+        prefill = [{"precision": p, **prefill_speed(m.model, long_prompt)}
+                   for p, m in [(main_precision, loaded), *others.items()]]
     ssd = None
     if job.ssd_costs:
         # Priced through the compiled steps when the sweep compiles (their graphs already

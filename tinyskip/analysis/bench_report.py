@@ -93,8 +93,11 @@ def format_table(res: dict) -> str:
 def regime_line(res: dict) -> str:
     """One honest line when early exit measured slower than full decoding, saying where
     it does pay; empty when every SSD and DEE row beat full."""
-    # Each row against full decoding run the same way (compiled rows against compiled full).
-    full = {r["compiled"]: r["tokens_per_s"] for r in res["rows"] if r["family"] == "full"}
+    # Each row against full decoding run the same way (compiled rows against compiled full)
+    # at the same precision (the sweep's; precisions= rows decode full alone).
+    main = res["rows"][0]["precision"]
+    full = {r["compiled"]: r["tokens_per_s"] for r in res["rows"]
+            if r["family"] == "full" and r["precision"] == main}
     ratios = [r["tokens_per_s"] / full[r["compiled"]] for r in res["rows"]
               if r["family"] in ("ssd", "dee") and r["compiled"] in full]
     slower = [x for x in ratios if x < 1]

@@ -63,7 +63,8 @@ def exit_classifier(model, run_dir: Path, train_tokens, exits: list[int], whash:
 
 def calibrate(job: CalibrateJob) -> dict:
     device = pick_device(job.device)
-    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, None, device)
+    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, None, device,
+                         quantize=job.quantize)
     run_dir, model = loaded.run_dir, loaded.model
     out = Path(job.out) if job.out else run_dir / "calibration.json"
     L = model.num_layers

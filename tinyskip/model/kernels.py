@@ -58,14 +58,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, in_graph: bool = True,
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 in_graph: bool = True) -> torch.Tensor:
-    """x (..., in) @ (weight (out, in) int8 * scale (out, 1)).T -> (..., out): weight-only
-    int8 (model/quantize.py), the weight read as one byte per entry and widened where
-    it is multiplied, never written out in x's dtype.
+    """x (..., in) @ (weight (out, in) int8 * scale (out, 1)).T -> (..., out) in x's dtype:
+    weight-only int8 (model/quantize.py).
 
     A compiled one-row call on the CPU (``in_graph``) is the multiply-and-sum with the
-    widening inside the loop inductor generates; bf16 rows elsewhere on the CPU go to
-    ATen's weight-only int8 kernel; anything else widens the weight first (correct, and
-    slower: GPUs and fp32 activations are not what int8 here is for).
+    widening inside the loop inductor generates, and bf16 rows elsewhere on the CPU go to
+    ATen's weight-only int8 kernel: both read one byte per weight. Anything else (fp32 or
+    fp16 rows outside that loop, GPUs) writes a widened copy of the weight first: correct,
+    and slower (ATen's int8 kernel measured slower still with fp32 rows); int8 here is
+    meant for bf16 decoding on the CPU.
     """
     if in_graph and one_row_compiled(x):
         # Widened to fp32, not to x's dtype: inductor's loop then converts int8 lanes to
@@ -75,8 +76,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         return y.to(x.dtype)
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         rows = x.reshape(-1, x.shape[-1]).contiguous()                   # (N, in)
-        return torch._weight_int8pack_mm(rows, weight, scale).reshape(*x.shape[:-1], -1)
-    return F.linear(x, weight.to(x.dtype)) * scale
+        y = torch._weight_int8pack_mm(rows, weight, scale.to(x.dtype))   # (N, out)
+        return y.reshape(*x.shape[:-1], -1)
+    return (F.linear(x, weight.to(x.dtype)) * scale).to(x.dtype)
 
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

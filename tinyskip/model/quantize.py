@@ -17,14 +17,11 @@ from torch import nn
 from .kernels import Linear
 from .transformer import Transformer
 
-QUANTIZE = ("none", "int8")
-
-
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (out, in) -> int8 (out, in) and fp32 scales (out,), weight ~ q * s[:, None]."""
     w = weight.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
     return q, scale
 
 
@@ -38,9 +35,9 @@ def quantize_int8(model: Transformer) -> Transformer:
         if isinstance(m, Linear) and m.weight_scale is None:
             q, scale = int8_rows(m.weight)
             m.weight = nn.Parameter(q, requires_grad=False)
+            # In the model's dtype, as gpt-fast keeps them: ATen's int8 kernel takes scales
+            # in the activations' dtype, and inductor's lowering of it inside a graph
+            # (SSD's verify) fails on a scale converted in the graph. A bf16 scale rounds a
+            # row by at most 2^-9, below the int8 rounding of its entries (1/254).
             m.weight_scale = scale.to(dtype)
     return model
-
-
-def is_quantized(model: Transformer) -> bool:
-    return model.lm_head.weight_scale is not None

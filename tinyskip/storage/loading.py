@@ -173,8 +173,10 @@ def read_calibration(path: Path, loaded: Loaded) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"calibration={str(path)!r} is not a calibration file ({e})")
     if loaded.weights_hash() != whash:
+        quantized = "" if loaded.quantize == "none" else f" quantize={loaded.quantize}"
         raise UserError(f"calibration={str(path)!r} was made for other weights (hash "
-                        f"{whash[:12]}...) than {loaded.source}: run python -m tinyskip.calibrate")
+                        f"{whash[:12]}...) than {loaded.source}{quantized}: run python -m "
+                        f"tinyskip.calibrate{quantized}")
     return {"measure": measure, "exits": exits, "cache": cache,
             "threshold": [math.inf if lam is None else lam], "max_new_tokens": length}
 
