@@ -272,3 +272,13 @@ def test_prefill_flops_counted_by_hand(tiny_config):
     attention = 2 * (10 * 10 / 2) * 32                          # scores and sum, causal
     assert prefill_flops(Transformer(tiny_config()), 10) == 2 * (4 * (10 * block + attention)
                                                                  + 97 * 32)
+
+
+def test_the_streaming_read_reports_the_median_and_range_of_its_samples():
+    from tinyskip.analysis.bandwidth import StreamRead
+
+    stream = StreamRead(torch.device("cpu"), mib=1)
+    stream.samples = [9e9, 1e9, 2e9]
+    assert stream.summary() == {"stream_gb_per_s": 2.0, "stream_gb_per_s_min": 1.0,
+                                "stream_gb_per_s_max": 9.0, "stream_samples": 3}
+    assert stream.sample() > 0 and len(stream.samples) == 4

@@ -13,7 +13,7 @@ from tinyskip.decode.steps import Steps, cache_size
 from tinyskip.model.kernels import Linear
 from tinyskip.model.quantize import int8_rows, quantize_int8
 from tinyskip.model.transformer import Transformer
-from tinyskip.storage.loading import load_source, read_calibration
+from tinyskip.storage.loading import default_calibration, load_source, read_calibration
 
 
 def models(tiny_config, dtype=torch.float32, **overrides):
@@ -135,3 +135,41 @@ def test_a_calibration_made_on_float_weights_is_refused_for_int8_ones(trained_ti
     assert read_calibration(cal, plain)["threshold"] == [0.9]
     with pytest.raises(UserError, match="was made for other weights"):
         read_calibration(cal, int8)
+    # Each has its own default file: calibrating int8 weights never overwrites the other.
+    assert default_calibration(plain) == run_dir / "calibration.json"
+    assert default_calibration(int8) == run_dir / "calibration-int8.json"
+
+
+def test_an_int8_head_over_a_draft_vocabulary_scores_its_tokens_as_the_whole_head(tiny_config):
+    """Each restricted row keeps its own scale."""
+    from tinyskip.model.exits import ExitHead
+
+    _, model = models(tiny_config)
+    ids = torch.tensor([3, 17, 40, 41, 96])
+    h = torch.randn(1, 2, 32)
+    with torch.no_grad():
+        whole = ExitHead(model).logits(h, 4)
+        part = ExitHead(model, ids).logits(h, 4)
+    torch.testing.assert_close(part, whole[..., ids])
+
+
+def test_compiled_int8_logits_stay_within_the_tolerance_of_eager_ones(tiny_config):
+    """The compiled one-row loop applies each row's scale (rows of very different scales)."""
+    from tinyskip.decode.steps import positions
+    from tinyskip.model.exits import ExitHead
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.weight.mul_(torch.logspace(-1, 1, m.weight.shape[0])[:, None])
+    quantize_int8(model)
+    head, tok = ExitHead(model), torch.tensor([[7]])
+    outs = []
+    for compile in (False, True):
+        steps, cache = Steps(model, compile=compile), model.new_cache(1, 16)
+        with torch.no_grad():
+            outs.append(steps.token(tok, 4, cache, positions(0, 1, "cpu"), head)[1])
+    assert steps.compiled and rel_error(outs[1], outs[0]) < 1e-4

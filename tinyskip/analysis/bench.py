@@ -31,7 +31,7 @@ from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary
 from .bandwidth import StreamRead, bytes_per_token
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
-from .prefill import prefill_speed
+from .prefill import matrix_peak, prefill_speed
 from .quality import RougeL, continuation_nll, perplexity
 from .ssd_costs import measured_acceptance, round_costs
 from .unit_costs import unit_costs
@@ -79,7 +79,8 @@ def test_ids(data, tokenizer) -> list[int]:
                                      if line.strip()))
 
 
-def test_prompts(ids: list[int], job: BenchJob, device) -> tuple[list[torch.Tensor], list[list[int]]]:
+def test_prompts(ids: list[int], job: BenchJob,
+                 device) -> tuple[list[torch.Tensor], list[list[int]]]:
     """``n_prompts`` windows of ``prompt_len`` tokens spread over the test split's ``ids``,
     and the ``max_new_tokens`` tokens that follow each in the text (ROUGE-L's reference)."""
     span = job.prompt_len + job.max_new_tokens
@@ -145,9 +146,10 @@ def benchmark(job: BenchJob) -> dict:
     ids = test_ids(run_data_config(loaded.run_dir, job.data), loaded.tokenizer)
     prompts, references = test_prompts(ids, job, device)
     L = model.num_layers
-    if job.prefill_len and not job.prefill_len < min(len(ids), model.config.max_position_embeddings):
+    ctx = model.config.max_position_embeddings
+    if job.prefill_len and not job.prefill_len < min(len(ids), ctx):
         raise UserError(f"prefill_len={job.prefill_len}: must be shorter than the test split "
-                        f"({len(ids)} tokens) and the context ({model.config.max_position_embeddings})")
+                        f"({len(ids)} tokens) and the context ({ctx})")
     bad = [e for e in job.hf_early_exit if not 1 <= e < L]
     if bad:
         raise UserError(f"hf_early_exit={job.hf_early_exit}: exits must be in 1..{L - 1} for "
@@ -180,6 +182,7 @@ def benchmark(job: BenchJob) -> dict:
         if p != main_precision and p not in others:
             others[p] = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model,
                                     device, dtype, quantize)
+    loaded_at = {main_precision: loaded, **others}      # every precision's weights
     for p, other in others.items():
         rows_def.append((f"full {p}", ModeSpec("full"), None, Steps(other.model)))
         if job.compile:
@@ -224,7 +227,7 @@ def benchmark(job: BenchJob) -> dict:
     costs = unit_costs(model, job.prompt_len + job.max_new_tokens // 2, max(widths))
     quality = Quality(loaded, prompts, references)
     rows = []
-    precision_of = {id(m.model): p for p, m in [(main_precision, loaded), *others.items()]}
+    precision_of = {id(m.model): p for p, m in loaded_at.items()}
     for label, spec, cal, steps in rows_def:
         t = totals[label]
         st, n = t["stats"], t["stats"].new_tokens
@@ -258,7 +261,7 @@ def benchmark(job: BenchJob) -> dict:
         # generate on the same weights in each float dtype the rows ran in (transformers
         # has no int8 path of its own here: an int8 row compares with its activations' dtype)
         dtypes = {}
-        for p, m in [(main_precision, loaded), *others.items()]:
+        for p, m in loaded_at.items():
             if m.quantize == "none" or m.fmt == "hf":     # (a checkpoint is exported first)
                 dtypes.setdefault(precision(p)[0], m)
         for dtype, m in dtypes.items():
@@ -272,8 +275,12 @@ def benchmark(job: BenchJob) -> dict:
     prefill = []
     if job.prefill_len:
         long_prompt = torch.tensor([ids[:job.prefill_len]], device=device)
-        prefill = [{"precision": p, **prefill_speed(m.model, long_prompt)}
-                   for p, m in [(main_precision, loaded), *others.items()]]
+        peaks = {}                                 # one matrix peak per dtype
+        for p, m in loaded_at.items():
+            dtype = m.model.embed_tokens.weight.dtype
+            if dtype not in peaks:
+                peaks[dtype] = matrix_peak(device, dtype)
+            prefill.append({"precision": p, **prefill_speed(m.model, long_prompt, peaks[dtype])})
     ssd = None
     if job.ssd_costs:
         # Priced through the compiled steps when the sweep compiles (their graphs already

@@ -33,10 +33,10 @@ def matrix_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
 
 
 @torch.no_grad()
-def prefill_speed(model: Transformer, prompt: torch.Tensor, reps: int = 3) -> dict:
+def prefill_speed(model: Transformer, prompt: torch.Tensor, peak: float, reps: int = 3) -> dict:
     """Tokens/s and FLOP/s of prefilling ``prompt`` (1, T) into a fresh cache, as every
     decoding mode starts (``decode.steps.prefill``), median of ``reps`` after the warm-up,
-    beside the matrix peak of the model's dtype."""
+    beside ``peak``, the FLOP/s of ``matrix_peak`` in the model's dtype."""
     T, device = prompt.shape[1], prompt.device
     cache = new_cache(model, prompt, 1)
 
@@ -45,6 +45,5 @@ def prefill_speed(model: Transformer, prompt: torch.Tensor, reps: int = 3) -> di
 
     s = median_seconds(run, reps, device)
     flops = prefill_flops(model, T) / s
-    peak = matrix_peak(device, model.embed_tokens.weight.dtype)
     return {"prefill_tokens": T, "prefill_tokens_per_s": T / s, "prefill_tflops": flops / 1e12,
             "matrix_peak_tflops": peak / 1e12, "prefill_of_peak": flops / peak}

@@ -19,7 +19,7 @@ from ..model.exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, ex
                                      train_exit_classifier)
 from ..runtime import pick_device, progress_bar
 from ..storage.data import prepare_corpus
-from ..storage.loading import load_source, run_data_config
+from ..storage.loading import default_calibration, load_source, run_data_config
 from . import ltt
 from .walk import (Example, decode_full, dee_losses, exit_confidences, sample_windows,
                    threshold_grid, walk_grid)
@@ -66,7 +66,7 @@ def calibrate(job: CalibrateJob) -> dict:
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, None, device,
                          quantize=job.quantize)
     run_dir, model = loaded.run_dir, loaded.model
-    out = Path(job.out) if job.out else run_dir / "calibration.json"
+    out = Path(job.out) if job.out else default_calibration(loaded)
     L = model.num_layers
     base = job.decoder()
     base.validate(L)

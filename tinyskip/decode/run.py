@@ -15,8 +15,9 @@ from ..config import DataConfig, DEEConfig, UserError
 from ..jobs import InferJob
 from ..runtime import pick_device
 from ..storage.data import load_lines
-from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
-                               exit_classifier_for, load_source, read_calibration, run_data_config)
+from ..storage.loading import (Loaded, check_calibrated_length, default_calibration,
+                               draft_vocabulary, exit_classifier_for, load_source,
+                               read_calibration, run_data_config)
 from . import ModeSpec, Steps, decode
 
 # New tokens per prompt when max_new_tokens is not given and no calibration file decides.
@@ -24,9 +25,8 @@ DEFAULT_NEW_TOKENS = 64
 
 
 def calibration_file(job: InferJob, loaded: Loaded) -> Path:
-    """``calibration=``, else the run's own ``calibration.json``."""
-    path = Path(job.calibration) if job.calibration else \
-        (loaded.run_dir or Path(loaded.source)) / "calibration.json"
+    """``calibration=``, else the run's own (``default_calibration``)."""
+    path = Path(job.calibration) if job.calibration else default_calibration(loaded)
     if not path.is_file():
         raise UserError(f"mode=dee needs threshold=<value> or a calibration file; "
                         f"{str(path)!r} does not exist (python -m tinyskip.calibrate writes it)")

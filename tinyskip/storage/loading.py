@@ -159,6 +159,15 @@ def exit_classifier_for(loaded: Loaded, spec) -> Optional[ExitClassifier]:
     return load_exit_classifier(folder / CLASSIFIER_FILE, loaded.weights_hash())
 
 
+def default_calibration(loaded: Loaded) -> Path:
+    """Where ``calibrate`` writes and ``infer mode=dee`` looks without ``calibration=``:
+    ``<run>/calibration.json``, or ``calibration-int8.json`` for int8 weights, so that
+    calibrating one never overwrites the other's."""
+    q = loaded.quantize
+    name = "calibration.json" if q == "none" else f"calibration-{q}.json"
+    return (loaded.run_dir or Path(loaded.source)) / name
+
+
 def read_calibration(path: Path, loaded: Loaded) -> dict:
     """A calibration file, refused when it was made for other weights."""
     try:
