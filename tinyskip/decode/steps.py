@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from ..config import SamplingConfig, UserError
+from ..model import cpu_matvec
 from ..model.exits import ExitHead
 from ..model.kernels import linear
 from ..model.kv_cache import KVCache
@@ -120,6 +121,7 @@ class Steps:
     def __init__(self, model: Transformer, compile: bool = False):
         self.model = model
         self.compiled = compile
+        cpu_matvec.enable_for(model)     # bf16 / int8 weights on the CPU: see model/cpu_matvec.py
         # Seconds of the calls that compiled a graph before running it: a loop takes what
         # accrued during its generation out of its decoding time (DecodeStats.compile_s).
         self.compile_s = 0.0

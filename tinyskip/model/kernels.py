@@ -15,12 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_matvec
+
 
 @dataclass(frozen=True)
 class Kernels:
     """How compiled one-row calls (decoding steps) on the CPU write their products
     (``linear``) and their attention (``one_query_attention``): as multiply-and-sum that
-    inductor generates and fuses (True), or as calls to ATen's GEMM and SDPA kernels.
+    inductor generates and fuses, or tinyskip's own kernels for bf16 and int8 weights
+    (True), or as calls to ATen's GEMM and SDPA kernels.
     Callers pass it down through ``run_layers`` / ``head``; it is read while a graph is
     traced, so each choice is its own graph. Decoding always uses ``DECODE_KERNELS``; the
     engine benchmark passes the others to measure what each buys."""
@@ -42,13 +45,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, in_graph: bool = True,
     """x (..., in) @ weight (out, in).T -> (..., out); with ``scale`` (out,), weight is int8
     and the product is ``int8_linear``'s.
 
-    One row per sequence (a decoding step, x (B, 1, in)) inside a graph compiled for the
-    CPU is written out as a multiply-and-sum: inductor then generates the matrix-vector
-    product itself, vectorised and fused with its neighbours, instead of calling an
-    external GEMM whose set-up costs more than the work at these sizes (a d128 projection
-    is 16k multiply-adds). Everywhere else (eager, prefill, verify widths > 1, GPUs) it is
+    One row per sequence (a decoding step, x (B, 1, in)) on the CPU, with bf16 or int8
+    weights, goes to the hand-written kernels of cpu_matvec.py where they are built,
+    eager and compiled: inductor's loop for those dtypes stays well below the memory floor.
+    Other one-row calls inside a graph compiled for the CPU (fp32) are written out as a
+    multiply-and-sum: inductor then generates the matrix-vector product itself,
+    vectorised and fused with its neighbours, instead of calling an external GEMM whose
+    set-up costs more than the work at these sizes (a d128 projection is 16k
+    multiply-adds). Everywhere else (eager, prefill, verify widths > 1, GPUs) it is
     ``F.linear``. ``in_graph=False`` keeps ``F.linear`` there too (see ``Kernels``).
     """
+    if in_graph and cpu_matvec.takes(x, weight):
+        return cpu_matvec.matvec(x, weight, scale)
     if scale is not None:
         return int8_linear(x, weight, scale, in_graph)
     if in_graph and one_row_compiled(x):

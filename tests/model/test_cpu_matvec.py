@@ -1,0 +1,110 @@
+"""The hand-written one-row products (model/cpu_matvec.cpp): against a float reference, the
+AVX-512 loops against the portable ones, and decoding actually running through them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyskip.decode import generate
+from tinyskip.decode.steps import Steps
+from tinyskip.model import cpu_matvec
+from tinyskip.model.quantize import int8_rows, quantize_int8
+from tinyskip.model.transformer import Transformer
+
+pytestmark = pytest.mark.skipif(not cpu_matvec.load(), reason="no C++ toolchain to build the kernels")
+
+
+def cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return set()
+    for line in info.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_the_fast_loops_are_the_ones_this_cpu_can_run():
+    bf16, int8 = torch.ops.tinyskip.fast_paths()
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert int8 == ({"avx512f", "avx512bw"} <= flags)
+    assert bf16 == ({"avx512f", "avx512bw", "avx512_bf16"} <= flags)
+
+
+# Widths with and without a tail (K % 32), rows with and without a partial block (N % 4),
+# one sequence and three.
+SHAPES = [(1, 576, 192), (1, 100, 7), (3, 1536, 576), (2, 32, 1), (1, 40, 4097)]
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("B,K,N", SHAPES)
+def test_bf16_products_match_fp32_products_of_the_same_bf16_numbers(B, K, N, portable):
+    torch.manual_seed(0)
+    x = torch.randn(B, 1, K).bfloat16()
+    w = torch.randn(N, K).bfloat16()
+    y = torch.ops.tinyskip.matvec_bf16(x, w, portable)
+    assert y.shape == (B, 1, N) and y.dtype == torch.bfloat16
+    # Products of bf16 numbers are exact in fp32: what is left is summation order and the
+    # output's rounding to bf16 (2^-9 relative).
+    assert rel_error(y, F.linear(x.float(), w.float())) < 4e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("B,K,N", SHAPES)
+def test_int8_products_apply_each_rows_scale(B, K, N, portable, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(B, 1, K).to(dtype)
+    # Rows of very different scales: a scale applied to the wrong row shows.
+    q, s = int8_rows(torch.randn(N, K) * torch.logspace(-3, 1, N)[:, None])
+    s = s.to(dtype)
+    y = torch.ops.tinyskip.matvec_int8(x, q, s, portable)
+    assert y.shape == (B, 1, N) and y.dtype == dtype
+    ref = F.linear(x.float(), q.float()) * s.float()
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    assert ((y.float() - ref).abs() <= tol * ref.abs().amax(dim=-1, keepdim=True)).all()
+
+
+def calls(model: Transformer, compile: bool) -> tuple[list[int], dict[str, int]]:
+    """Greedy tokens of a short generation, and how often each tinyskip op ran in it."""
+    steps = Steps(model, compile=compile)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    generate(model, prompt, 4, steps=steps)             # compiles, if it does
+    with torch.profiler.profile() as prof:
+        tokens = generate(model, prompt, 4, steps=steps).tokens[0]
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("tinyskip::")}
+    return tokens, counts
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_decoding_bf16_and_int8_weights_on_the_cpu_runs_their_steps_through_the_kernels(
+        tiny_config, quantize):
+    bf16, int8 = torch.ops.tinyskip.fast_paths()
+    if not (int8 if quantize else bf16):
+        pytest.skip("this CPU lacks the AVX-512 extension these kernels need")
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).to(torch.bfloat16).eval()
+    if quantize:
+        quantize_int8(model)
+    op = "tinyskip::matvec_int8" if quantize else "tinyskip::matvec_bf16"
+    per_step = 7 * model.num_layers + 1                 # each projection of each block, the head
+    eager, eager_calls = calls(model, compile=False)
+    compiled, compiled_calls = calls(model, compile=True)
+    # The prefill's block products (5 rows) take ATen's path, its head (the last row only)
+    # and every product of the 3 steps after it take the kernels.
+    assert eager_calls.get(op) == compiled_calls.get(op) == 1 + 3 * per_step
+    assert compiled == eager
+
+
+def test_fp32_weights_keep_their_other_paths(tiny_config):
+    model = Transformer(tiny_config()).eval()
+    _, counts = calls(model, compile=False)
+    assert counts == {}
