@@ -1,6 +1,10 @@
 """The hand-written one-row products (model/cpu_matvec.cpp): against a float reference, the
 AVX-512 loops against the portable ones, and decoding actually running through them."""
 
+import importlib.util
+import os
+import platform
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,21 @@ from tinyskip.model import cpu_matvec
 from tinyskip.model.quantize import int8_rows, quantize_int8
 from tinyskip.model.transformer import Transformer
 
-pytestmark = pytest.mark.skipif(not cpu_matvec.load(), reason="no C++ toolchain to build the kernels")
+TOOLS = platform.machine().lower() in ("x86_64", "amd64") and \
+    shutil.which(os.environ.get("CXX", "c++")) is not None and \
+    (shutil.which("ninja") is not None or importlib.util.find_spec("ninja") is not None)
+pytestmark = pytest.mark.skipif(not TOOLS, reason="not x86, or no C++ compiler or ninja")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    # With the tools there, a kernel that does not build is a failure, not a skip.
+    assert cpu_matvec.load(), "cpu_matvec.cpp did not build (see the warning)"
+
+
+def fast(dtype: torch.dtype) -> bool:
+    bf16, int8 = torch.ops.tinyskip.fast_paths()
+    return bf16 if dtype == torch.bfloat16 else int8
 
 
 def cpu_flags() -> set[str]:
@@ -78,12 +96,41 @@ def test_int8_products_apply_each_rows_scale(B, K, N, portable, dtype):
 @pytest.mark.parametrize("B,K,N", SHAPES + [(1, 1100, 9)])
 def test_int8_avx512_loop_sums_exactly_what_the_portable_one_sums(B, K, N):
     # Both add integer products exactly (int32 in chunks of 512 columns, then int64), so
-    # they agree to the bit, across chunk boundaries (K = 1100) and tails.
+    # they agree to the bit, across chunk boundaries (K = 1100) and tails; at the largest
+    # products (+-32767 x +-127 in every column) too.
+    if not fast(torch.int8):
+        pytest.skip("this CPU has no AVX-512 loop to compare")
     torch.manual_seed(0)
     x = torch.randn(B, 1, K) * 100
+    x[0, 0, :] = 5.0 * torch.tensor([1.0, -1.0]).repeat(K)[:K]      # every entry at the row's max
     q, s = int8_rows(torch.randn(N, K))
-    fast = torch.ops.tinyskip.matvec_int8(x, q, s, False)
-    assert torch.equal(fast, torch.ops.tinyskip.matvec_int8(x, q, s, True))
+    q[0] = torch.where(x[0, 0] > 0, 127, -127).to(torch.int8)
+    avx512 = torch.ops.tinyskip.matvec_int8(x, q, s, False)
+    assert torch.equal(avx512, torch.ops.tinyskip.matvec_int8(x, q, s, True))
+
+
+def test_a_nan_in_a_row_of_x_makes_that_rows_int8_outputs_nan_and_no_other():
+    x = torch.randn(2, 1, 64).bfloat16()
+    x[1, 0, 5] = float("nan")
+    q, s = int8_rows(torch.randn(8, 64))
+    y = torch.ops.tinyskip.matvec_int8(x, q, s.bfloat16(), False)
+    assert y[1].isnan().all() and not y[0].isnan().any()
+
+
+def test_an_int8_draft_vocabulary_head_keeps_each_rows_scale_through_the_kernel(tiny_config):
+    from tinyskip.model.exits import ExitHead
+
+    torch.manual_seed(0)
+    model = quantize_int8(Transformer(tiny_config()).to(torch.bfloat16).eval())
+    cpu_matvec.enable_for(model)
+    ids = torch.tensor([3, 17, 40, 41, 96])
+    h = torch.randn(1, 1, 32).bfloat16()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        whole = ExitHead(model).logits(h, 4)
+        part = ExitHead(model, ids).logits(h, 4)
+    if fast(torch.int8):
+        assert any(e.key == "tinyskip::matvec_int8" for e in prof.key_averages())
+    torch.testing.assert_close(part, whole[..., ids])
 
 
 def calls(model: Transformer, compile: bool) -> tuple[list[int], dict[str, int]]:
@@ -100,8 +147,7 @@ def calls(model: Transformer, compile: bool) -> tuple[list[int], dict[str, int]]
 @pytest.mark.parametrize("quantize", [False, True])
 def test_decoding_bf16_and_int8_weights_on_the_cpu_runs_their_steps_through_the_kernels(
         tiny_config, quantize):
-    bf16, int8 = torch.ops.tinyskip.fast_paths()
-    if not (int8 if quantize else bf16):
+    if not fast(torch.int8 if quantize else torch.bfloat16):
         pytest.skip("this CPU lacks the AVX-512 extension these kernels need")
     torch.manual_seed(0)
     model = Transformer(tiny_config()).to(torch.bfloat16).eval()
@@ -117,7 +163,20 @@ def test_decoding_bf16_and_int8_weights_on_the_cpu_runs_their_steps_through_the_
     assert compiled == eager
 
 
-def test_fp32_weights_keep_their_other_paths(tiny_config):
+@pytest.mark.parametrize("quantize", [False, True])
+def test_fp32_activations_keep_their_other_paths(tiny_config, quantize):
+    # int8 weights in an fp32 model included: the kernel would round x to int16.
     model = Transformer(tiny_config()).eval()
+    if quantize:
+        quantize_int8(model)
     _, counts = calls(model, compile=False)
     assert counts == {}
+
+
+def test_products_that_need_a_gradient_keep_their_other_paths(tiny_config):
+    model = Transformer(tiny_config()).to(torch.bfloat16)
+    cpu_matvec.enable_for(model)
+    x = torch.randn(1, 1, 32, dtype=torch.bfloat16)
+    assert not cpu_matvec.takes(x, model.lm_head.weight, None)      # grad mode on
+    with torch.no_grad():
+        assert cpu_matvec.takes(x, model.lm_head.weight, None) == fast(torch.bfloat16)

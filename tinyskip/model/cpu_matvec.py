@@ -5,17 +5,24 @@ built on first use with PyTorch's extension builder and kept in its cache
 Inductor's loop for these products converts each narrow weight to fp32 lane by lane and
 stays well below the memory floor (measured on one 1M x 576 weight, 2 threads, this
 Xeon: bf16 12.6-14.1 GB/s, int8 10.2-12.7 GB/s, against 21.7-22.6 GB/s for ``torch.sum``
-of 1 GiB); the kernels here measured 23-28 GB/s (bf16) and 19 GB/s (int8) on the same
-read. fp32 products keep inductor's loop, which already runs near the floor.
+of 1 GiB); the kernels here read 27.4-27.7 GB/s (bf16, 1M x 576) and 25.0-25.4 GB/s
+(int8, 2M x 576) where ``torch.sum`` read 24.6-28.0 GB/s in the same run. fp32
+products keep inductor's loop, which already runs near the floor; int8 weights with fp32
+activations keep theirs too (the kernel rounds activations to int16, which an fp32
+model's decoding should not do on some paths and not others).
 
 ``enable_for`` builds the kernels for a model whose products they serve; ``linear`` in
 kernels.py then sends them one-row calls (a decoding step) on the CPU, eager and
-compiled. Where the build fails (no C++ compiler, no ninja) or the CPU lacks AVX-512,
-nothing changes: products keep their other paths.
+compiled, without gradients (the ops have no backward). The choice is per process: once
+a model with bf16 or int8 weights decodes, every later one-row product of those dtypes
+on the CPU takes the kernels. Where the build fails (no C++ compiler, no ninja), the
+CPU is not x86 or lacks AVX-512, nothing changes: products keep their other paths.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -39,6 +46,14 @@ def load() -> bool:
 
 
 def _build() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        import ninja      # the builder looks for it on PATH, which an unactivated venv lacks
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
     try:
         from torch.utils import cpp_extension
         cpp_extension.load(name="tinyskip_cpu_matvec", sources=[str(SOURCE)],
@@ -74,13 +89,13 @@ def enable_for(model: nn.Module) -> None:
         _fast.update({torch.bfloat16: bf16, torch.int8: int8})
 
 
-def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``matvec`` computes x @ weight.T: enabled for weight's dtype, one row per
-    sequence (x (..., 1, in)) on the CPU, weight contiguous."""
+def takes(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
+    """Whether ``matvec`` computes x @ weight.T [* scale]: enabled for weight's dtype, one
+    row per sequence (x (..., 1, in)) in bf16 on the CPU, weight contiguous, the scale in
+    x's dtype, no gradient asked for."""
     return _fast.get(weight.dtype, False) and x.device.type == "cpu" and x.dim() > 1 and \
-        x.shape[-2] == 1 and weight.is_contiguous() and \
-        x.dtype in ((torch.bfloat16,) if weight.dtype == torch.bfloat16 else
-                    (torch.bfloat16, torch.float32))
+        x.shape[-2] == 1 and x.dtype == torch.bfloat16 and weight.is_contiguous() and \
+        (scale is None or scale.dtype == x.dtype) and not torch.is_grad_enabled()
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:

@@ -55,7 +55,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, in_graph: bool = True,
     multiply-adds). Everywhere else (eager, prefill, verify widths > 1, GPUs) it is
     ``F.linear``. ``in_graph=False`` keeps ``F.linear`` there too (see ``Kernels``).
     """
-    if in_graph and cpu_matvec.takes(x, weight):
+    if in_graph and cpu_matvec.takes(x, weight, scale):
         return cpu_matvec.matvec(x, weight, scale)
     if scale is not None:
         return int8_linear(x, weight, scale, in_graph)
