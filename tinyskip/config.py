@@ -313,6 +313,7 @@ class SSDConfig:
     k: int = 4                       # drafts per round (at most)
     adaptive_threshold: float = 0.0  # stop drafting when the draft's top-1 prob falls below
     draft_vocab: int = 0             # score drafts over the N most frequent tokens (0 = all)
+    ngram: int = 0                   # > 0: prompt-lookup drafts where the last n tokens recur
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -321,6 +322,9 @@ class SSDConfig:
             raise ConfigError(f"adaptive_threshold={self.adaptive_threshold}: must be in [0, 1)")
         if self.draft_vocab < 0:
             raise ConfigError(f"draft_vocab={self.draft_vocab}: must be >= 0 (0 = full vocabulary)")
+        if self.ngram < 0:
+            raise ConfigError(f"ngram={self.ngram}: must be >= 1 (the tokens a prompt-lookup "
+                              "draft matches), or 0 for exit drafts only")
 
     def validate(self, num_layers: int) -> None:
         """What only the model can tell: the draft exit against its L blocks."""

@@ -153,6 +153,7 @@ class InferJob(CheckpointSource):
     k: int = 4                                # mode=ssd: drafts per round
     adaptive_threshold: float = 0.0           # mode=ssd: stop drafting below this confidence
     draft_vocab: int = 0                      # mode=ssd: N most frequent tokens (needs data)
+    ngram: int = 0                            # mode=ssd: > 0, prompt-lookup drafts on repeats
     measure: Optional[str] = None             # mode=dee: confidence measure (default: softmax,
                                               # or the calibration file's)
     threshold: Any = None                     # mode=dee: a value or one per checked exit
@@ -199,7 +200,8 @@ class InferJob(CheckpointSource):
 
     def ssd(self) -> SSDConfig:
         """``mode=ssd``'s decoder (its exit checked against the model when loaded)."""
-        return SSDConfig(self.draft_layer, self.k, self.adaptive_threshold, self.draft_vocab)
+        return SSDConfig(self.draft_layer, self.k, self.adaptive_threshold, self.draft_vocab,
+                         self.ngram)
 
     def dee(self) -> DEEConfig:
         """``mode=dee``'s decoder as the options give it (``calibrated``: the threshold,
@@ -238,6 +240,7 @@ class BenchJob(CheckpointSource):
     k: list[int] = field(default_factory=lambda: [2, 4, 6])
     draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
     adaptive_threshold: float = 0.0           # > 0: also every ssd row with adaptive drafting
+    ngram: int = 0                            # > 0: also every ssd row with prompt-lookup drafts
     measure: list[str] = field(default_factory=list)      # dee rows: measures x thresholds
     threshold: list[float] = field(default_factory=list)  #   x cache strategies
     cache: list[str] = field(default_factory=lambda: ["propagate"])
@@ -273,7 +276,7 @@ class BenchJob(CheckpointSource):
         if self.draft_layer and not self.k:
             raise ConfigError("k=[]: give at least one k for the draft_layer rows (or draft_layer=[])")
         for k in self.k:
-            SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab)
+            SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab, self.ngram)
         if self.ssd_costs and not self.draft_layer:
             raise ConfigError("ssd_costs=true prices SSD rounds at the draft_layer exits: give "
                               "draft_layer=[...] (or ssd_costs=false)")

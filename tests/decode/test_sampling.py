@@ -173,3 +173,25 @@ def test_chi2_helpers():
     expected = torch.tensor([0.5, 0.3, 0.2])
     assert chi2_statistic([0] * 50 + [1] * 30 + [2] * 20, expected)[0] == pytest.approx(0.0)
     assert chi2_critical(10) == pytest.approx(29.59, rel=0.01)
+
+
+def test_lookup_drafts_keep_the_full_models_sampling_distribution(tiny_config):
+    """Found drafts are certain (q puts all mass on them): accepted with probability
+    p(draft), resampled from p without it otherwise. Three new tokens with k=2."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=50, initializer_range=0.2)).eval()
+    sampling = SamplingConfig(temperature=1.0)
+    # "7 8" recurs: the first round drafts what followed it before, 3 and 4.
+    prompt = torch.tensor([[7, 8, 3, 4, 9, 1, 7, 8]])
+    expected = exact_marginals(model, prompt, sampling)
+    n, tokens, drafted, accepted = 1000, [[], [], []], 0, 0
+    for seed in range(n):
+        gen = ssd_generate(model, prompt, 3, SSDConfig(1, 2, ngram=2), sampling,
+                           generator=torch.Generator().manual_seed(seed))
+        for position, token in zip(tokens, gen.tokens[0]):
+            position.append(token)
+        drafted, accepted = drafted + gen.stats.drafted, accepted + gen.stats.accepted
+    assert 0 < accepted < drafted, (drafted, accepted)
+    for got, p in zip(tokens, expected):
+        stat, df = chi2_statistic(got, p)
+        assert stat < chi2_critical(df), (stat, df)

@@ -73,6 +73,8 @@ CASES = [
     ("bench", ["run=tiny", "precisions=[float32+none]"],
      "precisions: 'float32+none' is not DTYPE or DTYPE+QUANTIZE"),
     ("calibrate", ["run=tiny", "quantize=int2"], "quantize='int2': must be one of none, int8"),
+    ("infer", ["mode=ssd", "draft_layer=2", "ngram=-1", "prompt=hi"], "ngram=-1: must be >= 1"),
+    ("bench", ["run=tiny", "ngram=-2"], "ngram=-2: must be >= 1"),
     ("bench", ["run=tiny", "prefill_len=-1"], "prefill_len=-1: must be >= 0"),
     ("bench", ["run=tiny", "threads=-1"], "threads=-1: must be >= 0"),
     ("bench", ["run=tiny", "measure=[softmax]"], "give both for DEE rows"),

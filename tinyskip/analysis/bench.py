@@ -49,6 +49,8 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, draft_vocab=job.draft_vocab)))
             if job.adaptive_threshold:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, job.adaptive_threshold)))
+            if job.ngram:
+                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, ngram=job.ngram)))
     for measure in job.measure:
         for lam in job.threshold:
             for cache in job.cache:
@@ -100,6 +102,7 @@ def spec_fields(spec: ModeSpec) -> dict:
             "draft_layer": s.draft_layer if s else None, "k": s.k if s else None,
             "draft_vocab": s.draft_vocab if s else None,
             "adaptive_threshold": s.adaptive_threshold if s else None,
+            "ngram": s.ngram if s else None,
             "measure": d.measure if d else None,
             "threshold": d.threshold[0] if d and len(d.threshold) == 1 else None,
             "exits": d.exits if d else None, "cache": d.cache if d else None}
@@ -245,6 +248,8 @@ def benchmark(job: BenchJob) -> dict:
                      "layers_per_token": st.layer_evals / n, "heads_per_token": st.head_evals / n,
                      "acceptance": st.accepted / st.drafted if st.drafted else None,
                      "accept_hist": st.accept_hist or None,
+                     "lookup_share": st.lookup_rounds / st.rounds if spec.ssd and
+                     spec.ssd.ngram and st.rounds else None,
                      "mean_exit": st.mean_exit, "exit_hist": st.exit_hist or None,
                      "agreement": t["agree"] / n, "exact_match": t["exact"] / len(prompts),
                      "f1_loss": t["f1_loss"] / len(prompts), **quality(t["generated"]),

@@ -19,10 +19,10 @@ from .plots import pareto_figure
 from .ssd_costs import format_round_costs
 
 CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "draft_vocab",
-               "adaptive_threshold", "measure", "threshold", "exits", "cache", "calibration",
+               "adaptive_threshold", "ngram", "measure", "threshold", "exits", "cache", "calibration",
                "tokens_per_s", "tokens_per_s_prompt_mean", "speedup", "prefill_ms",
                "layers_per_token", "heads_per_token", "predicted", "efficiency", "acceptance",
-               "accept_hist", "mean_exit", "exit_hist", "agreement", "exact_match", "f1_loss",
+               "accept_hist", "lookup_share", "mean_exit", "exit_hist", "agreement", "exact_match", "f1_loss",
                "ppl", "rouge_l", "warmup_s", "bytes_per_token", "gb_per_s", "precision",
                "text_ppl"]
 

@@ -54,7 +54,8 @@ class ModeSpec:
         if self.mode == "ssd":
             s = self.ssd
             extra = (f" vocab={s.draft_vocab}" if s.draft_vocab else "") + \
-                    (f" adapt={s.adaptive_threshold}" if s.adaptive_threshold else "")
+                    (f" adapt={s.adaptive_threshold}" if s.adaptive_threshold else "") + \
+                    (f" ngram={s.ngram}" if s.ngram else "")
             return f"ssd E={s.draft_layer} k={s.k}{extra}"
         if self.mode == "dee":
             d = self.dee

@@ -8,6 +8,10 @@ One round, with the last committed token t at position p (not yet run by any blo
             [E, L) over the m+1 positions p..p+m starting from the kept exit states
             h[0..m], and the head on all of them: the full model's next-token logits
 
+With ``ngram`` = n, a round whose last n tokens occurred earlier in the context drafts
+the tokens that followed them there instead (decode/lookup.py): blocks [0, E) then run
+once over t and those drafts together, and the verify is the same.
+
 Nothing is computed twice: every block runs once per position. The KV cache is indexed
 by absolute position, so entries of rejected drafts need no cropping: they lie past the
 next round's queries (masked) and are overwritten. Greedy acceptance keeps the longest
@@ -27,6 +31,7 @@ from ..config import SSDConfig
 from ..model.exits import ExitHead
 from ..model.transformer import Transformer
 from .confidence import max_prob
+from .lookup import lookup
 from .sampling import SamplingConfig, accept_sampled, logits_to_probs
 from .stats import DecodeStats, Generation
 from .steps import (Steps, StopIds, first_token, new_cache, one_prompt, positions, sync,
@@ -59,13 +64,27 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     # buffer never exceeds what the budget can use, whatever k asks for).
     width = min(cfg.k, n_new) + 1
     h_exit = torch.empty(1, width, model.config.hidden_size, device=dev, dtype=cache.k[0].dtype)
+    context = prompt[0].tolist() if cfg.ngram else []
     _, finished = truncate_at_eos(out, eos_id)
     while len(out) < n_new and not finished:
         p = T + len(out) - 1                        # position of the last committed token
         k = min(cfg.k, n_new - len(out) - 1)        # never draft past what is still needed
         cur = torch.tensor([out[-1]], device=dev)   # (1,)
         drafts, q, have = [], [], 0                 # have: exit states computed so far
-        for j in range(k):
+        found = lookup(context + out, cfg.ngram, k) if cfg.ngram else []
+        if found:
+            # Blocks [0, E) over t and the found drafts at once: their exit states.
+            m = len(found)
+            tokens = torch.tensor([[out[-1], *found]], device=dev)                # (1, m+1)
+            h_exit[:, :m + 1] = step.blocks(tokens, E, cache, positions(p, m + 1, dev),
+                                            module_kv)
+            stats.add_layers(E, width=m + 1)
+            stats.lookup_rounds += 1
+            drafts, have = [torch.tensor([t], device=dev) for t in found], m + 1
+            if not sampling.greedy:       # a found draft is certain: q puts all mass on it
+                q = [torch.nn.functional.one_hot(torch.tensor(t, device=dev),
+                                                 model.config.vocab_size).float() for t in found]
+        for j in range(k if not found else 0):
             h, dls = step.token(cur[None], E, cache, positions(p + j, 1, dev), draft, ())
             h_exit[:, j] = h[:, 0]
             have = j + 1

@@ -32,6 +32,7 @@ class DecodeStats:
     drafted: int = 0
     accepted: int = 0
     accept_hist: list[int] = field(default_factory=list)   # rounds by accepted drafts
+    lookup_rounds: int = 0           # SSD rounds that drafted by prompt lookup (ngram)
     exit_hist: list[int] = field(default_factory=list)     # tokens by exit (index = blocks run)
 
     def add_layers(self, blocks: int, width: int = 1) -> None:

@@ -12,8 +12,8 @@ activations keep theirs too (the kernel rounds activations to int16, which an fp
 model's decoding should not do on some paths and not others).
 
 ``enable_for`` builds the kernels for a model whose products they serve; ``linear`` in
-kernels.py then sends them one-row calls (a decoding step) on the CPU, eager and
-compiled, without gradients (the ops have no backward). The choice is per process: once
+kernels.py then sends them calls of up to ``MAX_ROWS`` rows on the CPU (a decoding step,
+SSD's verify), eager and compiled, without gradients (the ops have no backward). The choice is per process: once
 a model with bf16 or int8 weights decodes, every later one-row product of those dtypes
 on the CPU takes the kernels. Where the build fails (no C++ compiler, no ninja), the
 CPU is not x86 or lacks AVX-512, nothing changes: products keep their other paths.
@@ -89,13 +89,20 @@ def enable_for(model: nn.Module) -> None:
         _fast.update({torch.bfloat16: bf16, torch.int8: int8})
 
 
+# Rows of x a call may have: a decoding step (1 per sequence) or SSD's verify of up to 7
+# drafts. Each block of 4 weight rows is read from memory once and reused from L1 for
+# every row of x, so such a call still costs about one read of the weights.
+MAX_ROWS = 8
+
+
 def takes(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
-    """Whether ``matvec`` computes x @ weight.T [* scale]: enabled for weight's dtype, one
-    row per sequence (x (..., 1, in)) in bf16 on the CPU, weight contiguous, the scale in
-    x's dtype, no gradient asked for."""
+    """Whether ``matvec`` computes x @ weight.T [* scale]: enabled for weight's dtype, x
+    (..., T, in) in bf16 on the CPU with at most ``MAX_ROWS`` rows in all, weight
+    contiguous, the scale in x's dtype, no gradient asked for."""
     return _fast.get(weight.dtype, False) and x.device.type == "cpu" and x.dim() > 1 and \
-        x.shape[-2] == 1 and x.dtype == torch.bfloat16 and weight.is_contiguous() and \
-        (scale is None or scale.dtype == x.dtype) and not torch.is_grad_enabled()
+        x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype == torch.bfloat16 and \
+        weight.is_contiguous() and (scale is None or scale.dtype == x.dtype) and \
+        not torch.is_grad_enabled()
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:

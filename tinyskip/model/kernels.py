@@ -45,9 +45,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, in_graph: bool = True,
     """x (..., in) @ weight (out, in).T -> (..., out); with ``scale`` (out,), weight is int8
     and the product is ``int8_linear``'s.
 
-    One row per sequence (a decoding step, x (B, 1, in)) on the CPU, with bf16 or int8
-    weights, goes to the hand-written kernels of cpu_matvec.py where they are built,
-    eager and compiled: inductor's loop for those dtypes stays well below the memory floor.
+    Calls of a few rows (a decoding step, x (B, 1, in), or SSD's verify) on the CPU with
+    bf16 or int8 weights go to the hand-written kernels of cpu_matvec.py where they are
+    built, eager and compiled: inductor's loop and ATen's GEMM for those dtypes stay well
+    below the memory floor.
     Other one-row calls inside a graph compiled for the CPU (fp32) are written out as a
     multiply-and-sum: inductor then generates the matrix-vector product itself,
     vectorised and fused with its neighbours, instead of calling an external GEMM whose

@@ -1,0 +1,24 @@
+"""Prompt-lookup drafts (Saxena, 2023): where the last n tokens of the context occurred
+earlier in it, propose the tokens that followed them there.
+
+They cost no model call to draft, so where decoding is bound by reading the weights a
+round that verifies them costs about one step however many are accepted; text that
+repeats itself (names, code, lists, quoted context) accepts them often. SSD takes them in
+the rounds where the context repeats and its exit draft otherwise (``SSDConfig.ngram``).
+"""
+
+from __future__ import annotations
+
+
+def lookup(context: list[int], n: int, k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the context's last n
+    tokens ([] where they never occurred before, or nothing followed them)."""
+    if n < 1 or k < 1 or len(context) <= n:
+        return []
+    key = context[-n:]
+    # Latest occurrence first: nearer context predicts better. The occurrence may overlap
+    # the key itself (a periodic tail), whose continuation is then the period.
+    for start in range(len(context) - n - 1, -1, -1):
+        if context[start:start + n] == key:
+            return context[start + n:start + n + k]
+    return []
