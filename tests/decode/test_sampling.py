@@ -181,7 +181,8 @@ def test_lookup_drafts_keep_the_full_models_sampling_distribution(tiny_config):
     torch.manual_seed(0)
     model = Transformer(tiny_config(vocab_size=50, initializer_range=0.2)).eval()
     sampling = SamplingConfig(temperature=1.0)
-    # "7 8" recurs: the first round drafts what followed it before, 3 and 4.
+    # The first round's key ends with the first sampled token: where that is 3 (after
+    # "... 7 8"), "8 3" recurs and the round drafts what followed it before.
     prompt = torch.tensor([[7, 8, 3, 4, 9, 1, 7, 8]])
     expected = exact_marginals(model, prompt, sampling)
     n, tokens, drafted, accepted = 1000, [[], [], []], 0, 0
@@ -195,3 +196,21 @@ def test_lookup_drafts_keep_the_full_models_sampling_distribution(tiny_config):
     for got, p in zip(tokens, expected):
         stat, df = chi2_statistic(got, p)
         assert stat < chi2_critical(df), (stat, df)
+
+
+def test_a_certain_draft_is_accepted_with_its_probability_and_resampled_without_it():
+    """What a found draft meets in accept_sampled: q puts all mass on it. The output must
+    be distributed as p, whatever the draft (likely or not)."""
+    from tinyskip.decode.sampling import accept_sampled
+
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    n = 20000
+    for draft in (0, 3):
+        q = [torch.nn.functional.one_hot(torch.tensor(draft), 4).float()]
+        gen = torch.Generator().manual_seed(draft)
+        firsts = []
+        for _ in range(n):
+            a, nxt = accept_sampled([draft], q, p, gen)
+            firsts.append(draft if a == 1 else nxt)
+        stat, df = chi2_statistic(firsts, p[0])
+        assert stat < chi2_critical(df), (draft, stat)

@@ -71,11 +71,12 @@ def pareto_figure(rows: list[dict], title: str = ""):
 
 
 def ssd_grid(rows: list[dict], compiled: bool = False, draft_vocab: int = 0,
-             adaptive: float = 0.0, value: str = "speedup"):
+             adaptive: float = 0.0, value: str = "speedup", ngram: int = 0):
     """(draft layers, ks, matrix[E][k] of ``value``) for the SSD rows of one variant."""
     rows = [r for r in rows if r.get("family") == "ssd" and bool(r.get("compiled")) == compiled
             and (r.get("draft_vocab") or 0) == draft_vocab
-            and (r.get("adaptive_threshold") or 0.0) == adaptive]
+            and (r.get("adaptive_threshold") or 0.0) == adaptive
+            and (r.get("ngram") or 0) == ngram]
     layers = sorted({r["draft_layer"] for r in rows})
     ks = sorted({r["k"] for r in rows})
     grid = [[math.nan] * len(ks) for _ in layers]
