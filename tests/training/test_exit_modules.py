@@ -124,6 +124,25 @@ def test_decoders_write_only_the_module_keys_they_read(model_with_modules, monke
 
 
 @pytest.mark.parametrize("model_with_modules", ["block", "attention"], indirect=True)
+def test_lookup_rounds_write_the_draft_modules_keys_at_their_positions(model_with_modules,
+                                                                      monkeypatch):
+    """A round of found drafts runs blocks only (no module call) over its positions: the
+    blocks-only call must write the draft exit's module keys there, or later exit drafts
+    attend to stale ones."""
+    model = model_with_modules
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])     # repeats: rounds find drafts
+    slot = model.exit_modules[1].self_attn.layer_idx
+    filled = set()
+    update = KVCache.update
+    monkeypatch.setattr(KVCache, "update", lambda self, layer, pos, k, v: (
+        filled.update(pos.tolist()) if layer == slot else None) or update(self, layer, pos, k, v))
+    g = ssd_generate(model, prompt, 16, SSDConfig(1, 3, ngram=2))
+    assert g.tokens[0] == generate(model, prompt, 16).tokens[0]
+    assert g.stats.lookup_rounds > 0
+    assert filled >= set(range(10 + 16 - 1))
+
+
+@pytest.mark.parametrize("model_with_modules", ["block", "attention"], indirect=True)
 def test_ssd_drafts_the_same_as_when_every_module_key_is_written(model_with_modules,
                                                                  monkeypatch):
     """The keys SSD leaves unwritten are never read: with every module's keys written
@@ -147,7 +166,9 @@ def test_ssd_drafts_the_same_as_when_every_module_key_is_written(model_with_modu
     cases = [(SSDConfig(1, 3), SamplingConfig(), None),
              (SSDConfig(1, 3, adaptive_threshold=0.06), SamplingConfig(), None),
              (SSDConfig(1, 3), SamplingConfig(temperature=1.0), None),
-             (SSDConfig(1, 3), SamplingConfig(temperature=0.8), torch.arange(0, 97, 2))]
+             (SSDConfig(1, 3), SamplingConfig(temperature=0.8), torch.arange(0, 97, 2)),
+             # Lookup rounds (blocks over several positions at once) between exit drafts.
+             (SSDConfig(1, 3, ngram=1), SamplingConfig(), None)]
 
     def run_all():
         return [ssd_generate(model, prompt, 20, cfg, sampling,
@@ -162,6 +183,7 @@ def test_ssd_drafts_the_same_as_when_every_module_key_is_written(model_with_modu
         assert a.tokens == b.tokens
         assert (a.stats.drafted, a.stats.accept_hist) == (b.stats.drafted, b.stats.accept_hist)
     assert 0 < lean[0].stats.accepted < lean[0].stats.drafted
+    assert 0 < lean[-1].stats.lookup_rounds < lean[-1].stats.rounds
 
 
 @pytest.mark.parametrize("model_with_modules", ["mlp"], indirect=True)
