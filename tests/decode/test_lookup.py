@@ -14,7 +14,8 @@ def test_lookup_proposes_what_followed_the_latest_earlier_occurrence():
     assert lookup(ctx, 2, 3) == [5, 6, 7]           # the latest earlier "1 2", not the first
     assert lookup(ctx, 2, 1) == [5]
     assert lookup(ctx, 3, 3) == []                  # "7 1 2" never occurred before
-    assert lookup([5, 5, 5], 2, 4) == [5]           # overlapping the key: the period
+    assert lookup([5, 5, 5], 2, 4) == [5, 5, 5, 5]  # overlapping the key: its period
+    assert lookup([1, 2, 3, 1, 2], 2, 5) == [3, 1, 2, 3, 1]     # the copy runs on
     assert lookup([1, 2, 3], 2, 2) == []
     assert lookup([1, 2], 5, 2) == [] and lookup(ctx, 0, 2) == [] and lookup(ctx, 2, 0) == []
 

@@ -167,7 +167,7 @@ def test_ssd_drafts_the_same_as_when_every_module_key_is_written(model_with_modu
              (SSDConfig(1, 3, adaptive_threshold=0.06), SamplingConfig(), None),
              (SSDConfig(1, 3), SamplingConfig(temperature=1.0), None),
              (SSDConfig(1, 3), SamplingConfig(temperature=0.8), torch.arange(0, 97, 2)),
-             # Lookup rounds (blocks over several positions at once) between exit drafts.
+             # Lookup rounds (blocks over several positions at once).
              (SSDConfig(1, 3, ngram=1), SamplingConfig(), None)]
 
     def run_all():
@@ -183,7 +183,7 @@ def test_ssd_drafts_the_same_as_when_every_module_key_is_written(model_with_modu
         assert a.tokens == b.tokens
         assert (a.stats.drafted, a.stats.accept_hist) == (b.stats.drafted, b.stats.accept_hist)
     assert 0 < lean[0].stats.accepted < lean[0].stats.drafted
-    assert 0 < lean[-1].stats.lookup_rounds < lean[-1].stats.rounds
+    assert lean[-1].stats.lookup_rounds > 0
 
 
 @pytest.mark.parametrize("model_with_modules", ["mlp"], indirect=True)

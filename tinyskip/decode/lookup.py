@@ -12,13 +12,21 @@ from __future__ import annotations
 
 def lookup(context: list[int], n: int, k: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the context's last n
-    tokens ([] where they never occurred before, or nothing followed them)."""
+    tokens ([] where they never occurred before).
+
+    The proposal copies the context from d tokens back, d being how far back that
+    occurrence lies; where the copy reaches the present it goes on copying its own
+    proposal, so a periodic tail ("ha ha ha") proposes k tokens of its period, not one."""
     if n < 1 or k < 1 or len(context) <= n:
         return []
     key = context[-n:]
-    # Latest occurrence first: nearer context predicts better. The occurrence may overlap
-    # the key itself (a periodic tail), whose continuation is then the period.
+    # Latest occurrence first: nearer context predicts better. It may overlap the key
+    # itself (a periodic tail).
     for start in range(len(context) - n - 1, -1, -1):
         if context[start:start + n] == key:
-            return context[start + n:start + n + k]
+            d = len(context) - n - start                  # >= 1
+            ext = context[-d:]
+            for i in range(k):
+                ext.append(ext[i])                        # the token d places back
+            return ext[d:]
     return []
