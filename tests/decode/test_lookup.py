@@ -73,3 +73,16 @@ def test_a_round_without_a_repeat_drafts_from_the_exit(tiny_config):
 def test_a_negative_ngram_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"ngram=-1: must be >= 1"):
         SSDConfig(2, 4, ngram=-1)
+
+
+def test_a_repeat_inside_the_prompt_drafts_the_first_round(tiny_config):
+    from tinyskip.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=50)).eval()
+    # Every token once: whatever the first new token is, the prompt holds it.
+    prompt = torch.arange(50)[None]
+    gen = ssd_generate(model, prompt, 3, SSDConfig(2, 1, ngram=1))
+    assert gen.stats.lookup_rounds >= 1 and gen.stats.drafted >= 1
+    assert gen.tokens == generate(model, prompt, 3).tokens
+

@@ -179,3 +179,15 @@ def test_products_that_need_a_gradient_keep_their_other_paths(tiny_config):
     assert not cpu_matvec.takes(x, model.lm_head.weight, None)      # grad mode on
     with torch.no_grad():
         assert cpu_matvec.takes(x, model.lm_head.weight, None) == fast(torch.bfloat16)
+
+
+def test_a_non_contiguous_weight_keeps_its_other_path(tiny_config):
+    # The kernels read W row by row: a transposed view would fail inside them.
+    model = Transformer(tiny_config()).to(torch.bfloat16)
+    cpu_matvec.enable_for(model)
+    x = torch.randn(1, 1, 32, dtype=torch.bfloat16)
+    w = torch.randn(32, 48, dtype=torch.bfloat16).t()                  # (48, 32), not contiguous
+    with torch.no_grad():
+        assert not cpu_matvec.takes(x, w, None)
+        assert cpu_matvec.takes(x, w.contiguous(), None) == fast(torch.bfloat16)
+

@@ -23,7 +23,7 @@ def lookup(context: list[int], n: int, k: int) -> list[int]:
     # Latest occurrence first: nearer context predicts better. It may overlap the key
     # itself (a periodic tail).
     for start in range(len(context) - n - 1, -1, -1):
-        if context[start:start + n] == key:
+        if context[start + n - 1] == key[-1] and context[start:start + n] == key:
             d = len(context) - n - start                  # >= 1
             ext = context[-d:]
             for i in range(k):

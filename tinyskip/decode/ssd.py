@@ -64,14 +64,15 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     # buffer never exceeds what the budget can use, whatever k asks for).
     width = min(cfg.k, n_new) + 1
     h_exit = torch.empty(1, width, model.config.hidden_size, device=dev, dtype=cache.k[0].dtype)
-    context = prompt[0].tolist() if cfg.ngram else []
+    # Prompt and output so far, extended as tokens are committed (lookup reads it).
+    context = prompt[0].tolist() + out if cfg.ngram else []
     _, finished = truncate_at_eos(out, eos_id)
     while len(out) < n_new and not finished:
         p = T + len(out) - 1                        # position of the last committed token
         k = min(cfg.k, n_new - len(out) - 1)        # never draft past what is still needed
         cur = torch.tensor([out[-1]], device=dev)   # (1,)
         drafts, q, have = [], [], 0                 # have: exit states computed so far
-        found = lookup(context + out, cfg.ngram, k) if cfg.ngram else []
+        found = lookup(context, cfg.ngram, k) if cfg.ngram else []
         if found:
             # Blocks [0, E) over t and the found drafts at once: their exit states.
             m = len(found)
@@ -82,8 +83,8 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             stats.lookup_rounds += 1
             drafts, have = [torch.tensor([t], device=dev) for t in found], m + 1
             if not sampling.greedy:       # a found draft is certain: q puts all mass on it
-                q = [torch.nn.functional.one_hot(torch.tensor(t, device=dev),
-                                                 model.config.vocab_size).float() for t in found]
+                q = list(torch.nn.functional.one_hot(torch.tensor(found, device=dev),
+                                                     model.config.vocab_size).float())
         for j in range(k if not found else 0):
             h, dls = step.token(cur[None], E, cache, positions(p + j, 1, dev), draft, ())
             h_exit[:, j] = h[:, 0]
@@ -127,6 +128,8 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         else:
             a, nxt = accept_sampled(drafted, q, logits_to_probs(verify, sampling), generator)
         out.extend(drafted[:a] + [nxt])
+        if cfg.ngram:
+            context.extend(drafted[:a] + [nxt])
         out, finished = truncate_at_eos(out, eos_id)
         stats.rounds += 1
         stats.drafted += m
