@@ -229,6 +229,42 @@ class InferJob(CheckpointSource):
 
 
 @dataclass
+class HarnessJob(InferJob):
+    """``python -m tinyskip.harness [tasks=[...]] [mode=...]``: lm-evaluation-harness tasks
+    through one decoding mode (``analysis/harness_lm.py``). The tasks give the prompts and
+    lengths, so infer's prompt options are refused."""
+
+    tasks: list[str] = field(default_factory=lambda: ["tinyskip_wikitext2"])
+    limit: Optional[float] = None             # documents per task (< 1: a fraction of them)
+    num_fewshot: Optional[int] = None         # None: each task's own
+    batch_size: int = 8                       # scored windows per forward pass
+    max_length: Optional[int] = None          # scoring window (None: the run's training
+                                              # seq_len, else the model's context)
+    gen_kwargs: Optional[str] = None          # "max_gen_toks=32,...": over the tasks' own
+    bootstrap_iters: int = 1000               # the harness's standard errors (0 = none)
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "prompts_file", "max_new_tokens"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: harness tasks give the "
+                                  "prompts and lengths (gen_kwargs=max_gen_toks=N caps them)")
+        super().__post_init__()
+        if not self.tasks:
+            raise ConfigError("tasks=[]: give at least one task")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"limit={self.limit}: must be > 0 (null = every document)")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"num_fewshot={self.num_fewshot}: must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length={self.max_length}: must be >= 2 (null = the "
+                              "model's context)")
+        if self.bootstrap_iters < 0:
+            raise ConfigError(f"bootstrap_iters={self.bootstrap_iters}: must be >= 0")
+
+
+@dataclass
 class BenchJob(CheckpointSource):
     """``python -m tinyskip.bench run=NAME``: decoding modes side by side (see bench.py)."""
 
@@ -408,4 +444,4 @@ class TrainBenchJob:
 
 SCHEMAS: dict[str, type] = {"train_bench": TrainBenchJob, "export": ExportJob, "train": TrainJob,
                             "evaluate": EvaluateJob, "infer": InferJob, "bench": BenchJob,
-                            "calibrate": CalibrateJob}
+                            "calibrate": CalibrateJob, "harness": HarnessJob}

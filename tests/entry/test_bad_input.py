@@ -140,6 +140,13 @@ CASES = [
     ("train", ["train=balcony", "train.backbone=tiny", "train.exit_kind=ffn"],
      "exit_kind='ffn': must be one of block, mlp, attention, norm"),
     ("infer", ["run=exits-other", "prompt=hi"], "were trained on a backbone with weight hash"),
+    # lm-evaluation-harness: tasks it does not know, modes it cannot drive.
+    ("harness", ["run=tiny", "prompt=hi"], "prompt='hi': harness tasks give the prompts"),
+    ("harness", ["run=tiny", "limit=0"], "limit=0.0: must be > 0"),
+    ("harness", ["run=tiny", "tasks=[wikitext3]", DATA], "tasks: 'wikitext3' is not a harness task "
+                                                         "(did you mean 'wikitext'?"),
+    ("harness", ["run=tiny", "mode=dee", "threshold=0.5", DATA],
+     "mode=dee cannot drive tinyskip_wikitext2: likelihood tasks are scored teacher-forced"),
 ]
 # Not bad input: a k far beyond any budget drafts what the budget allows.
 HUGE_K = ("infer", ["run=tiny", "prompt=The game", "mode=ssd", "draft_layer=2",
@@ -228,7 +235,7 @@ def test_bad_input_is_one_error_line_with_exit_2_and_nothing_written(results, i)
 def test_enough_cases_across_every_entry_point():
     entries = [entry for entry, *_ in CASES]
     assert len(CASES) >= 30
-    assert {"train", "evaluate", "infer", "bench", "export", "calibrate"} == set(entries)
+    assert {"train", "evaluate", "infer", "bench", "export", "calibrate", "harness"} == set(entries)
 
 
 def test_a_huge_k_drafts_only_what_the_budget_allows(results):

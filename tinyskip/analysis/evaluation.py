@@ -6,9 +6,8 @@ from __future__ import annotations
 from ..config import UserError
 from ..jobs import EvaluateJob
 from ..runtime import pick_device
-from ..storage.checkpoint import load_run_job
 from ..storage.data import prepare_corpus
-from ..storage.loading import load_source, run_data_config
+from ..storage.loading import load_source, run_data_config, trained_seq_len
 from .perplexity import exit_perplexities
 
 
@@ -17,11 +16,8 @@ def evaluate(job: EvaluateJob) -> dict:
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, None,
                          pick_device(job.device))
     model = loaded.model
-    seq_len = job.seq_len
+    seq_len = job.seq_len or trained_seq_len(loaded)
     ctx = model.config.max_position_embeddings
-    if seq_len is None:
-        saved = load_run_job(loaded.run_dir) or {}
-        seq_len = saved.get("train", {}).get("seq_len", ctx)
     if seq_len > ctx:
         raise UserError(f"seq_len={seq_len}: longer than the model's context "
                         f"(max_position_embeddings={ctx})")

@@ -232,10 +232,23 @@ class HFTokenizer:
             raise HFConfigError(f"{folder}: the tokenizer has {size} tokens, more than the "
                                 f"model's vocab_size={cfg.vocab_size}")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``special`` (a prompt), the special tokens the
+        tokenizer's own rules add around it (BOS or none)."""
         if self.kind == "json":
-            return self.tok.encode(text, add_special_tokens=True).ids
-        return ([self.bos] if self.bos is not None else []) + self.tok.encode(text)
+            return self.tok.encode(text, add_special_tokens=special).ids
+        return ([self.bos] if special and self.bos is not None else []) + self.tok.encode(text)
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        """The token the tokenizer's rules put before a text (BOS), or None: found by
+        encoding with and without them (a post-processor may also append tokens)."""
+        if self.kind == "sp":
+            return self.bos
+        plain, full = self.encode("a", special=False), self.encode("a")
+        lead = next((full[:i] for i in range(len(full) - len(plain) + 1)
+                     if full[i:i + len(plain)] == plain), [])
+        return lead[-1] if lead else None
 
     def decode(self, ids: list[int]) -> str:
         if self.kind == "json":

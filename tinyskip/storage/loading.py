@@ -53,15 +53,39 @@ def run_data_config(run_dir: Optional[Path], given: DataConfig) -> DataConfig:
     return DataConfig(**fields)
 
 
+def trained_seq_len(loaded: "Loaded") -> int:
+    """The window a run trained on (its job.json), else the model's context: a tinyskip
+    model has not learnt positions past its training windows, so scoring longer ones
+    measures extrapolation, not the model."""
+    saved = load_run_job(loaded.run_dir) if loaded.run_dir is not None else None
+    ctx = loaded.model.config.max_position_embeddings
+    return (saved or {}).get("train", {}).get("seq_len", ctx)
+
+
 class SentencePieceTokenizer:
-    """A tinyskip checkpoint's tokenizer (trained without BOS)."""
+    """A tinyskip checkpoint's tokenizer (trained without BOS).
+
+    Text is encoded the way the training data was (``data.encode_lines``): each line
+    stripped, and EOS for each line break after a non-blank line (the model predicts line
+    ends as EOS and never saw blank lines), so multi-line text (a harness document) reads
+    to the model as its corpus did. No special token is added around the text.
+    """
+
+    bos_id = None                     # nothing goes before a text: no BOS in training
 
     def __init__(self, path: Path):
         self.path = path
         self.sp = load_tokenizer(path)
 
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        lines = text.split("\n")
+        ids: list[int] = []
+        for i, line in enumerate(lines):
+            if line.strip():
+                ids += self.sp.encode(line.strip())
+                if i + 1 < len(lines):
+                    ids.append(self.sp.eos_id())
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i != self.sp.eos_id()])
