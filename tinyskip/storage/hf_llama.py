@@ -127,9 +127,12 @@ def resolve_folder(path_or_id: str) -> Path:
     except ImportError:
         raise HFConfigError("loading from the Hub needs huggingface_hub: pip install -e '.[hf]'")
     try:
+        # (with what a tinyskip export adds: its exit modules and calibration, hash-checked
+        # when loaded; "*.safetensors" takes exits/exit_modules.safetensors too)
         return Path(snapshot_download(path_or_id, allow_patterns=[
             "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-            "tokenizer.model", "tokenizer_config.json", "generation_config.json"]))
+            "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+            "exits/exit_modules.json", "calibration.json"]))
     except Exception as e:  # network, authentication, missing repository
         raise HFConfigError(f"cannot download {path_or_id!r} from the Hub: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
