@@ -106,15 +106,22 @@ def test_a_calibrated_export_loads_back_and_dee_reads_its_calibration(exported, 
     assert "\n" not in str(e.value)
 
 
-def test_a_bfloat16_export_leaves_the_calibration_out_and_says_so(calibrated_run, tmp_path):
-    done = export(calibrated_run, tmp_path / "bf16", "dtype=bfloat16", "evaluate=false")
+def test_a_bfloat16_export_leaves_the_calibration_out_and_scores_the_rounded_weights(
+        calibrated_run, tmp_path):
+    done = export(calibrated_run, tmp_path / "bf16", "dtype=bfloat16", "eval_batches=1")
     assert not (done.folder / "calibration.json").exists()
     assert done.note.startswith("calibration left out: dtype=bfloat16 rounds the weights")
-    assert "\n" not in done.note and done.note in card_of(done.folder)[1]
-    assert "Not measured (exported with evaluate=false)." in card_of(done.folder)[1]
+    body = card_of(done.folder)[1]
+    assert "\n" not in done.note and done.note in body
     with pytest.raises(UserError, match="calibration.json' does not exist"):
         infer(compose_job("infer", ["model=hf_llama", f"model.path={done.folder}",
                                     "mode=dee", "prompt=The game"]))
+    # The card's numbers are those of the weights in the folder, not of the run's.
+    back = load_source(None, None, "", ModelConfig(path=str(done.folder)), CPU)
+    corpus = prepare_corpus(done.card.data, back.tokenizer_file)
+    ev = exit_perplexities(back.model, corpus.tokens["test"], corpus.words["test"], 32,
+                           max_batches=1)
+    assert done.card.numbers["loss"] == ev["loss"]
 
 
 def test_an_exit_module_run_exports_with_its_modules_and_the_same_logits(exit_run, tmp_path):
@@ -143,6 +150,7 @@ def test_push_uploads_every_file_of_the_folder_and_nothing_else(exported, exit_r
         "README.md", "calibration.json", "config.json", "generation_config.json",
         "model.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     done = export(exit_run, tmp_path / "exits-hf", "evaluate=false")
+    assert "Not measured (exported with evaluate=false)." in card_of(done.folder)[1]
     # The modules and their metadata, never the optimiser state of exits/train_state.pt.
     assert [f for f in upload_files(done.folder) if f.startswith("exits/")] == [
         "exits/exit_modules.json", "exits/exit_modules.safetensors"]

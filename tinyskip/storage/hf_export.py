@@ -30,7 +30,8 @@ from ..runtime import DTYPES, pick_device
 from .checkpoint import load_run_job
 from .exit_checkpoint import EXITS, META, WEIGHTS, backbone_hash, read_exit_meta
 from .hf_llama import export_hf
-from .loading import Loaded, default_calibration, load_source, read_calibration, results_hash
+from .loading import (Loaded, default_calibration, load_source, read_calibration, results_hash,
+                      run_data_config)
 from .model_card import CardFacts, model_card
 
 # What an HF backbone's tokenizer is made of, copied as it is (an exit-module run on a
@@ -84,8 +85,8 @@ def export_job(job: ExportJob) -> Exported:
         name=out.resolve().name, ref=job.push or str(out.resolve()), license=job.license,
         dtype=job.dtype, config=model.config,
         n_params=sum(p.numel() for p in model.parameters()),
-        job=load_run_job(loaded.run_dir) if loaded.run_dir else None, data=job.data,
-        calibration_note=note)
+        job=load_run_job(loaded.run_dir) if loaded.run_dir else None,
+        data=run_data_config(loaded.run_dir, job.data), calibration_note=note)
 
     def fill(folder: Path) -> None:
         if loaded.fmt == "hf":
@@ -95,7 +96,7 @@ def export_job(job: ExportJob) -> Exported:
         if not exact:
             _round_to(model, dtype)
         if job.evaluate:
-            card.numbers = exit_quality(loaded, job.data, "test", max_batches=job.eval_batches,
+            card.numbers = exit_quality(loaded, card.data, "test", max_batches=job.eval_batches,
                                         progress=False)
         exits = None
         if loaded.exits is not None:
