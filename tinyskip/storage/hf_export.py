@@ -96,8 +96,7 @@ def export_job(job: ExportJob) -> Exported:
         if not exact:
             _round_to(model, dtype)
         if job.evaluate:
-            card.numbers = exit_quality(loaded, card.data, "test", max_batches=job.eval_batches,
-                                        progress=False)
+            card.numbers = exit_quality(loaded, card.data, "test", max_batches=job.eval_batches)
         exits = None
         if loaded.exits is not None:
             # The modules travel at any dtype (as infer dtype=bfloat16 runs them on a cast
