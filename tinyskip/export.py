@@ -1,20 +1,24 @@
-"""``python -m tinyskip.export run=NAME out=FOLDER``: a tinyskip checkpoint as a Hugging Face
-Llama folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads. The work is
-``export_run`` in ``tinyskip/storage/hf_llama.py``."""
+"""``python -m tinyskip.export run=NAME out=FOLDER [push=OWNER/NAME]``: a tinyskip run as a
+Hugging Face Llama folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads,
+with a model card and the run's exit modules and calibration, optionally uploaded to the
+Hub. The work is ``tinyskip/storage/hf_export.py``."""
 
 from __future__ import annotations
 
 from .cli import entry_point
 from .jobs import ExportJob
-from .storage.hf_llama import export_run
-from .storage.loading import checkpoint_path
+from .storage.hf_export import export_job, push
 
 
 @entry_point("export")
 def main(job: ExportJob) -> None:
-    out = export_run(checkpoint_path(job.run, job.checkpoint, job.checkpoint_root), job.out,
-                     job.dtype)
-    print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    done = export_job(job)
+    if done.note:
+        print(done.note)
+    print(f"wrote {done.folder} (load it with transformers.AutoModelForCausalLM.from_pretrained "
+          "or model=hf_llama model.path=...)", flush=True)
+    if job.push:
+        print(f"uploaded to {push(done.folder, job.push)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -337,14 +338,44 @@ class BenchJob(CheckpointSource):
 
 @dataclass
 class ExportJob(CheckpointSource):
-    """``python -m tinyskip.export run=NAME out=FOLDER``: a Hugging Face Llama folder."""
+    """``python -m tinyskip.export run=NAME out=FOLDER [push=OWNER/NAME]``: a Hugging Face
+    Llama folder with a model card, and the run's exit modules and calibration when it has
+    them (``storage/hf_export.py``)."""
 
     out: str = "???"
     dtype: str = "float32"
+    # The card's licence (a Hub licence id). cc-by-sa-3.0 by default: a model tinyskip
+    # trains learns from WikiText, which is CC BY-SA 3.0, and its share-alike terms are
+    # the cautious reading for weights derived from it (the MIT licence of tinyskip's code
+    # does not cover them). An export of another's backbone (an exit-module run on a
+    # Hugging Face Llama) must name that backbone's licence instead: license=llama3.1.
+    license: str = "cc-by-sa-3.0"
+    evaluate: bool = True                     # per-exit test-split numbers in the card
+    eval_batches: int = 0                     # 0 = the whole test split
+    push: Optional[str] = None                # then upload to this Hub repo (owner/name or name)
+    device: str = "auto"                      # where the card's numbers are computed
+    data: DataConfig = field(default_factory=DataConfig)   # defaults: the run's job.json
 
     def __post_init__(self) -> None:
         check_source(self)
         check_dtype(self)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", self.license):
+            raise ConfigError(f"license={self.license!r}: give a Hub licence id such as "
+                              "cc-by-sa-3.0, apache-2.0, mit or other")
+        if self.eval_batches < 0:
+            raise ConfigError(f"eval_batches={self.eval_batches}: must be >= 0 (0 = the whole "
+                              "test split; evaluate=false skips it)")
+        if self.push is not None and not hub_repo_id(self.push):
+            raise ConfigError(f"push={self.push!r}: not a Hub repo name (owner/name or name: "
+                              "letters, digits, '-', '_', '.'; no '--' or '..')")
+
+
+def hub_repo_id(text: str) -> bool:
+    """The Hub's rule for a model repo id, checked before anything is written (as
+    huggingface_hub's ``validate_repo_id``, which needs the optional hf extra)."""
+    part = r"\w(?:[\w.-]{0,94}\w)?"          # 1 to 96 characters, starting and ending in \w
+    return (re.fullmatch(rf"(?:{part}/)?{part}", text, re.ASCII) is not None
+            and "--" not in text and ".." not in text and not text.endswith(".git"))
 
 
 @dataclass

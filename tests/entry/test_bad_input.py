@@ -90,6 +90,10 @@ CASES = [
     ("infer", ["model=hf_llama", "model.path=none.gguf", "prompt=hi"],
      "model.path='none.gguf': no such GGUF file"),
     ("bench", ["run=tiny", "check_every=0"], "check_every=0: must be >= 1"),
+    ("export", ["run=tiny", "out=x", "push="], "push='': not a Hub repo name (owner/name or name"),
+    ("export", ["run=tiny", "out=x", "push=me/tiny/v1"], "push='me/tiny/v1': not a Hub repo name"),
+    ("export", ["run=tiny", "out=x", "license=MIT"], "license='MIT': give a Hub licence id"),
+    ("export", ["run=tiny", "out=x", "eval_batches=-1"], "eval_batches=-1: must be >= 0"),
     # Every mode's options are checked, whichever mode runs.
     ("infer", ["run=tiny", "mode=full", "measure=bogus"], "measure='bogus': must be one of"),
     ("infer", ["run=tiny", "mode=ssd", "draft_layer=2", "cache=share"], "cache='share': must be"),
@@ -243,6 +247,24 @@ def test_a_huge_k_drafts_only_what_the_budget_allows(results):
     assert r["rc"] == 0, r["stderr"][-3000:]
     assert "ssd E=2 k=1000000000 [8 new tokens" in r["stdout"] and r["touched"] == []
     assert r["logged"], "a job that ran left no run folder: the runner watches the wrong place"
+
+
+def test_an_upload_that_fails_is_one_line_and_leaves_the_export_written(workdir, tmp_path):
+    # The real upload (huggingface_hub's create_repo and upload_folder) against a Hub
+    # endpoint where nothing listens: it fails at once, as it does offline.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_TOKEN": "hf_not_a_token", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    out = tmp_path / "tiny-hf"
+    done = subprocess.run([sys.executable, "-m", "tinyskip.export",
+                           f"checkpoint={workdir / 'checkpoints' / 'tiny'}", f"out={out}",
+                           "evaluate=false", "push=someone/tiny"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot upload {out} as someone/tiny "
+                                                   "to the Hub: "), done.stderr[-3000:]
+    assert f"wrote {out}" in done.stdout
+    assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("i", [1, 29])

@@ -3,11 +3,13 @@ perplexity and agreement with the last exit on a split, and the table it prints.
 
 from __future__ import annotations
 
-from ..config import UserError
+from typing import Optional
+
+from ..config import DataConfig, UserError
 from ..jobs import EvaluateJob
 from ..runtime import pick_device
 from ..storage.data import prepare_corpus
-from ..storage.loading import load_source, run_data_config, trained_seq_len
+from ..storage.loading import Loaded, load_source, run_data_config, trained_seq_len
 from .perplexity import exit_perplexities
 
 
@@ -15,17 +17,27 @@ def evaluate(job: EvaluateJob) -> dict:
     """Per-exit quality of a run (through its exit modules, for an exit-module run)."""
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, None,
                          pick_device(job.device))
+    return exit_quality(loaded, job.data, job.split, job.seq_len, job.batch_size,
+                        job.max_batches, job.stride)
+
+
+def exit_quality(loaded: Loaded, data: DataConfig, split: str, seq_len: Optional[int] = None,
+                 batch_size: int = 16, max_batches: int = 0, stride: Optional[int] = None,
+                 progress: bool = True) -> dict:
+    """``exit_perplexities`` of a loaded model on a split of its run's data (``data``'s
+    fields at their defaults come from the run's job.json), in windows of ``seq_len``
+    (None: the run's training seq_len)."""
     model = loaded.model
-    seq_len = job.seq_len or trained_seq_len(loaded)
+    seq_len = seq_len or trained_seq_len(loaded)
     ctx = model.config.max_position_embeddings
     if seq_len > ctx:
         raise UserError(f"seq_len={seq_len}: longer than the model's context "
                         f"(max_position_embeddings={ctx})")
-    corpus = prepare_corpus(run_data_config(loaded.run_dir, job.data), loaded.tokenizer_file)
-    ev = exit_perplexities(model, corpus.tokens[job.split], corpus.words[job.split], seq_len,
-                           job.batch_size, job.max_batches, progress=True, stride=job.stride)
-    return {"checkpoint": str(loaded.exits or loaded.source), "split": job.split, "seq_len": seq_len,
-            "stride": job.stride, "words": corpus.words[job.split], "tokens": ev["tokens"],
+    corpus = prepare_corpus(run_data_config(loaded.run_dir, data), loaded.tokenizer_file)
+    ev = exit_perplexities(model, corpus.tokens[split], corpus.words[split], seq_len,
+                           batch_size, max_batches, progress=progress, stride=stride)
+    return {"checkpoint": str(loaded.exits or loaded.source), "split": split, "seq_len": seq_len,
+            "stride": stride, "words": corpus.words[split], "tokens": ev["tokens"],
             "loss": ev["loss"], "word_ppl": ev["word_ppl"], "agreement": ev["agreement"],
             "p_last_top": ev["p_last_top"]}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pickle
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -127,9 +127,12 @@ def resolve_folder(path_or_id: str) -> Path:
     except ImportError:
         raise HFConfigError("loading from the Hub needs huggingface_hub: pip install -e '.[hf]'")
     try:
+        # (with what a tinyskip export adds: its exit modules and calibration, hash-checked
+        # when loaded; "*.safetensors" takes exits/exit_modules.safetensors too)
         return Path(snapshot_download(path_or_id, allow_patterns=[
             "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-            "tokenizer.model", "tokenizer_config.json", "generation_config.json"]))
+            "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+            "exits/exit_modules.json", "calibration.json"]))
     except Exception as e:  # network, authentication, missing repository
         raise HFConfigError(f"cannot download {path_or_id!r} from the Hub: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
@@ -261,8 +264,10 @@ class HFTokenizer:
 
 # -- export ------------------------------------------------------------------------------
 def export_hf(model: Transformer, tokenizer_file: Optional[Path], out: Path,
-              dtype: torch.dtype = torch.float32) -> Path:
-    """Write a Hugging Face Llama folder (config, safetensors, tokenizer); atomic rename."""
+              dtype: torch.dtype = torch.float32,
+              fill: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write a Hugging Face Llama folder (config, safetensors, tokenizer); atomic rename.
+    ``fill(folder)`` adds files (a card, exit modules) to the folder before it is published."""
     out = Path(out)
     if out.exists():
         raise UserError(f"out={out} already exists: choose a new folder")
@@ -272,7 +277,7 @@ def export_hf(model: Transformer, tokenizer_file: Optional[Path], out: Path,
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         hf_name = name if name == "lm_head.weight" else PREFIX + name
-        state[hf_name] = t.detach().to(dtype).contiguous()
+        state[hf_name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -281,6 +286,8 @@ def export_hf(model: Transformer, tokenizer_file: Optional[Path], out: Path,
                           {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
         if tokenizer_file is not None:
             _export_tokenizer(tokenizer_file, tmp)
+        if fill is not None:
+            fill(tmp)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -116,12 +116,17 @@ class Loaded:
         """What results made with this model are keyed by: the backbone's hash, combined
         with the exit modules' when they are attached, and with the quantisation when
         there is one (a calibration made on fp32 weights does not certify int8 ones)."""
-        digest = self.backbone_hash()
-        if self.exits is not None:
-            digest = hashlib.sha256((digest + exit_modules_hash(self.exits)).encode()).hexdigest()
-        if self.quantize != "none":
-            digest = hashlib.sha256((digest + self.quantize).encode()).hexdigest()
-        return digest
+        return results_hash(self.backbone_hash(), self.exits, self.quantize)
+
+
+def results_hash(backbone_digest: str, exits: Optional[Path], quantize: str = "none") -> str:
+    """``Loaded.weights_hash`` from its parts (an export re-keys a calibration with it)."""
+    digest = backbone_digest
+    if exits is not None:
+        digest = hashlib.sha256((digest + exit_modules_hash(exits)).encode()).hexdigest()
+    if quantize != "none":
+        digest = hashlib.sha256((digest + quantize).encode()).hexdigest()
+    return digest
 
 
 def load_backbone(path: str, fmt: str, device: torch.device, dtype: str = "float32") -> Loaded:
@@ -146,6 +151,10 @@ def load_source(run: Optional[str], checkpoint: Optional[str], checkpoint_root: 
     check_runs(device, DTYPES[dtype], dtype)
     if model_cfg is not None and model_cfg.path:
         loaded = load_backbone(model_cfg.path, "hf", device, dtype)
+        # An export of an exit-module run carries its modules in <folder>/exits/.
+        exits = exits_folder(Path(loaded.source))
+        if exits is not None:
+            attach_exits(loaded, exits)
     else:
         folder = Path(checkpoint) if checkpoint else run_folder(checkpoint_root, run or DEFAULT_RUN)
         exits = exits_folder(folder)
@@ -153,14 +162,24 @@ def load_source(run: Optional[str], checkpoint: Optional[str], checkpoint_root: 
             loaded = load_backbone(str(resolve_checkpoint(folder)), "tinyskip", device, dtype)
         else:
             backbone = read_exit_meta(exits)["backbone"]
-            loaded = load_backbone(backbone["path"], backbone["format"], device, dtype)
-            modules = load_exit_modules(exits, loaded.model, loaded.backbone_hash())
-            loaded.model.attach_exit_modules(modules)
-            loaded.run_dir, loaded.exits = exits.parent, exits
+            # A relative path is relative to the exits folder (an export records "..":
+            # the folder travels, and is downloaded, as a whole); training records an
+            # absolute one, which the join leaves as it is.
+            loaded = load_backbone(str(exits / backbone["path"]), backbone["format"], device,
+                                   dtype)
+            attach_exits(loaded, exits)
+            loaded.run_dir = exits.parent
     if quantize == "int8":
         quantize_int8(loaded.model)
         loaded.quantize = quantize
     return loaded
+
+
+def attach_exits(loaded: Loaded, exits: Path) -> None:
+    """The modules of an ``exits/`` folder, hash-checked against the loaded backbone."""
+    modules = load_exit_modules(exits, loaded.model, loaded.backbone_hash())
+    loaded.model.attach_exit_modules(modules)
+    loaded.exits = exits
 
 
 def draft_vocabulary(loaded: Loaded, spec, data) -> Optional[torch.Tensor]:
