@@ -116,6 +116,38 @@ def tiny_train_overrides():
     return make_train_overrides
 
 
+def read_tensorboard(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in a folder's event files, as TensorBoard's own reader sees them
+    (earlier files' purged steps left out): tag -> [(step, value)]."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={SCALARS: 0})     # 0: keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()[SCALARS]}
+
+
+@pytest.fixture(scope="session")
+def tensorboard_scalars():
+    """``tensorboard_scalars(folder)``: tag -> [(step, value)] read back by TensorBoard."""
+    return read_tensorboard
+
+
+def metrics_val_tags(rows: list[dict]) -> dict[str, list]:
+    """What TensorBoard must hold of metrics.jsonl's evaluations ``rows``: each per-exit
+    value once, under val/<name>/exit_<e> (as float32: approx)."""
+    return {f"val/{name}/exit_{e}": [(r["step"], pytest.approx(r[f"val_{name}"][e - 1], rel=1e-6))
+                                     for r in rows]
+            for name in ("loss", "word_ppl", "agreement", "p_last_top")
+            for e in range(1, len(rows[0]["val_loss"]) + 1)}
+
+
+@pytest.fixture(scope="session")
+def val_tags():
+    """``val_tags(metrics rows)``: the val/* scalars TensorBoard must hold of them."""
+    return metrics_val_tags
+
+
 @pytest.fixture(scope="session")
 def trained_tiny(wikitext_path, data_cache, tmp_path_factory):
     """A tiny layerskip-trained checkpoint (seconds of training): (model, corpus, run dir)."""

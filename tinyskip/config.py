@@ -230,6 +230,9 @@ class TrainConfig:
     eval_batches: int = 0
     log_every: int = 10
     save_every: int = 250
+    # TensorBoard event files in <run>/tensorboard/ (tb_log.py): training scalars every
+    # log_every steps and every evaluation's per-exit ones (needs .[tensorboard]).
+    tensorboard: bool = False
     resume: bool = False
     overwrite: bool = False
 

@@ -297,6 +297,7 @@ class BenchJob(CheckpointSource):
     precisions: list[str] = field(default_factory=list)
     prefill_len: int = 0                      # > 0: a prompt this long prefilled per precision
     out_dir: Optional[str] = None            # results.{json,csv,md}, pareto.png (conf: logs/bench/<run>/<time>)
+    tensorboard: bool = False                 # also the rows as scalars in out_dir/tensorboard/
     model: Optional[ModelConfig] = None       # model=hf_llama model.path=...
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -330,6 +331,9 @@ class BenchJob(CheckpointSource):
             raise ConfigError(f"hf_early_exit={self.hf_early_exit}: needs hf_baseline=true")
         if self.out_dir is not None and Path(self.out_dir).is_file():
             raise ConfigError(f"out_dir={self.out_dir!r} is a file: give a folder")
+        if self.tensorboard and self.out_dir is None:
+            raise ConfigError("tensorboard=true writes into out_dir/tensorboard/: give "
+                              "out_dir=<folder> (or tensorboard=false)")
         for path in self.calibration:
             if not Path(path).is_file():
                 raise ConfigError(f"calibration: {path!r} does not exist (python -m "

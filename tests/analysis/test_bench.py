@@ -6,13 +6,14 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tinyskip.analysis.bench import Quality, benchmark
-from tinyskip.analysis.bench_report import format_table
+from tinyskip.analysis.bench_report import format_table, write_results
 from tinyskip.analysis.plots import pareto_front, ssd_grid
 from tinyskip.analysis.quality import RougeL, continuation_nll
 from tinyskip.cli import compose_job
@@ -111,6 +112,7 @@ def test_the_entry_point_writes_json_csv_markdown_and_a_pareto_plot(run_args, tm
     md = (out / "results.md").read_text().splitlines()
     assert md[2].startswith("| mode |") and sum(line.startswith("| ssd E=2 k=2 |") for line in md) == 1
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "tensorboard").exists()                  # tensorboard=false
     assert not math.isnan(res["rows"][0]["ppl"]) and 0.0 <= res["rows"][0]["rouge_l"] <= 1.0
     # Achieved bandwidth: the bytes each token read over its time, beside a streaming read.
     assert 0 < res["stream_gb_per_s_min"] <= res["stream_gb_per_s"] <= res["stream_gb_per_s_max"]
@@ -118,6 +120,40 @@ def test_the_entry_point_writes_json_csv_markdown_and_a_pareto_plot(run_args, tm
     for r in res["rows"]:
         assert r["gb_per_s"] == pytest.approx(r["bytes_per_token"] * r["tokens_per_s"] / 1e9)
     assert res["rows"][1]["bytes_per_token"] < res["rows"][0]["bytes_per_token"]  # exit 1: less
+
+
+def test_tensorboard_gets_each_rows_measurements_under_its_label(run_args, tmp_path,
+                                                                  tensorboard_scalars):
+    job = compose_job("bench", run_args + ["n_prompts=1", "max_new_tokens=4", "exit_layer=[1]",
+                                           "draft_layer=[2]", "k=[2]", "tensorboard=true",
+                                           f"out_dir={tmp_path / 'bench'}"])
+    res = benchmark(job)
+    write_results(res, Path(job.out_dir), job.tensorboard)
+    tags = tensorboard_scalars(tmp_path / "bench" / "tensorboard")
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert list(rows) == ["full", "static E=1", "ssd E=2 k=2"]
+    for tag, points in tags.items():              # <column>/<row label>, one point at step 0
+        column, label = tag.split("/", 1)
+        assert points == [(0, pytest.approx(rows[label][column], rel=1e-6))], tag
+    for label in rows:
+        for column in ("tokens_per_s", "speedup", "agreement", "ppl", "rouge_l", "gb_per_s"):
+            assert f"{column}/{label}" in tags
+    # A mode logs only what it measures: full and static draft nothing.
+    assert "acceptance/ssd E=2 k=2" in tags and "acceptance/full" not in tags
+    assert "acceptance/static E=1" not in tags
+
+
+def test_bench_without_the_tensorboard_package_stops_before_the_sweep(run_args, tmp_path):
+    """As users run it (the import made to fail first): one error line, exit status 2."""
+    code = ("import runpy, sys; sys.modules['torch.utils.tensorboard'] = None; "
+            "sys.argv[0] = 'tinyskip.bench'; runpy.run_module('tinyskip.bench', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code, *run_args, "tensorboard=true",
+                           f"out_dir={tmp_path / 'bench'}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-1500:]
+    assert done.stderr.strip() == ("error: tensorboard=true needs the tensorboard package: "
+                                   "pip install -e '.[tensorboard]'")
+    assert not (tmp_path / "bench").exists()
 
 
 def test_median_extra_seconds_is_what_the_first_call_adds_to_the_second():

@@ -85,6 +85,8 @@ CASES = [
      "past this generation's 128-slot cache"),
     ("bench", ["run=tiny", "calibration=[nope.json]"], "calibration: 'nope.json' does not exist"),
     ("bench", ["run=tiny", "out_dir=latin1.txt"], "out_dir='latin1.txt' is a file: give a folder"),
+    ("bench", ["run=tiny", "tensorboard=true", "out_dir=null"],
+     "tensorboard=true writes into out_dir/tensorboard/: give out_dir=<folder>"),
     ("bench", ["run=tiny", "cache=[share]"], "cache='share': must be one of propagate"),
     ("infer", ["model=hf_llama", "model.path=bad.gguf", "prompt=hi"], "bad.gguf is not a GGUF file"),
     ("infer", ["model=hf_llama", "model.path=none.gguf", "prompt=hi"],

@@ -5,8 +5,10 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tinyskip.model.exit_modules import ExitModules
 from tinyskip.model.kv_cache import KVCache
 from tinyskip.storage.loading import load_source
 from tinyskip.training.exit_training import backbone_states, exit_module_loss, train_exit_modules
+from tinyskip.training.optim import cosine_lr
 
 KINDS = ["block", "mlp", "attention", "norm"]
 
@@ -259,6 +262,35 @@ def test_training_leaves_the_backbone_untouched_and_writes_only_modules(balcony)
     assert meta["backbone"]["format"] == "tinyskip" and len(meta["backbone"]["weights_hash"]) == 64
     assert sorted(p.name for p in exits.iterdir()) == ["exit_modules.json",
                                                        "exit_modules.safetensors", "train_state.pt"]
+    assert not (root / "tiny-exits" / "tensorboard").exists()     # train.tensorboard is off
+
+
+def test_tensorboard_scalars_are_what_metrics_jsonl_holds_and_a_fresh_run_replaces_them(
+        balcony, tensorboard_scalars, val_tags):
+    root, args, _, _, _ = balcony
+    tb_args = args + ["run=tiny-exits-tb", "train.tensorboard=true", "train.log_every=2",
+                      "train.eval_every=3"]
+    train_exit_modules(compose_job("train", tb_args), progress=False)
+    # The same run started over (another lr): TensorBoard shows only the new run's points.
+    # (It reads a folder's event files in name order, which counts whole seconds.)
+    time.sleep(1.1)
+    job = compose_job("train", tb_args + ["train.overwrite=true", "train.lr=3e-3"])
+    result = train_exit_modules(job, progress=False)
+    run = root / "tiny-exits-tb"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    tags = tensorboard_scalars(run / "tensorboard")
+    val = val_tags(rows)
+    kl = {f"train/kl/exit_{e}": [(r["step"], pytest.approx(r["train_kl"][str(e)], rel=1e-6))
+                                 for r in rows] for e in (1, 2, 3)}
+    assert set(tags) == set(val) | set(kl) | {"train/loss", "train/lr", "train/tokens_per_s"}
+    assert {tag: tags[tag] for tag in val} == val
+    assert {tag: tags[tag] for tag in kl} == kl
+    logged = [2, 4, 6]
+    assert tags["train/loss"] == [(s, pytest.approx(statistics.fmean(result.losses[s - 2:s]),
+                                                    rel=1e-6)) for s in logged]
+    assert tags["train/lr"] == [(s, pytest.approx(cosine_lr(job.train, s - 1), rel=1e-6))
+                                for s in logged]
 
 
 @pytest.mark.parametrize("kind", KINDS)

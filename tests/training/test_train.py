@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 from tinyskip.cli import compose_job
+from tinyskip.config import UserError
 from tinyskip.storage.checkpoint import CheckpointError, load_model
+from tinyskip.training.losses import layerdrop_probs
+from tinyskip.training.optim import cosine_lr
 from tinyskip.training.trainer import train
 
 
@@ -30,6 +34,73 @@ def test_tiny_layerskip_run_lowers_the_loss_and_writes_metrics(overrides, tmp_pa
     assert rows[-1]["val_loss"][-1] < rows[0]["val_loss"][-1]
     model, ckpt = load_model(tmp_path / "r")
     assert ckpt == tmp_path / "r" / "checkpoint" and model.config.vocab_size == 300
+    assert not (tmp_path / "r" / "tensorboard").exists()      # train.tensorboard is off
+
+
+def test_tensorboard_scalars_are_what_metrics_jsonl_and_the_schedules_hold(
+        overrides, tmp_path, tensorboard_scalars, val_tags):
+    job = compose_job("train", overrides(max_steps=20, eval_every=10, log_every=5,
+                                         tensorboard=True) + ["train=layerskip"])
+    result = train(job, progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    tags = tensorboard_scalars(tmp_path / "r" / "tensorboard")
+    train_tags = ["loss", "lr", "tokens_per_s", "layerdrop_max", "layerdrop_mean"]
+    val = val_tags(rows)
+    assert len(val) == 4 * 4 and set(tags) == set(val) | {f"train/{t}" for t in train_tags}
+    assert {tag: tags[tag] for tag in val} == val
+    tc, logged = job.train, [5, 10, 15, 20]
+    assert tags["train/loss"] == [(s, pytest.approx(statistics.fmean(result.losses[s - 5:s]),
+                                                    rel=1e-6)) for s in logged]
+    # Step s is logged after s steps: its lr and LayerDrop rate are those of step index s - 1.
+    assert tags["train/lr"] == [(s, pytest.approx(cosine_lr(tc, s - 1), rel=1e-6)) for s in logged]
+    probs = [layerdrop_probs(tc, 4, s - 1) for s in logged]
+    assert tags["train/layerdrop_max"] == [(s, pytest.approx(max(p), rel=1e-6))
+                                           for s, p in zip(logged, probs)]
+    assert tags["train/layerdrop_mean"] == [(s, pytest.approx(sum(p) / 4, rel=1e-6))
+                                            for s, p in zip(logged, probs)]
+    assert tags["train/layerdrop_max"][-1][1] > 0        # layerskip's rate rises over the run
+    assert tags["train/tokens_per_s"][-1][1] == pytest.approx(rows[-1]["tokens_per_s"], rel=1e-6)
+
+
+def test_a_resumed_run_hides_what_the_interrupted_run_logged_past_its_checkpoint(
+        overrides, tmp_path, monkeypatch, tensorboard_scalars, val_tags):
+    from tinyskip.training import trainer
+
+    kw = dict(max_steps=20, eval_every=5, save_every=10, log_every=5, tensorboard=True)
+    real_batch = trainer.get_batch
+
+    def crash_at_step_15(*args):
+        if args[4] == 15:
+            raise RuntimeError("killed")
+        return real_batch(*args)
+
+    monkeypatch.setattr(trainer, "get_batch", crash_at_step_15)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(compose_job("train", overrides(**kw)), progress=False)
+    monkeypatch.undo()
+    # Its evaluation at step 15 reached the event file; the checkpoint is step 10's.
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "r" / "tensorboard")["val/loss/exit_4"]] \
+        == [5, 10, 15]
+    # (TensorBoard reads a folder's event files in name order, which counts whole seconds.)
+    time.sleep(1.1)
+    train(compose_job("train", overrides(resume=True, **kw)), progress=False)
+    assert len(list((tmp_path / "r" / "tensorboard").iterdir())) == 2
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    tags = tensorboard_scalars(tmp_path / "r" / "tensorboard")
+    val = val_tags(rows)
+    assert {tag: tags[tag] for tag in val} == val           # step 15 once: the resumed run's
+    assert [s for s, _ in tags["train/loss"]] == [5, 10, 15, 20]
+
+
+def test_a_missing_tensorboard_package_is_one_line_before_anything_runs(overrides, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)    # import fails
+    with pytest.raises(UserError) as e:
+        train(compose_job("train", overrides(tensorboard=True)), progress=False)
+    assert str(e.value) == ("train.tensorboard=true needs the tensorboard package: "
+                            "pip install -e '.[tensorboard]'")
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_compile_fallback_is_recorded_in_the_run_metrics(overrides, tmp_path, no_cxx):
@@ -174,8 +245,10 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(repo, overrides, tmp_p
 
 
 @pytest.mark.slow
-def test_ddp_with_two_processes_matches_one_process(repo, overrides, tmp_path):
-    kw = dict(max_steps=12, eval_every=4, eval_batches=2, save_every=12, device="cpu")
+def test_ddp_with_two_processes_matches_one_process(repo, overrides, tmp_path, tensorboard_scalars,
+                                                   val_tags):
+    kw = dict(max_steps=12, eval_every=4, eval_batches=2, save_every=12, device="cpu",
+              tensorboard=True)
     job = compose_job("train", overrides("one", **kw))
     # The default preset is the LayerSkip recipe: the ranks must agree on LayerDrop draws
     # and on the early-exit losses, not only on a plain last-layer loss.
@@ -193,3 +266,7 @@ def test_ddp_with_two_processes_matches_one_process(repo, overrides, tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
     assert single.step == 12
+    # Rank 0 alone writes TensorBoard's file (the evaluations are its own).
+    assert len(list((tmp_path / "ddp" / "tensorboard").iterdir())) == 1
+    tags, val = tensorboard_scalars(tmp_path / "ddp" / "tensorboard"), val_tags(rows)
+    assert {tag: tags[tag] for tag in val} == val

@@ -3,7 +3,8 @@
 ``write_results`` writes into one folder (by default ``logs/bench/<run>/<timestamp>/``):
 ``results.json`` (everything, unit costs included), ``results.csv`` (one row per
 configuration; histograms as JSON strings), ``results.md`` (the Markdown table the
-README quotes) and ``pareto.png`` (speed against quality, the Pareto front marked).
+README quotes) and ``pareto.png`` (speed against quality, the Pareto front marked);
+with ``tensorboard``, the rows' measurements as TensorBoard scalars in ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 
 from ..atomic import make_dirs, write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..tb_log import ScalarLog
 from .engine_levers import format_levers
 from .plots import pareto_figure
 from .ssd_costs import format_round_costs
@@ -25,6 +27,12 @@ CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "
                "accept_hist", "lookup_share", "mean_exit", "exit_hist", "agreement", "exact_match", "f1_loss",
                "ppl", "rouge_l", "warmup_s", "bytes_per_token", "gb_per_s", "precision",
                "text_ppl"]
+# What TensorBoard gets of a row, each as ``<column>/<row label>`` at step 0: its
+# measurements (its configuration is in the label).
+SCALAR_COLUMNS = ["tokens_per_s", "tokens_per_s_prompt_mean", "speedup", "prefill_ms",
+                  "layers_per_token", "heads_per_token", "predicted", "efficiency",
+                  "acceptance", "lookup_share", "mean_exit", "agreement", "exact_match",
+                  "f1_loss", "ppl", "rouge_l", "gb_per_s", "text_ppl"]
 
 
 def _num(x, fmt: str, suffix: str = "") -> str:
@@ -146,8 +154,16 @@ def format_csv(res: dict) -> str:
     return buf.getvalue()
 
 
-def write_results(res: dict, out: Path) -> Path:
-    """Every result file, each written atomically; returns the folder."""
+def tensorboard_scalars(res: dict) -> dict[str, float]:
+    """Every row's measurements as TensorBoard tags (a mode has None where it measures
+    nothing of the kind, and the transformers rows fewer columns: left out)."""
+    return {f"{col}/{r['mode']}": r[col] for r in res["rows"] + res["hf"]
+            for col in SCALAR_COLUMNS if r.get(col) is not None}
+
+
+def write_results(res: dict, out: Path, tensorboard: bool = False) -> Path:
+    """Every result file, each written atomically, and with ``tensorboard`` the rows'
+    scalars (an event file, through TensorBoard's writer); returns the folder."""
     make_dirs(out)
     write_json_atomic(out / "results.json", res)
     write_text_atomic(out / "results.csv", format_csv(res))
@@ -156,4 +172,8 @@ def write_results(res: dict, out: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     write_bytes_atomic(out / "pareto.png", buf.getvalue())
+    if tensorboard:
+        log = ScalarLog(out)
+        log.scalars(0, tensorboard_scalars(res))
+        log.close()
     return out

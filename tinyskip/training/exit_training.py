@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from ..storage.checkpoint import CHECKPOINT, CheckpointError, load_train_state, 
 from ..storage.data import get_batch, prepare_corpus
 from ..storage.exit_checkpoint import EXITS, exits_folder, load_exit_modules, save_exit_modules
 from ..storage.loading import Loaded, load_backbone, run_data_config
+from ..tb_log import ScalarLog, eval_scalars, require_tensorboard
 from .distributed import init_distributed, rank_mean
 from .hidden_cache import cache_key, cache_meta, open_or_build
 from .losses import early_exit_loss, exit_kl
@@ -107,6 +109,8 @@ def _backbone(job: TrainJob, device) -> tuple[Loaded, dict]:
 
 def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
     tc = job.train
+    if tc.tensorboard:
+        require_tensorboard("train.tensorboard")
     device = pick_device(tc.device)
     rank, world = init_distributed(device)
     if tc.batch_size % world:
@@ -181,10 +185,13 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
         build_s = time.perf_counter() - t0 if built else 0.0
 
     metrics_path = run_dir / "metrics.jsonl"
+    tb = None
     if rank == 0:
         make_dirs(run_dir)
         write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
         truncate_metrics(metrics_path, start)
+        if tc.tensorboard:
+            tb = ScalarLog(run_dir, purge_step=start + 1)
     result = TrainResult(run_dir, start)
     train_time, train_tokens, window = 0.0, 0, []
     bar = None
@@ -216,6 +223,11 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
         result.step = step + 1
         if bar is not None:
             bar.update(1)
+        if tb is not None and (step + 1) % tc.log_every == 0:
+            # Rank 0's loss over the steps since the last point (no LayerDrop here).
+            tb.scalars(step + 1, {"train/loss": statistics.fmean(result.losses[-tc.log_every:]),
+                                  "train/lr": cosine_lr(tc, step),
+                                  "train/tokens_per_s": train_tokens / train_time})
         last_step = step + 1 == tc.max_steps
         evaluating = (step + 1) % tc.eval_every == 0 or last_step
         if evaluating:
@@ -236,11 +248,20 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
                 "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"],
                 "val_agreement": ev["agreement"], "val_p_last_top": ev["p_last_top"]}
             append_text(metrics_path, json.dumps(result.last_eval) + "\n")
+            if tb is not None:      # with the window's KL per exit, as metrics.jsonl has it
+                tb.scalars(step + 1, {**eval_scalars(result.last_eval),
+                                      **{f"train/kl/exit_{e}": v
+                                         for e, v in result.last_eval["train_kl"].items()}})
+                tb.flush()          # an evaluation shows in TensorBoard at once
         if ((step + 1) % tc.save_every == 0 or last_step) and rank == 0:
+            if tb is not None:      # what the checkpoint covers is on disk before it
+                tb.flush()
             save_exit_modules(run_dir, modules, ref, {"step": step + 1,
                                                       "optimizer": optimizer.state_dict()})
         if world > 1 and evaluating:
             dist.barrier()
     if bar is not None:
         bar.close()
+    if tb is not None:
+        tb.close()
     return result

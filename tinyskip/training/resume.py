@@ -19,7 +19,8 @@ from ..storage.checkpoint import CheckpointError, load_run_job
 # checked against the checkpoint's own config.json (check_model).
 RUNTIME_KEYS = {"data.cache_dir", "train.device", "train.compile", "train.eval_every",
                 "train.eval_batches", "train.log_every", "train.save_every", "train.resume",
-                "train.overwrite", "train.exit_cache", "train.exit_cache_dir"}
+                "train.overwrite", "train.exit_cache", "train.exit_cache_dir",
+                "train.tensorboard"}
 # Why a changed max_steps is not "train longer": the schedules are functions of t / T.
 DEPENDS_ON = {"train.max_steps": "the cosine LR schedule, LayerDrop's S(t) and the gradual "
                                  "curriculum are functions of step / max_steps"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from ..runtime import autocast, pick_device, progress_bar
 from ..storage.checkpoint import (CHECKPOINT, CheckpointError, load_model, load_model_config,
                                   load_train_state, resolve_checkpoint, run_folder, save_checkpoint)
 from ..storage.data import get_batch, prepare_corpus
+from ..tb_log import ScalarLog, eval_scalars, require_tensorboard
 from .distributed import init_distributed, rank_mean
 from .losses import exit_weights, layerdrop_probs, sampled_exit_loss
 from .optim import cosine_lr, make_optimizer
@@ -168,6 +170,8 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     if job.model.path:
         raise ConfigError("training from Hugging Face weights (model.path) is not supported "
                           "yet: train a tinyskip model, or decode the Llama with tinyskip.infer")
+    if tc.tensorboard:
+        require_tensorboard("train.tensorboard")
     device = pick_device(tc.device)
     run_dir = run_folder(job.checkpoint_root, job.run_name)
     rank, world = init_distributed(device)
@@ -184,10 +188,13 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     metrics_path = run_dir / "metrics.jsonl"
+    tb = None
     if rank == 0:
         make_dirs(run_dir)
         write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
         truncate_metrics(metrics_path, start)
+        if tc.tensorboard:
+            tb = ScalarLog(run_dir, purge_step=start + 1)
     # Recorded with every evaluation: a fallback to eager blocks shows in the run's metrics.
     compiled = compile_blocks(model) if tc.compile else False
     objective = ExitObjective(model, tc, compiled)
@@ -222,6 +229,15 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
             bar.update(1)
             if step % tc.log_every == 0:
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{train_tokens / train_time:.0f}")
+        if tb is not None and (step + 1) % tc.log_every == 0:
+            # Rank 0's loss over the steps since the last point (a resumed run's first
+            # window may be shorter); LayerDrop's p_l at this step, deepest and mean (the
+            # expected fraction of blocks a row skips).
+            probs = layerdrop_probs(tc, model.num_layers, step)
+            tb.scalars(step + 1, {"train/loss": statistics.fmean(result.losses[-tc.log_every:]),
+                                  "train/lr": lr, "train/tokens_per_s": train_tokens / train_time,
+                                  "train/layerdrop_max": max(probs),
+                                  "train/layerdrop_mean": statistics.fmean(probs)})
         last = step + 1 == tc.max_steps
         if (step + 1) % tc.eval_every == 0 or last:
             window = rank_mean(torch.tensor(sum(window_losses) / len(window_losses),
@@ -236,6 +252,9 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
                     "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"],
                     "val_agreement": ev["agreement"], "val_p_last_top": ev["p_last_top"]}
                 append_text(metrics_path, json.dumps(result.last_eval) + "\n")
+                if tb is not None:
+                    tb.scalars(step + 1, eval_scalars(result.last_eval))
+                    tb.flush()          # an evaluation shows in TensorBoard at once
                 if bar is not None:
                     bar.write(f"step {step + 1}: val loss by exit "
                               + " ".join(f"{v:.2f}" for v in ev["loss"])
@@ -243,6 +262,8 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
             window_losses = []
             model.train()
         if ((step + 1) % tc.save_every == 0 or last) and rank == 0:
+            if tb is not None:          # what the checkpoint covers is on disk before it
+                tb.flush()
             save_checkpoint(run_dir, model, corpus.tokenizer_file,
                             {"step": step + 1, "tokens_seen": seen_tokens,
                              "optimizer": optimizer.state_dict()})
@@ -250,4 +271,6 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
             dist.barrier()
     if bar is not None:
         bar.close()
+    if tb is not None:
+        tb.close()
     return result
