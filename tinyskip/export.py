@@ -1,13 +1,13 @@
 """``python -m tinyskip.export run=NAME out=FOLDER [push=OWNER/NAME]``: a tinyskip run as a
 Hugging Face Llama folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads,
 with a model card and the run's exit modules and calibration, optionally uploaded to the
-Hub. The work is ``tinyskip/storage/hf_export.py``."""
+Hub. The work is ``tinyskip/analysis/export.py``."""
 
 from __future__ import annotations
 
 from .cli import entry_point
 from .jobs import ExportJob
-from .storage.hf_export import export_job, push
+from .analysis.export import export_job, push
 
 
 @entry_point("export")

@@ -344,7 +344,7 @@ class BenchJob(CheckpointSource):
 class ExportJob(CheckpointSource):
     """``python -m tinyskip.export run=NAME out=FOLDER [push=OWNER/NAME]``: a Hugging Face
     Llama folder with a model card, and the run's exit modules and calibration when it has
-    them (``storage/hf_export.py``)."""
+    them (``analysis/export.py``)."""
 
     out: str = "???"
     dtype: str = "float32"

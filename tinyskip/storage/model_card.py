@@ -14,7 +14,7 @@ from ..config import DataConfig, ModelConfig
 
 @dataclass
 class CardFacts:
-    """What the card says, gathered by the export (``hf_export.py``)."""
+    """What the card says, gathered by the export (``analysis/export.py``)."""
 
     name: str                          # the export's folder name
     ref: str                           # what users load: the Hub repo id, else the folder

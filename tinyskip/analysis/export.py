@@ -1,8 +1,8 @@
 """The export job behind ``python -m tinyskip.export``: a run as a Hugging Face Llama folder
 others can use, and its upload to the Hub.
 
-The folder holds the backbone (``hf_llama.export_hf``), a README.md model card
-(``model_card.py``) and, when the run has them, its exit modules (``exits/``) and its
+The folder holds the backbone (``storage/hf_llama.export_hf``), a README.md model card
+(``storage/model_card.py``) and, when the run has them, its exit modules (``exits/``) and its
 calibration (``calibration.json``), all written in the one temporary folder that is
 published by a rename. Exit modules and calibration are keyed by weight hashes, so they
 are re-keyed to the exported weights file; a calibration only when the export holds the
@@ -21,18 +21,18 @@ from typing import Optional
 
 import torch
 
-from ..analysis.evaluation import exit_quality
 from ..atomic import write_json_atomic, write_text_atomic
 from ..config import UserError
 from ..jobs import ExportJob
 from ..model.transformer import Transformer
 from ..runtime import DTYPES, pick_device
-from .checkpoint import load_run_job
-from .exit_checkpoint import EXITS, META, WEIGHTS, backbone_hash, read_exit_meta
-from .hf_llama import export_hf
-from .loading import (Loaded, default_calibration, load_source, read_calibration, results_hash,
-                      run_data_config)
-from .model_card import CardFacts, model_card
+from ..storage.checkpoint import load_run_job
+from ..storage.exit_checkpoint import EXITS, META, WEIGHTS, backbone_hash, read_exit_meta
+from ..storage.hf_llama import export_hf
+from ..storage.loading import (Loaded, default_calibration, load_source, read_calibration,
+                               results_hash, run_data_config)
+from ..storage.model_card import CardFacts, model_card
+from .evaluation import exit_quality
 
 # What an HF backbone's tokenizer is made of, copied as it is (an exit-module run on a
 # Hugging Face Llama): rebuilding it from tokenizer.model would change how it adds BOS.

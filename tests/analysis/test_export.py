@@ -18,7 +18,7 @@ from tinyskip.cli import compose_job
 from tinyskip.config import ModelConfig, UserError
 from tinyskip.decode.run import infer
 from tinyskip.storage.data import prepare_corpus
-from tinyskip.storage.hf_export import export_job, upload_files
+from tinyskip.analysis.export import export_job, upload_files
 from tinyskip.storage.loading import load_source, run_data_config
 from tinyskip.training.exit_training import train_exit_modules
 
