@@ -248,6 +248,10 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
                 "val_loss": ev["loss"], "val_word_ppl": ev["word_ppl"],
                 "val_agreement": ev["agreement"], "val_p_last_top": ev["p_last_top"]}
             append_text(metrics_path, json.dumps(result.last_eval) + "\n")
+            if bar is not None:     # one line per evaluation, as the from-scratch trainer
+                bar.write(f"step {step + 1}: val loss by exit "
+                          + " ".join(f"{v:.2f}" for v in ev["loss"])
+                          + " | KL by module " + " ".join(f"{v:.3f}" for v in logged[1:].tolist()))
             if tb is not None:      # with the window's KL per exit, as metrics.jsonl has it
                 tb.scalars(step + 1, {**eval_scalars(result.last_eval),
                                       **{f"train/kl/exit_{e}": v
