@@ -10,7 +10,7 @@ from pathlib import Path
 from .analysis.bench import benchmark
 from .analysis.bench_report import format_table, write_results
 from .cli import entry_point
-from .jobs import BenchJob
+from .bench_jobs import BenchJob
 from .tb_log import require_tensorboard
 
 

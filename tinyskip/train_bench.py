@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .atomic import write_json_atomic
 from .cli import entry_point
-from .jobs import TrainBenchJob
+from .bench_jobs import TrainBenchJob
 from .training.bench import bench_training, format_table
 
 

@@ -23,7 +23,7 @@ from ..calibration.ltt import f1_loss
 from ..config import DEEConfig, SSDConfig, UserError
 from ..decode import DecodeStats, ModeSpec, Steps, decode
 from ..decode.steps import cache_size
-from ..jobs import BenchJob, precision, precision_name
+from ..bench_jobs import BenchJob, precision, precision_name
 from ..runtime import pick_device, progress_bar
 from ..storage.data import load_lines
 from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,

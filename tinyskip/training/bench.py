@@ -26,7 +26,7 @@ import time
 import torch
 
 from ..config import ModelConfig, TrainConfig
-from ..jobs import TrainBenchJob
+from ..bench_jobs import TrainBenchJob
 from ..model.transformer import Transformer
 from ..runtime import median_seconds, pick_device
 from ..storage.data import get_batch, prepare_corpus

@@ -1,0 +1,139 @@
+"""The benchmarks' job schemas: ``python -m tinyskip.bench`` (decoding modes side by side)
+and ``python -m tinyskip.train_bench`` (the training presets' steps side by side)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .config import ConfigError, DEEConfig, DataConfig, ModelConfig, SSDConfig, TrainConfig
+from .jobs import CheckpointSource, check_dtype, check_out, check_source
+from .runtime import DTYPES, QUANTIZE
+
+
+def precision(text: str) -> tuple[str, str]:
+    """A bench precision, ``DTYPE`` or ``DTYPE+QUANTIZE`` (``bfloat16+int8``: int8
+    weights, bf16 activations) -> (dtype, quantize), refused in one line when unknown."""
+    dtype, plus, quantize = str(text).partition("+")
+    if dtype not in DTYPES or (plus and quantize not in QUANTIZE[1:]):
+        raise ConfigError(f"precisions: {text!r} is not DTYPE or DTYPE+QUANTIZE (DTYPE one of "
+                          f"{', '.join(DTYPES)}; QUANTIZE one of {', '.join(QUANTIZE[1:])})")
+    return dtype, quantize or "none"
+
+
+def precision_name(dtype: str, quantize: str) -> str:
+    """(dtype, quantize) -> the name ``precision`` reads: ``bfloat16``, ``bfloat16+int8``."""
+    return dtype if quantize == "none" else f"{dtype}+{quantize}"
+
+
+
+@dataclass
+class BenchJob(CheckpointSource):
+    """``python -m tinyskip.bench run=NAME``: decoding modes side by side (see bench.py)."""
+
+    n_prompts: int = 8
+    prompt_len: int = 64
+    max_new_tokens: int = 64
+    exit_layer: Optional[list[int]] = None     # None: every exit 1..L-1
+    draft_layer: list[int] = field(default_factory=lambda: [2, 3, 4])
+    k: list[int] = field(default_factory=lambda: [2, 4, 6])
+    draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
+    adaptive_threshold: float = 0.0           # > 0: also every ssd row with adaptive drafting
+    ngram: int = 0                            # > 0: also every ssd row with prompt-lookup drafts
+    measure: list[str] = field(default_factory=list)      # dee rows: measures x thresholds
+    threshold: list[float] = field(default_factory=list)  #   x cache strategies
+    cache: list[str] = field(default_factory=lambda: ["propagate"])
+    check_every: int = 1
+    calibration: list[str] = field(default_factory=list)  # + the decoder each file certifies
+    compile: bool = False                     # also every full/static/ssd row compiled, beside eager
+    levers: bool = False                      # the compiled step's levers one by one, and the floor
+    ssd_costs: bool = False                   # an SSD round's calls priced, per draft_layer x k
+    hf_baseline: bool = False                 # transformers' generate on the same weights
+    hf_early_exit: list[int] = field(default_factory=list)   # + generate(assistant_early_exit=E)
+    threads: int = 0                          # 0 = torch's default
+    device: str = "auto"
+    dtype: str = "float32"
+    quantize: str = "none"                    # int8: weight-only int8 (model/quantize.py)
+    # Full decoding again at each further precision (DTYPE or DTYPE+int8), interleaved
+    # with the rows above: speed, bandwidth, agreement and the test text's perplexity.
+    precisions: list[str] = field(default_factory=list)
+    prefill_len: int = 0                      # > 0: a prompt this long prefilled per precision
+    out_dir: Optional[str] = None            # results.{json,csv,md}, pareto.png (conf: logs/bench/<run>/<time>)
+    tensorboard: bool = False                 # also the rows as scalars in out_dir/tensorboard/
+    model: Optional[ModelConfig] = None       # model=hf_llama model.path=...
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        check_source(self)
+        check_dtype(self)
+        for p in self.precisions:
+            precision(p)
+        if self.prefill_len < 0:
+            raise ConfigError(f"prefill_len={self.prefill_len}: must be >= 0 (0 = no prefill rows)")
+        for name in ("n_prompts", "prompt_len", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.draft_layer and not self.k:
+            raise ConfigError("k=[]: give at least one k for the draft_layer rows (or draft_layer=[])")
+        for k in self.k:
+            SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab, self.ngram)
+        if self.ssd_costs and not self.draft_layer:
+            raise ConfigError("ssd_costs=true prices SSD rounds at the draft_layer exits: give "
+                              "draft_layer=[...] (or ssd_costs=false)")
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads}: must be >= 0 (0 = torch's default)")
+        # DEE rows are measures x thresholds x caches: one list without the other makes none.
+        if bool(self.measure) != bool(self.threshold):
+            raise ConfigError(f"measure={self.measure}, threshold="
+                              f"{self.threshold}: give both for DEE rows (or neither)")
+        for m in self.measure or ["softmax"]:      # each cache and check_every, rows or not
+            for c in self.cache:
+                DEEConfig(m, list(self.threshold), cache=c, check_every=self.check_every)
+        if self.hf_early_exit and not self.hf_baseline:
+            raise ConfigError(f"hf_early_exit={self.hf_early_exit}: needs hf_baseline=true")
+        if self.out_dir is not None and Path(self.out_dir).is_file():
+            raise ConfigError(f"out_dir={self.out_dir!r} is a file: give a folder")
+        if self.tensorboard and self.out_dir is None:
+            raise ConfigError("tensorboard=true writes into out_dir/tensorboard/: give "
+                              "out_dir=<folder> (or tensorboard=false)")
+        for path in self.calibration:
+            if not Path(path).is_file():
+                raise ConfigError(f"calibration: {path!r} does not exist (python -m "
+                                  "tinyskip.calibrate writes <run>/calibration.json)")
+
+
+@dataclass
+class TrainBenchJob:
+    """``python -m tinyskip.train_bench``: the plain and layerskip presets' training steps
+    timed side by side, with model FLOP utilisation against a peak measured in the run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    plain: TrainConfig = field(default_factory=TrainConfig)        # conf/train/plain.yaml
+    layerskip: TrainConfig = field(default_factory=TrainConfig)    # conf/train/layerskip.yaml
+    # Applied to both presets (None: each preset's own value).
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    bf16: Optional[bool] = None
+    compile: Optional[bool] = None
+    steps: int = 12                 # timed steps per preset and round, spread over the schedule
+    rounds: int = 3                 # presets alternate round by round (drift hits both alike)
+    warmup: int = 3                 # untimed steps per preset first (and the compile, if any)
+    threads: int = 0                # 0 = torch's default
+    peak_size: int = 2048           # the peak's square product: n x n @ n x n
+    device: str = "auto"
+    out: Optional[str] = None       # JSON with every measurement
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "rounds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.model.path:
+            raise ConfigError(f"model.path={self.model.path!r}: the training benchmark trains "
+                              "tinyskip models from scratch (give model=<preset>)")
+        if self.peak_size < 1:
+            raise ConfigError(f"peak_size={self.peak_size}: must be >= 1")
+        if self.warmup < 0 or self.threads < 0:
+            raise ConfigError(f"warmup={self.warmup}, threads={self.threads}: must be >= 0")
+        check_out(self)
