@@ -1,4 +1,5 @@
-"""Primary config schemas, one per entry point (``conf/<entry>.yaml`` is typed by these)."""
+"""Primary config schemas of the entry points (``conf/<entry>.yaml`` is typed by these; the
+benchmarks' are in ``bench_jobs.py``)."""
 
 from __future__ import annotations
 
