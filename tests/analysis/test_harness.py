@@ -108,6 +108,8 @@ def test_local_task_scores_the_text_evaluate_scores(trained_tiny, job_for, lm, w
     model, corpus, _ = trained_tiny
     rows = datasets.load_dataset(wikitext_path, "wikitext-2-raw-v1")["test"]
     pages = articles(rows, max_rows=1000)["page"]
+    assert "".join(pages) == "".join(rows["text"][:1000]) and all(p.strip() for p in pages)
+    assert len(articles(rows)) == 62                 # as EleutherAI/wikitext_document_level
     stream = [t for page in pages for t in lm.tok.encode(page)]
     assert stream == corpus.tokens["test"].tolist()
     result = run_harness(job_for(batch_size=64))    # tasks=[tinyskip_wikitext2], the whole split

@@ -41,11 +41,12 @@ def articles(rows, max_rows: int = 0):
 
     pages, lines = [], []
     for text in rows["text"][: max_rows or None]:
-        if HEADING.match(text) and lines:
+        # (the blank rows that open a split join the first article: no empty document)
+        if HEADING.match(text) and "".join(lines).strip():
             pages.append("".join(lines))
             lines = []
         lines.append(text)
-    if lines:
+    if "".join(lines).strip():
         pages.append("".join(lines))
     return datasets.Dataset.from_dict({"page": pages})
 
