@@ -132,6 +132,16 @@ def test_ssd_generations_equal_full_ones_and_stop_at_until(job_for, lm):
     assert all("season" not in text for text in full)
     free = lm.generate_until([request("generate_until", (prompts[0], {"max_gen_toks": 12}))])[0]
     assert len(free) >= len(full[0])
+    # A prompt longer than the context keeps its end: the same text as that end alone.
+    tail = " ".join(["the band played"] * 12)
+    long = " ".join(["a new season"] * 40) + " " + tail
+    assert len(lm.tok.encode(long)) + 12 > lm.model.config.max_position_embeddings
+    cut = lm.tok.encode(long)[-(lm.model.config.max_position_embeddings - 12):]
+    args = {"max_gen_toks": 12}
+    assert lm.generate_until([request("generate_until", (long, args))]) == \
+        lm.generate_until([request("generate_until", (lm.tok.decode(cut), args))])
+    with pytest.raises(UserError, match="max_gen_toks=200: leaves no room"):
+        lm.generate_until([request("generate_until", (prompts[0], {"max_gen_toks": 200}))])
 
 
 def test_registered_with_the_harness(trained_tiny, wikitext_path, data_cache):

@@ -172,7 +172,13 @@ class TinyskipLM(TemplateLM):
             n = int(kwargs.get("max_gen_toks", 256))
             if self.cal_path is not None:
                 check_calibrated_length(self.cal_path, {"max_new_tokens": self.cal_length}, n)
-            ids = self.tok.encode(context)[-(self.max_length - n):]
+            # The prompt keeps its last tokens, as many as the context leaves beside n new ones.
+            room = self.model.config.max_position_embeddings - n
+            if room < 1:
+                raise UserError(f"max_gen_toks={n}: leaves no room for a prompt in the model's "
+                                f"context of {self.model.config.max_position_embeddings} "
+                                "tokens (gen_kwargs=max_gen_toks=N caps it)")
+            ids = self.tok.encode(context)[-room:]
             prompt = torch.tensor([ids], dtype=torch.long, device=self._device)
             gen = decode(self.model, prompt, n, self.spec, self._sampling(kwargs), eos,
                          generator, self.draft_ids, self.steps)
