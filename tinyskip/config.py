@@ -21,6 +21,13 @@ class UserError(Exception):
     """Bad input from a user: entry points print its message as one line and exit 2."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none): what a
+    one-line error quotes of a library's reason."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ConfigError(UserError, ValueError):
     """A configuration value is out of range; the message names the field."""
 

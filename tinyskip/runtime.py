@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weight-only quantisation of a loaded model (model/quantize.py), on top of its dtype.
@@ -31,9 +31,8 @@ def check_runs(device: torch.device, dtype: torch.dtype, name: str) -> None:
         a = torch.ones(2, 2, device=device, dtype=dtype)
         (a @ a).sum().item()
     except (RuntimeError, NotImplementedError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"dtype={name}: this machine's {device.type} cannot compute in it "
-                          f"({reason})") from None
+                          f"({first_line(e)})") from None
 
 
 def autocast(device: torch.device, bf16: bool):

@@ -31,7 +31,8 @@ def job_for(trained_tiny, wikitext_path, data_cache):
 
     def make(**options) -> HarnessJob:
         data = DataConfig(path=wikitext_path, cache_dir=data_cache, max_rows=1000, vocab_size=300)
-        return HarnessJob(checkpoint=str(run_dir), data=data, device="cpu", **options)
+        return HarnessJob(**{"checkpoint": str(run_dir), "data": data, "device": "cpu",
+                             **options})
     return make
 
 
@@ -122,17 +123,40 @@ def test_local_task_scores_the_text_evaluate_scores(trained_tiny, job_for, lm, w
 
 
 def test_ssd_generations_equal_full_ones_and_stop_at_until(job_for, lm):
-    prompts = ["the first game of the", "The band played", "a new season"]
-    reqs = [request("generate_until", (p, {"until": ["season"], "max_gen_toks": 12}), i)
-            for i, p in enumerate(prompts)]
+    prompts = ["the first game of the", "The band played", "a new season", ""]
+    free = lm.generate_until([request("generate_until", (p, {"max_gen_toks": 12}), i)
+                              for i, p in enumerate(prompts)])
+    assert all(free) and not any(text.endswith("\n") for text in free)   # EOS dropped
+    # A word each free generation reaches is its stop string: the text is cut before it.
+    stops = [text.split()[len(text.split()) // 2] for text in free]
+    reqs = [request("generate_until", (p, {"until": [stop], "max_gen_toks": 12}), i)
+            for i, (p, stop) in enumerate(zip(prompts, stops))]
     full = lm.generate_until(reqs)
+    assert full == [text.split(stop)[0] for text, stop in zip(free, stops)]
     ssd = TinyskipLM(job_for(mode="ssd", draft_layer=2, k=3))
     assert ssd.generate_until(reqs) == full
     assert ssd.stats.drafted > ssd.stats.accepted > 0     # drafts both accepted and rejected
-    assert all("season" not in text for text in full)
-    free = lm.generate_until([request("generate_until", (prompts[0], {"max_gen_toks": 12}))])[0]
-    assert len(free) >= len(full[0])
-    # A prompt longer than the context keeps its end: the same text as that end alone.
+    # A task's do_sample=False is greedy whatever the job's temperature.
+    hot = TinyskipLM(job_for(temperature=1.0))
+    greedy = {"max_gen_toks": 12, "do_sample": False}
+    assert hot.generate_until([request("generate_until", (prompts[0], greedy))]) == free[:1]
+    assert hot.generate_until([request("generate_until", (prompts[0], {"max_gen_toks": 12}))]) \
+        != free[:1]
+
+
+def test_a_greedy_continuation_is_flagged_greedy(lm):
+    """Scored as tokens: a decoded text can tokenize otherwise than it was generated."""
+    from tinyskip.decode import decode
+
+    context = lm.tok.encode("The band played")
+    tokens = decode(lm.model, torch.tensor([context]), 6, lm.spec).tokens[0]
+    changed = tokens[:-1] + [(tokens[-1] + 1) % lm.model.config.vocab_size]
+    (_, greedy), (_, other) = lm._loglikelihood_tokens([(None, context, tokens),
+                                                        (None, context, changed)])
+    assert greedy and not other
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(lm):
     tail = " ".join(["the band played"] * 12)
     long = " ".join(["a new season"] * 40) + " " + tail
     assert len(lm.tok.encode(long)) + 12 > lm.model.config.max_position_embeddings
@@ -141,7 +165,7 @@ def test_ssd_generations_equal_full_ones_and_stop_at_until(job_for, lm):
     assert lm.generate_until([request("generate_until", (long, args))]) == \
         lm.generate_until([request("generate_until", (lm.tok.decode(cut), args))])
     with pytest.raises(UserError, match="max_gen_toks=200: leaves no room"):
-        lm.generate_until([request("generate_until", (prompts[0], {"max_gen_toks": 200}))])
+        lm.generate_until([request("generate_until", ("The band", {"max_gen_toks": 200}))])
 
 
 def test_registered_with_the_harness(trained_tiny, wikitext_path, data_cache):
@@ -168,3 +192,46 @@ def test_dee_generates_and_refuses_to_score(job_for):
     assert isinstance(text, str) and dee.stats.new_tokens > 0
     with pytest.raises(UserError, match="mode=dee cannot score"):
         dee.loglikelihood([request("loglikelihood", ("The band", " played"))])
+
+
+def test_an_export_scores_as_its_run_and_a_bos_tokenizer_puts_bos_first(trained_tiny, job_for,
+                                                                         lm, tmp_path):
+    """An export's tokenizer encodes line breaks as the run's EOS (so the harness scores it
+    as the run); a tokenizer.json whose post-processor adds BOS gets BOS before every
+    likelihood context and as the rolling prefix, once."""
+    import json
+
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    from tinyskip.config import ModelConfig
+    from tinyskip.storage.hf_llama import LINE_BREAK, export_run
+
+    model, _, run_dir = trained_tiny
+    folder = export_run(run_dir, tmp_path / "export")
+    exported = TinyskipLM(job_for(checkpoint=None, model=ModelConfig(path=str(folder)),
+                                  max_length=32))           # (the run's training window)
+    doc = " = Title = \n the first game of the new season was played \n\n the band played \n"
+    assert exported.tok.encode(doc) == lm.tok.encode(doc)
+    rolling = [request("loglikelihood_rolling", (doc,))]
+    assert exported.loglikelihood_rolling(rolling) == pytest.approx(
+        lm.loglikelihood_rolling(rolling), rel=1e-6)
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config[LINE_BREAK]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    bos = TinyskipLM(job_for(checkpoint=None, model=ModelConfig(path=str(folder)), max_length=128))
+    assert bos.tok.bos_id == 1 == bos.prefix_token_id
+    context, cont = "The game was", " played in the first season"
+    (got, _), = bos.loglikelihood([request("loglikelihood", (context, cont))])
+    ctx = bos.tok.encode(context)
+    assert ctx[0] == 1 and ctx[1] != 1
+    ids = bos.tok.encode(context + cont)
+    assert got == pytest.approx(direct_logprob(model, ids, len(ids) - len(ctx))[0], rel=1e-5)
+    line = "the first game of the new season was played"
+    plain = bos.tok.encode(line, special=False)
+    whole, = bos.loglikelihood_rolling([request("loglikelihood_rolling", (line,))])
+    assert whole == pytest.approx(direct_logprob(model, [1] + plain, len(plain))[0], rel=1e-5)

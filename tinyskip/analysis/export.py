@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..atomic import write_json_atomic, write_text_atomic
-from ..config import UserError
+from ..config import UserError, first_line
 from ..jobs import ExportJob
 from ..model.transformer import Transformer
 from ..runtime import DTYPES, pick_device
@@ -139,8 +139,10 @@ def push(folder: Path, repo_id: str) -> str:
         api.create_repo(repo_id, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder,
                                    allow_patterns=upload_files(folder),
+                                   # a file an earlier push left (an exits/ folder this export
+                                   # lacks) would be loaded with this one's weights
+                                   delete_patterns="*",
                                    commit_message=f"tinyskip export {folder.name}")
     except Exception as e:  # network, authentication, permissions: all one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot upload {folder} as {repo_id} to the Hub: {reason}")
+        raise UserError(f"cannot upload {folder} as {repo_id} to the Hub: {first_line(e)}")
     return commit.commit_url

@@ -50,6 +50,7 @@ def job_from_args(options: dict) -> HarnessJob:
 
 @register_model("tinyskip")
 class TinyskipLM(TemplateLM):
+    # (max_batch_size: the harness passes it; batches are batch_size windows here)
     def __init__(self, job: Optional[HarnessJob] = None, max_batch_size=None, **options):
         super().__init__()
         self.job = job or job_from_args(options)
@@ -63,6 +64,10 @@ class TinyskipLM(TemplateLM):
         self.steps = Steps(self.model, compile=self.job.compile)
         self.exit = self.spec.exit_layer if self.spec.mode == "static" else self.model.num_layers
         self.max_length = self.job.max_length or trained_seq_len(self.loaded)
+        ctx = self.model.config.max_position_embeddings
+        if self.max_length > ctx:
+            raise UserError(f"max_length={self.max_length}: longer than the model's context "
+                            f"(max_position_embeddings={ctx})")
         # What the mode spent, for the report's tokens/s (scoring and generating apart).
         self.stats = DecodeStats()
         self.scored_tokens, self.scoring_s = 0, 0.0
@@ -84,7 +89,9 @@ class TinyskipLM(TemplateLM):
         return str(self.loaded.source)
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-        return self.tok.encode(string, special=bool(add_special_tokens))
+        """None (a context): the tokenizer's own rules decide, as for the harness's
+        Hugging Face models (a Llama tokenizer puts BOS before it)."""
+        return self.tok.encode(string, special=add_special_tokens is not False)
 
     def tok_decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
@@ -101,8 +108,10 @@ class TinyskipLM(TemplateLM):
         self._check_scoring()
         windows, owner = [], []
         for i, (text,) in enumerate(req.args for req in requests):
-            for window in get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id,
-                                                    self.max_length, context_len=1):
+            # The text alone: the prefix token (BOS where the tokenizer adds one) comes first.
+            ids = self.tok_encode(text, add_special_tokens=False)
+            for window in get_rolling_token_windows(ids, self.prefix_token_id, self.max_length,
+                                                    context_len=1):
                 context, target = make_disjoint_window(window)
                 windows.append((None, context, target))
                 owner.append(i)
@@ -118,6 +127,10 @@ class TinyskipLM(TemplateLM):
         """(log p(continuation | context), whether it is the greedy continuation) per
         request, scored in batches of similar length (longest first)."""
         self._check_scoring()
+        for _, _, target in requests:
+            if len(target) > self.max_length:
+                raise UserError(f"a continuation of {len(target)} tokens is longer than the "
+                                f"scoring window, max_length={self.max_length}")
         t0 = time.perf_counter()
         # Each row: the last max_length + 1 tokens; its continuation is scored at the end.
         rows = [(context + target)[-(self.max_length + 1):] for _, context, target in requests]
@@ -178,12 +191,15 @@ class TinyskipLM(TemplateLM):
                 raise UserError(f"max_gen_toks={n}: leaves no room for a prompt in the model's "
                                 f"context of {self.model.config.max_position_embeddings} "
                                 "tokens (gen_kwargs=max_gen_toks=N caps it)")
-            ids = self.tok.encode(context)[-room:]
+            # An empty context starts from the prefix token, as scoring's empty contexts do.
+            ids = self.tok.encode(context)[-room:] or [self.prefix_token_id]
             prompt = torch.tensor([ids], dtype=torch.long, device=self._device)
             gen = decode(self.model, prompt, n, self.spec, self._sampling(kwargs), eos,
                          generator, self.draft_ids, self.steps)
             self.stats = self.stats + gen.stats
-            text = continuation(self.tok, ids, gen.tokens[0])
+            # The text without the stop token (an EOS that ends a tinyskip line is not "\n"
+            # here: the harness's own models drop EOS), cut at the task's stop strings.
+            text = continuation(self.tok, ids, [t for t in gen.tokens[0] if t not in eos])
             for stop in until:
                 text = text.split(stop)[0] if stop else text
             self.cache_hook.add_partial("generate_until", req.args, text)

@@ -8,15 +8,10 @@ import difflib
 import json
 import logging
 
-from ..config import UserError
+from ..config import UserError, first_line
 from ..jobs import HarnessJob
 from ..storage.loading import run_data_config
 from .harness_tasks import TASKS, task_configs
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def task_manager(job: HarnessJob):
@@ -35,14 +30,26 @@ def task_manager(job: HarnessJob):
     return manager
 
 
-def build_tasks(job: HarnessJob, data, manager) -> dict:
-    """The tasks a job names (groups: their tasks), built with their data loaded, by
-name; local ones read ``data``."""
+def task_specs(job: HarnessJob, data, manager) -> list:
+    """What ``simple_evaluate`` is given for the tasks a job names: names, and the local
+    tasks' configs reading ``data``. Each is built here once first (the harness builds it
+    again, from its cache), so that data that cannot load is one line, and so that
+    ``mode=dee`` is refused on likelihood tasks before any is scored."""
+    from .harness_lm import LIKELIHOOD
+
     local = task_configs(data)
+    specs = [local.get(name, name) for name in job.tasks]
     try:
-        return manager.load([local.get(name, name) for name in job.tasks])["tasks"]
+        tasks = manager.load(specs)["tasks"]
     except Exception as e:  # the data of a task: Hub download, missing split, bad folder
-        raise UserError(f"tasks={job.tasks}: cannot load their data ({_first_line(e)})")
+        raise UserError(f"tasks={job.tasks}: cannot load their data "
+                        f"({type(e).__name__}: {first_line(e)})")
+    scored = sorted(name for name, task in tasks.items() if task.OUTPUT_TYPE in LIKELIHOOD)
+    if scored and job.mode == "dee":
+        raise UserError(f"mode=dee cannot drive {', '.join(scored)}: likelihood tasks are "
+                        "scored teacher-forced, where DEE's exits are not DEE's (run them with "
+                        "mode=full or mode=static exit_layer=E; DEE runs generate_until tasks)")
+    return specs
 
 
 def run_harness(job: HarnessJob) -> dict:
@@ -51,18 +58,14 @@ def run_harness(job: HarnessJob) -> dict:
         from lm_eval import simple_evaluate
     except ImportError:
         raise UserError("tinyskip.harness needs lm-evaluation-harness: pip install -e '.[eval]'")
-    from .harness_lm import LIKELIHOOD, TinyskipLM
+    from .harness_lm import TinyskipLM
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)   # its INFO lines drown the table
     manager = task_manager(job)
     lm = TinyskipLM(job)
-    tasks = build_tasks(job, run_data_config(lm.loaded.run_dir, job.data), manager)
-    scored = sorted(name for name, task in tasks.items() if task.OUTPUT_TYPE in LIKELIHOOD)
-    if scored and job.mode == "dee":
-        raise UserError(f"mode=dee cannot drive {', '.join(scored)}: likelihood tasks are "
-                        "scored teacher-forced, where DEE's exits are not DEE's (run them with "
-                        "mode=full or mode=static exit_layer=E; DEE runs generate_until tasks)")
-    out = simple_evaluate(model=lm, tasks=list(tasks.values()), num_fewshot=job.num_fewshot,
+    specs = task_specs(job, run_data_config(lm.loaded.run_dir, job.data), manager)
+    # Names, not built tasks: a group's own scores (an average over its tasks) need its name.
+    out = simple_evaluate(model=lm, tasks=specs, num_fewshot=job.num_fewshot,
                           limit=job.limit, bootstrap_iters=job.bootstrap_iters,
                           gen_kwargs=job.gen_kwargs, log_samples=False, task_manager=manager,
                           random_seed=job.seed, numpy_random_seed=job.seed,

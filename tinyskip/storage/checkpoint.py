@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import make_dirs, publish_dir, temp_dir
-from ..config import ModelConfig, UserError
+from ..config import ModelConfig, UserError, first_line
 from ..model.transformer import Transformer
 from .data import load_tokenizer
 
@@ -184,8 +184,7 @@ def load_train_state(ckpt: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types on a torn or foreign file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {ckpt}: train_state.pt is corrupted ({first})")
+        raise CheckpointError(f"checkpoint {ckpt}: train_state.pt is corrupted ({first_line(e)})")
     if not isinstance(state, dict) or not {"step", "optimizer"} <= set(state):
         raise CheckpointError(f"checkpoint {ckpt}: train_state.pt is corrupted (no step and "
                               "optimizer state)")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..atomic import make_dirs, publish_dir, publish_file, temp_dir
-from ..config import DataConfig, UserError
+from ..config import DataConfig, UserError, first_line
 
 # Bump when tokenisation or the array layout changes: it invalidates every cache.
 CODE_VERSION = 1
@@ -61,8 +61,8 @@ def load_lines(cfg: DataConfig) -> tuple[dict[str, list[str]], str]:
     try:
         ds = datasets.load_dataset(path, cfg.name)
     except Exception as e:  # datasets raises many types; all mean "cannot load this"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot load data.path={cfg.path!r} data.name={cfg.name!r}: {first}")
+        raise DataError(f"cannot load data.path={cfg.path!r} data.name={cfg.name!r}: "
+                        f"{first_line(e)}")
     missing = [s for s in SPLITS if s not in ds]
     if missing:
         raise DataError(f"data.path={cfg.path!r} has no split(s) {missing} (found {list(ds)})")
@@ -157,6 +157,21 @@ def encode_lines(sp, lines: list[str]) -> np.ndarray:
     flat = [t for row in ids for t in (*row, eos)]
     dtype = np.uint16 if sp.get_piece_size() < 2 ** 16 else np.int32
     return np.asarray(flat, dtype=dtype)
+
+
+def encode_text(encode_line, eos: int, text: str) -> list[int]:
+    """Any text as the corpus is encoded (``encode_lines``): each line stripped and
+    encoded by ``encode_line``, then EOS for each line break that ends a non-blank line;
+    blank lines add nothing. Prompts and harness documents that span lines read to the
+    model as its training text did."""
+    lines = text.split("\n")
+    ids: list[int] = []
+    for i, line in enumerate(lines):
+        if line.strip():
+            ids += encode_line(line.strip())
+            if i + 1 < len(lines):
+                ids.append(eos)
+    return ids
 
 
 def prepare_corpus(cfg: DataConfig, tokenizer_file: Optional[Path | str] = None) -> Corpus:

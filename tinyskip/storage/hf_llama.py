@@ -20,15 +20,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import publish_dir, temp_dir, write_json_atomic
-from ..config import ConfigError, ModelConfig, RopeScaling, UserError
+from ..config import ConfigError, ModelConfig, RopeScaling, UserError, first_line
 from ..model.transformer import Transformer
 from ..runtime import DTYPES
 from .checkpoint import load_model, read_json, resolve_checkpoint
-from .data import load_tokenizer
+from .data import encode_text, load_tokenizer
 from .gguf import gguf_folder, is_gguf
 from .sentencepiece_json import to_tokenizer
 
 PREFIX = "model."
+# tokenizer_config.json's key for the token a tinyskip model learnt line breaks as (EOS):
+# its tokenizer.json alone would encode a line break as an unknown piece.
+LINE_BREAK = "tinyskip_line_break_token"
 
 
 class HFConfigError(UserError):
@@ -134,8 +137,7 @@ def resolve_folder(path_or_id: str) -> Path:
             "tokenizer.model", "tokenizer_config.json", "generation_config.json",
             "exits/exit_modules.json", "calibration.json"]))
     except Exception as e:  # network, authentication, missing repository
-        raise HFConfigError(f"cannot download {path_or_id!r} from the Hub: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        raise HFConfigError(f"cannot download {path_or_id!r} from the Hub: {first_line(e)}")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -158,7 +160,7 @@ def _tensors(file: Path):
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
             raise HFConfigError(f"{file.name} was refused: it holds more than tensors and is "
-                                f"only read with weights_only=True ({str(e).splitlines()[0]})")
+                                f"only read with weights_only=True ({first_line(e)})")
         yield from state.items()
         return
     with safe_open(str(file), framework="pt") as f:
@@ -209,12 +211,14 @@ class HFTokenizer:
 
     A tokenizer.json adds special tokens (BOS or none) with its own post-processor, as
     transformers does; a bare tokenizer.model is Llama's SentencePiece tokenizer, which
-    adds BOS unless its tokenizer_config.json says ``add_bos_token: false``.
+    adds BOS unless its tokenizer_config.json says ``add_bos_token: false``. A tinyskip
+    export's tokenizer_config.json names the token its model learnt line breaks as
+    (``LINE_BREAK``: EOS), and text is then encoded line by line as its corpus was.
     """
 
     def __init__(self, folder: Path, cfg: ModelConfig):
         self.stops = frozenset(cfg.stop_ids)
-        self.bos = None
+        self.bos = self.line_break = None
         if (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
             try:
@@ -234,10 +238,18 @@ class HFTokenizer:
         if size > cfg.vocab_size:
             raise HFConfigError(f"{folder}: the tokenizer has {size} tokens, more than the "
                                 f"model's vocab_size={cfg.vocab_size}")
+        tok_cfg = folder / "tokenizer_config.json"
+        line_break = read_json(tok_cfg).get(LINE_BREAK) if tok_cfg.is_file() else None
+        if line_break is not None:
+            self.line_break = (self.tok.token_to_id(line_break) if self.kind == "json"
+                               else self.tok.piece_to_id(line_break))
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; with ``special`` (a prompt), the special tokens the
         tokenizer's own rules add around it (BOS or none)."""
+        if self.line_break is not None and "\n" in text:
+            return encode_text(lambda line: self.encode(line, special=False), self.line_break,
+                               text)
         if self.kind == "json":
             return self.tok.encode(text, add_special_tokens=special).ids
         return ([self.bos] if special and self.bos is not None else []) + self.tok.encode(text)
@@ -307,7 +319,8 @@ def _export_tokenizer(tokenizer_file: Path, folder: Path) -> None:
     write_json_atomic(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
         "add_eos_token": False, "bos_token": sp.id_to_piece(sp.bos_id()),
-        "eos_token": sp.id_to_piece(sp.eos_id()), "unk_token": sp.id_to_piece(sp.unk_id())})
+        "eos_token": sp.id_to_piece(sp.eos_id()), "unk_token": sp.id_to_piece(sp.unk_id()),
+        LINE_BREAK: sp.id_to_piece(sp.eos_id())})
 
 
 def export_run(path: Path | str, out: Path | str, dtype: str = "float32") -> Path:

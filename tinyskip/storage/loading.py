@@ -24,7 +24,7 @@ from ..model.quantize import quantize_int8
 from ..model.transformer import Transformer
 from ..runtime import DTYPES, check_runs
 from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
-from .data import load_tokenizer, prepare_corpus
+from .data import encode_text, load_tokenizer, prepare_corpus
 from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
                               read_exit_meta)
 from .hf_llama import HFTokenizer, load_hf_llama
@@ -65,10 +65,8 @@ def trained_seq_len(loaded: "Loaded") -> int:
 class SentencePieceTokenizer:
     """A tinyskip checkpoint's tokenizer (trained without BOS).
 
-    Text is encoded the way the training data was (``data.encode_lines``): each line
-    stripped, and EOS for each line break after a non-blank line (the model predicts line
-    ends as EOS and never saw blank lines), so multi-line text (a harness document) reads
-    to the model as its corpus did. No special token is added around the text.
+    Text is encoded the way the training data was (``data.encode_text``: a line break is
+    the EOS the model predicts at each line's end). No special token is added around it.
     """
 
     bos_id = None                     # nothing goes before a text: no BOS in training
@@ -78,14 +76,7 @@ class SentencePieceTokenizer:
         self.sp = load_tokenizer(path)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
-        lines = text.split("\n")
-        ids: list[int] = []
-        for i, line in enumerate(lines):
-            if line.strip():
-                ids += self.sp.encode(line.strip())
-                if i + 1 < len(lines):
-                    ids.append(self.sp.eos_id())
-        return ids
+        return encode_text(self.sp.encode, self.sp.eos_id(), text)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i != self.sp.eos_id()])
