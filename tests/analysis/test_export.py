@@ -106,6 +106,17 @@ def test_a_calibrated_export_loads_back_and_dee_reads_its_calibration(exported, 
     assert "\n" not in str(e.value)
 
 
+def test_a_calibration_made_for_other_weights_is_left_out(calibrated_run, tmp_path):
+    """A stale calibration (made before the weights changed) is never re-keyed onto them."""
+    run = tmp_path / "stale"
+    shutil.copytree(calibrated_run, run)
+    cal = json.loads((run / "calibration.json").read_text())
+    (run / "calibration.json").write_text(json.dumps({**cal, "weights_hash": "0" * 64}))
+    done = export(run, tmp_path / "out", "evaluate=false")
+    assert not (done.folder / "calibration.json").exists()
+    assert done.note.startswith("calibration left out:") and "other weights" in done.note
+
+
 def test_a_bfloat16_export_leaves_the_calibration_out_and_scores_the_rounded_weights(
         calibrated_run, tmp_path):
     done = export(calibrated_run, tmp_path / "bf16", "dtype=bfloat16", "eval_batches=1")
