@@ -10,7 +10,9 @@ decoders take one sequence: prompts of different lengths would need ragged posit
 and are cut at the first stop string. Scoring windows are batched (``batch_size``).
 
 The harness's own rolling windows (``get_rolling_token_windows``) split long documents:
-each token is scored once, with up to ``max_length`` tokens of context.
+each token is scored once, with up to ``max_length`` tokens of context (the run's
+training window by default). Generation is not held to that window: a prompt keeps as
+many of its last tokens as the model's context leaves beside ``max_gen_toks``.
 """
 
 from __future__ import annotations
