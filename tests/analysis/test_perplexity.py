@@ -80,3 +80,17 @@ def test_strided_evaluation_scores_each_token_once_in_its_window(tiny_model):
         assert math.isclose(ev["agreement"][e], agree[e] / 40, rel_tol=1e-6)
         assert math.isclose(ev["p_last_top"][e], p_top[e] / 40, rel_tol=1e-5)
     assert 0 < ev["agreement"][0] < 1
+
+
+def test_the_progress_total_counts_every_batch_of_windows():
+    """eval's progress bar ends at its total (the remainder window is one more batch)."""
+    from tinyskip.analysis.perplexity import window_batches
+    from tinyskip.storage.data import eval_windows
+
+    for n in (2, 33, 129, 1001):
+        for seq_len in (1, 4, 32, 128):
+            for batch_size in (1, 3, 16):
+                for stride in {None, 1, 3, seq_len} - ({3} if seq_len < 3 else set()):
+                    tokens = np.arange(n)
+                    count = sum(1 for _ in eval_windows(tokens, seq_len, batch_size, 0, stride))
+                    assert window_batches(n - 1, seq_len, batch_size, stride) == count

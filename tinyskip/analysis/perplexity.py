@@ -39,8 +39,9 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     n_tokens = 0
     batches = eval_windows(tokens, seq_len, batch_size, max_batches, stride)
     if progress:
-        total = math.ceil((tokens.size - 1) / (stride or seq_len) / batch_size)
-        batches = progress_bar(batches, total=max_batches or total, desc="eval")
+        batches = progress_bar(batches, total=max_batches or
+                               window_batches(tokens.size - 1, seq_len, batch_size, stride),
+                               desc="eval")
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         scored = y != IGNORE                                                 # (B, T)
@@ -68,3 +69,13 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     word_ppl = [math.exp(min(v / scored_words, 700.0)) for v in nll.tolist()]
     return {"loss": loss, "word_ppl": word_ppl, "agreement": (agree / n_tokens).tolist(),
             "p_last_top": (p_top / n_tokens).tolist(), "tokens": n_tokens}
+
+
+def window_batches(targets: int, seq_len: int, batch_size: int, stride: Optional[int]) -> int:
+    """How many batches ``eval_windows`` yields for a split of ``targets`` + 1 tokens."""
+    if stride is None:      # whole windows, then the remainder as one more batch
+        return math.ceil((targets // seq_len) / batch_size) + (targets % seq_len > 0)
+    T = min(seq_len, targets)
+    starts = (targets - T) // stride + 1
+    starts += ((starts - 1) * stride + T < targets)     # the window ending on the last target
+    return math.ceil(starts / batch_size)
