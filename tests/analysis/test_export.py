@@ -74,6 +74,7 @@ def test_the_card_has_hub_metadata_and_the_per_exit_test_numbers(exported, calib
     assert "| preset | `layerskip` |" in body
     assert "150 x batch 8 x seq_len 32 = 38,400 tokens" in body
     assert "4 layers, hidden 32, 4 heads (2 key/value), MLP 64, vocabulary 300," in body
+    assert "The model learnt each line end as `</s>`" in body     # which transformers cannot
     # The same numbers exit_perplexities gives on the same windows of the same test split.
     loaded = load_source(None, str(calibrated_run), "", None, CPU)
     corpus = prepare_corpus(run_data_config(loaded.run_dir, compose_job(

@@ -235,3 +235,7 @@ def test_an_export_scores_as_its_run_and_a_bos_tokenizer_puts_bos_first(trained_
     plain = bos.tok.encode(line, special=False)
     whole, = bos.loglikelihood_rolling([request("loglikelihood_rolling", (line,))])
     assert whole == pytest.approx(direct_logprob(model, [1] + plain, len(plain))[0], rel=1e-5)
+    config[LINE_BREAK] = "<no-such-token>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="'<no-such-token>' is not a token of the tokenizer"):
+        TinyskipLM(job_for(checkpoint=None, model=ModelConfig(path=str(folder))))

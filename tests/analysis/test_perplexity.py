@@ -91,6 +91,7 @@ def test_the_progress_total_counts_every_batch_of_windows():
         for seq_len in (1, 4, 32, 128):
             for batch_size in (1, 3, 16):
                 for stride in {None, 1, 3, seq_len} - ({3} if seq_len < 3 else set()):
-                    tokens = np.arange(n)
-                    count = sum(1 for _ in eval_windows(tokens, seq_len, batch_size, 0, stride))
-                    assert window_batches(n - 1, seq_len, batch_size, stride) == count
+                    for cap in (0, 1, 2, 50):
+                        count = sum(1 for _ in eval_windows(np.arange(n), seq_len, batch_size,
+                                                            cap, stride))
+                        assert window_batches(n - 1, seq_len, batch_size, stride, cap) == count

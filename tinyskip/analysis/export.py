@@ -86,7 +86,9 @@ def export_job(job: ExportJob) -> Exported:
         dtype=job.dtype, config=model.config,
         n_params=sum(p.numel() for p in model.parameters()),
         job=load_run_job(loaded.run_dir) if loaded.run_dir else None,
-        data=run_data_config(loaded.run_dir, job.data), calibration_note=note)
+        data=run_data_config(loaded.run_dir, job.data), calibration_note=note,
+        line_break=(loaded.tokenizer.sp.id_to_piece(loaded.tokenizer.sp.eos_id())
+                    if loaded.fmt == "tinyskip" else None))
 
     def fill(folder: Path) -> None:
         if loaded.fmt == "hf":

@@ -77,6 +77,9 @@ class TinyskipLM(TemplateLM):
     # -- what the harness asks of a tokenizer-backed LM ---------------------------------
     @property
     def eot_token_id(self) -> int:
+        if not self.tok.stop_ids():
+            raise UserError(f"{self.loaded.source} names no EOS token (eos_token_id): the "
+                            "harness needs one to end texts")
         return min(self.tok.stop_ids())
 
     @property

@@ -39,9 +39,8 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     n_tokens = 0
     batches = eval_windows(tokens, seq_len, batch_size, max_batches, stride)
     if progress:
-        batches = progress_bar(batches, total=max_batches or
-                               window_batches(tokens.size - 1, seq_len, batch_size, stride),
-                               desc="eval")
+        batches = progress_bar(batches, desc="eval", total=window_batches(
+            tokens.size - 1, seq_len, batch_size, stride, max_batches))
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         scored = y != IGNORE                                                 # (B, T)
@@ -71,11 +70,13 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
             "p_last_top": (p_top / n_tokens).tolist(), "tokens": n_tokens}
 
 
-def window_batches(targets: int, seq_len: int, batch_size: int, stride: Optional[int]) -> int:
+def window_batches(targets: int, seq_len: int, batch_size: int, stride: Optional[int],
+                   max_batches: int = 0) -> int:
     """How many batches ``eval_windows`` yields for a split of ``targets`` + 1 tokens."""
-    if stride is None:      # whole windows, then the remainder as one more batch
-        return math.ceil((targets // seq_len) / batch_size) + (targets % seq_len > 0)
+    if stride is None:      # whole windows, then (unless capped) the remainder as one more
+        whole = math.ceil((targets // seq_len) / batch_size)
+        return min(max_batches, whole) if max_batches else whole + (targets % seq_len > 0)
     T = min(seq_len, targets)
     starts = (targets - T) // stride + 1
     starts += ((starts - 1) * stride + T < targets)     # the window ending on the last target
-    return math.ceil(starts / batch_size)
+    return min(max_batches or math.inf, math.ceil(starts / batch_size))

@@ -86,7 +86,7 @@ def load_exit_modules(folder: Path, backbone, backbone_digest: str) -> ExitModul
         modules.load_state_dict(state)
     except Exception as e:  # safetensors' own errors, or tensors that do not fit
         raise CheckpointError(f"{folder / WEIGHTS} does not hold these exit modules "
-                              f"({str(e).strip().splitlines()[-1]})")
+                              f"({(str(e).strip().splitlines() or [type(e).__name__])[-1]})")
     return modules
 
 

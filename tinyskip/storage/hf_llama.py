@@ -239,10 +239,14 @@ class HFTokenizer:
             raise HFConfigError(f"{folder}: the tokenizer has {size} tokens, more than the "
                                 f"model's vocab_size={cfg.vocab_size}")
         tok_cfg = folder / "tokenizer_config.json"
-        line_break = read_json(tok_cfg).get(LINE_BREAK) if tok_cfg.is_file() else None
+        settings = read_json(tok_cfg) if tok_cfg.is_file() else {}
+        line_break = settings.get(LINE_BREAK) if isinstance(settings, dict) else None
         if line_break is not None:
             self.line_break = (self.tok.token_to_id(line_break) if self.kind == "json"
                                else self.tok.piece_to_id(line_break))
+            if self.line_break is None or self.encode(line_break, False) == []:
+                raise HFConfigError(f"{tok_cfg}: {LINE_BREAK}={line_break!r} is not a token "
+                                    "of the tokenizer")
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; with ``special`` (a prompt), the special tokens the

@@ -28,6 +28,8 @@ class CardFacts:
     exits: Optional[dict] = None       # exit_modules.json as exported
     calibration: Optional[dict] = None          # calibration.json as exported
     calibration_note: Optional[str] = None      # why a calibration the run has was left out
+    line_break: Optional[str] = None   # the token the model learnt line ends as (a tinyskip
+                                       # tokenizer), which its tokenizer.json cannot produce
 
 
 def hub_dataset(data: DataConfig) -> Optional[str]:
@@ -128,11 +130,17 @@ def loading(facts: CardFacts) -> list[str]:
     ref = facts.ref
     dee = ("mode=dee" if facts.calibration is not None else "mode=dee threshold=0.9")
     draft = max(1, facts.config.num_hidden_layers // 2)
-    return [
+    lines = [
         "With transformers (the last exit: plain decoding):", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'tokenizer = AutoTokenizer.from_pretrained("{ref}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{ref}")', "```", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{ref}")', "```", ""]
+    if facts.line_break:
+        lines += [f"The model learnt each line end as `{facts.line_break}` and never saw a "
+                  "blank line; the tokenizer alone encodes a line break as an unknown "
+                  f"piece. Encode text line by line (each line stripped, `{facts.line_break}` "
+                  "after it), as tinyskip does itself.", ""]
+    return lines + [
         "With tinyskip (every exit"
         + (", through the exit modules" if facts.exits is not None else "")
         + (", and the calibration" if facts.calibration is not None else "") + "):", "",
