@@ -151,6 +151,8 @@ CASES = [
     ("harness", ["run=tiny", "limit=0"], "limit=0.0: must be > 0"),
     ("harness", ["run=tiny", "tasks=[wikitext3]", DATA], "tasks: 'wikitext3' is not a harness task "
                                                          "(did you mean 'wikitext'?"),
+    ("harness", ["run=tiny", "data.path=/no/such/data"],
+     "tasks: cannot load the data of 'tinyskip_wikitext2' (FileNotFoundError:"),
     ("harness", ["run=tiny", "mode=dee", "threshold=0.5", DATA],
      "mode=dee cannot drive tinyskip_wikitext2: likelihood tasks are scored teacher-forced"),
 ]

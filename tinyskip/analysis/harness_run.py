@@ -30,26 +30,30 @@ def task_manager(job: HarnessJob):
     return manager
 
 
-def task_specs(job: HarnessJob, data, manager) -> list:
-    """What ``simple_evaluate`` is given for the tasks a job names: names, and the local
-    tasks' configs reading ``data``. Each is built here once first (the harness builds it
-    again, from its cache), so that data that cannot load is one line, and so that
-    ``mode=dee`` is refused on likelihood tasks before any is scored."""
+def build_tasks(job: HarnessJob, data, manager) -> list:
+    """The tasks a job names, built with their data loaded (local ones reading ``data``):
+    each name's top-level object, a group whole (so that its own scores, averages over
+    its tasks, are kept) and a tag as its tasks. ``mode=dee`` is refused here on
+    likelihood tasks, before any is scored."""
     from .harness_lm import LIKELIHOOD
 
     local = task_configs(data)
-    specs = [local.get(name, name) for name in job.tasks]
-    try:
-        tasks = manager.load(specs)["tasks"]
-    except Exception as e:  # the data of a task: Hub download, missing split, bad folder
-        raise UserError(f"tasks={job.tasks}: cannot load their data "
-                        f"({type(e).__name__}: {first_line(e)})")
-    scored = sorted(name for name, task in tasks.items() if task.OUTPUT_TYPE in LIKELIHOOD)
+    built, leaves = [], {}
+    for name in job.tasks:
+        try:
+            loaded = manager.load([local.get(name, name)])
+        except Exception as e:  # the data of a task: Hub download, missing split, bad folder
+            raise UserError(f"tasks: cannot load the data of {name!r} ({type(e).__name__}: "
+                            f"{first_line(e)})")
+        leaves.update(loaded["tasks"])
+        top = loaded["groups"].get(name) or loaded["tasks"].get(name)
+        built += [top] if top is not None else list(loaded["tasks"].values())
+    scored = sorted(n for n, task in leaves.items() if task.OUTPUT_TYPE in LIKELIHOOD)
     if scored and job.mode == "dee":
         raise UserError(f"mode=dee cannot drive {', '.join(scored)}: likelihood tasks are "
                         "scored teacher-forced, where DEE's exits are not DEE's (run them with "
                         "mode=full or mode=static exit_layer=E; DEE runs generate_until tasks)")
-    return specs
+    return built
 
 
 def run_harness(job: HarnessJob) -> dict:
@@ -63,9 +67,8 @@ def run_harness(job: HarnessJob) -> dict:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)   # its INFO lines drown the table
     manager = task_manager(job)
     lm = TinyskipLM(job)
-    specs = task_specs(job, run_data_config(lm.loaded.run_dir, job.data), manager)
-    # Names, not built tasks: a group's own scores (an average over its tasks) need its name.
-    out = simple_evaluate(model=lm, tasks=specs, num_fewshot=job.num_fewshot,
+    tasks = build_tasks(job, run_data_config(lm.loaded.run_dir, job.data), manager)
+    out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=job.num_fewshot,
                           limit=job.limit, bootstrap_iters=job.bootstrap_iters,
                           gen_kwargs=job.gen_kwargs, log_samples=False, task_manager=manager,
                           random_seed=job.seed, numpy_random_seed=job.seed,
