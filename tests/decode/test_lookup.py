@@ -86,3 +86,18 @@ def test_a_repeat_inside_the_prompt_drafts_the_first_round(tiny_config):
     assert gen.stats.lookup_rounds >= 1 and gen.stats.drafted >= 1
     assert gen.tokens == generate(model, prompt, 3).tokens
 
+
+
+def test_lookup_finds_repeats_in_the_generated_text(tiny_config):
+    """A prompt without repeats whose greedy continuation loops: the lookup rounds come
+    from what was generated, so the context lookup reads must grow with every round."""
+    from tinyskip.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    prompt = torch.arange(10, 20)[None]              # no token repeats
+    full = generate(model, prompt, 40).tokens[0]
+    pairs = list(zip(full, full[1:]))
+    assert len(set(pairs)) < len(pairs)              # the continuation repeats itself
+    gen = ssd_generate(model, prompt, 40, SSDConfig(2, 2, ngram=2))
+    assert gen.tokens[0] == full and gen.stats.lookup_rounds > 0

@@ -191,3 +191,19 @@ def test_a_non_contiguous_weight_keeps_its_other_path(tiny_config):
         assert not cpu_matvec.takes(x, w, None)
         assert cpu_matvec.takes(x, w.contiguous(), None) == fast(torch.bfloat16)
 
+
+
+def test_more_than_max_rows_keep_their_other_path(tiny_config):
+    # A long prefill is a matrix product: ATen's GEMM gains there, measured (cpu_matvec.py).
+    model = Transformer(tiny_config()).to(torch.bfloat16)
+    cpu_matvec.enable_for(model)
+    w = model.lm_head.weight
+    rows = cpu_matvec.MAX_ROWS
+    with torch.no_grad():
+        assert not cpu_matvec.takes(torch.randn(1, rows + 1, 32, dtype=torch.bfloat16), w, None)
+        assert not cpu_matvec.takes(torch.randn(2, rows, 32, dtype=torch.bfloat16), w, None)
+        assert cpu_matvec.takes(torch.randn(1, rows, 32, dtype=torch.bfloat16), w, None) == \
+            fast(torch.bfloat16)
+        # One row per sequence (decoding steps) at any batch.
+        assert cpu_matvec.takes(torch.randn(16, 1, 32, dtype=torch.bfloat16), w, None) == \
+            fast(torch.bfloat16)
