@@ -227,14 +227,14 @@ class HarnessJob(InferJob):
     batch_size: int = 8                       # scored windows per forward pass
     max_length: Optional[int] = None          # scoring window (None: the run's training
                                               # seq_len, else the model's context)
-    gen_kwargs: Optional[str] = None          # "max_gen_toks=32,...": over the tasks' own
+    gen_kwargs: Optional[str] = None          # 'max_gen_toks=32,...' (quoted): over the tasks' own
     bootstrap_iters: int = 1000               # the harness's standard errors (0 = none)
 
     def __post_init__(self) -> None:
         for name in ("prompt", "prompts_file", "max_new_tokens"):
             if getattr(self, name) is not None:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: harness tasks give the "
-                                  "prompts and lengths (gen_kwargs=max_gen_toks=N caps them)")
+                                  "prompts and lengths (gen_kwargs='max_gen_toks=N' caps them)")
         super().__post_init__()
         if not self.tasks:
             raise ConfigError("tasks=[]: give at least one task")
@@ -245,10 +245,31 @@ class HarnessJob(InferJob):
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
         if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length={self.max_length}: must be >= 2 (null = the "
-                              "model's context)")
+            raise ConfigError(f"max_length={self.max_length}: must be >= 2 (null = the run's "
+                              "training seq_len)")
         if self.bootstrap_iters < 0:
             raise ConfigError(f"bootstrap_iters={self.bootstrap_iters}: must be >= 0")
+        check_gen_kwargs(self.gen_kwargs)
+
+
+def check_gen_kwargs(text: Optional[str]) -> None:
+    """``gen_kwargs="max_gen_toks=32,temperature=0"`` (the harness's KEY=VALUE list): the
+    options the decoders read checked before a model loads; the others are the harness's."""
+    for item in filter(None, (text or "").split(",")):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
+            raise ConfigError(f"gen_kwargs: {item!r} is not KEY=VALUE")
+        if key == "max_gen_toks" and not (value.isdigit() and int(value) >= 1):
+            raise ConfigError(f"gen_kwargs: max_gen_toks={value!r}: must be an integer >= 1")
+        if key == "do_sample" and value.lower() not in ("true", "false"):
+            raise ConfigError(f"gen_kwargs: do_sample={value!r}: must be true or false")
+        if key == "temperature":
+            try:
+                temperature = float(value)
+            except ValueError:
+                raise ConfigError(f"gen_kwargs: temperature={value!r}: must be a number")
+            SamplingConfig(temperature)
 
 
 @dataclass

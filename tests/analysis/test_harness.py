@@ -239,3 +239,18 @@ def test_an_export_scores_as_its_run_and_a_bos_tokenizer_puts_bos_first(trained_
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="'<no-such-token>' is not a token of the tokenizer"):
         TinyskipLM(job_for(checkpoint=None, model=ModelConfig(path=str(folder))))
+
+
+def test_throughput_counts_what_was_scored_and_generated(job_for):
+    """The report's tokens/s (docs/results/harness.md): generated tokens over decoding
+    time, compiling not counted; scored tokens over scoring time."""
+    fresh = TinyskipLM(job_for())
+    fresh.generate_until([request("generate_until", ("The band", {"max_gen_toks": 5}))])
+    fresh.loglikelihood([request("loglikelihood", ("The band", " played in the game"))])
+    t, s = fresh.throughput(), fresh.stats
+    assert t["new_tokens"] == s.new_tokens > 0
+    assert t["generation_tokens_per_s"] == pytest.approx(s.new_tokens / s.decode_s)
+    n = len(fresh.tok.encode("The band played in the game", special=False)) - \
+        len(fresh.tok.encode("The band", special=False))
+    assert t["scored_tokens"] == fresh.scored_tokens == n
+    assert t["scoring_tokens_per_s"] == pytest.approx(n / fresh.scoring_s)

@@ -149,6 +149,10 @@ CASES = [
     # lm-evaluation-harness: tasks it does not know, modes it cannot drive.
     ("harness", ["run=tiny", "prompt=hi"], "prompt='hi': harness tasks give the prompts"),
     ("harness", ["run=tiny", "limit=0"], "limit=0.0: must be > 0"),
+    ("harness", ["run=tiny", "gen_kwargs='temperature=abc'"],
+     "gen_kwargs: temperature='abc': must be a number"),
+    ("harness", ["run=tiny", "gen_kwargs='max_gen_toks=-5'"],
+     "gen_kwargs: max_gen_toks='-5': must be an integer >= 1"),
     ("harness", ["run=tiny", "tasks=[wikitext3]", DATA], "tasks: 'wikitext3' is not a harness task "
                                                          "(did you mean 'wikitext'?"),
     ("harness", ["run=tiny", "data.path=/no/such/data"],

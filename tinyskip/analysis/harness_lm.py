@@ -70,6 +70,14 @@ class TinyskipLM(TemplateLM):
         if self.max_length > ctx:
             raise UserError(f"max_length={self.max_length}: longer than the model's context "
                             f"(max_position_embeddings={ctx})")
+        if not self.tok.stop_ids():
+            raise UserError(f"{self.loaded.source} names no EOS token (eos_token_id): the "
+                            "harness needs one to end texts")
+        # What a text is scored after: the tokenizer's BOS where its rules add one, else EOS
+        # (a tinyskip corpus: each line follows the previous line's EOS). Found once: the
+        # harness asks for it per request.
+        bos = self.tok.bos_id
+        self._prefix = min(self.tok.stop_ids()) if bos is None else bos
         # What the mode spent, for the report's tokens/s (scoring and generating apart).
         self.stats = DecodeStats()
         self.scored_tokens, self.scoring_s = 0, 0.0
@@ -77,17 +85,11 @@ class TinyskipLM(TemplateLM):
     # -- what the harness asks of a tokenizer-backed LM ---------------------------------
     @property
     def eot_token_id(self) -> int:
-        if not self.tok.stop_ids():
-            raise UserError(f"{self.loaded.source} names no EOS token (eos_token_id): the "
-                            "harness needs one to end texts")
         return min(self.tok.stop_ids())
 
     @property
     def prefix_token_id(self) -> int:
-        """What a text is scored after: the tokenizer's BOS where its rules add one, else
-        EOS (a tinyskip corpus: each line follows the previous line's EOS)."""
-        bos = self.tok.bos_id
-        return self.eot_token_id if bos is None else bos
+        return self._prefix
 
     @property
     def tokenizer_name(self) -> str:
@@ -174,7 +176,7 @@ class TinyskipLM(TemplateLM):
         if temperature and self.cal_path is not None:
             raise UserError(f"a task asks for temperature={temperature}: calibration="
                             f"{str(self.cal_path)!r} certifies greedy decoding (give "
-                            "gen_kwargs=temperature=0, or threshold= for no guarantee)")
+                            "gen_kwargs='temperature=0', or threshold= for no guarantee)")
         return SamplingConfig(temperature, self.job.top_k, self.job.top_p)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -195,7 +197,7 @@ class TinyskipLM(TemplateLM):
             if room < 1:
                 raise UserError(f"max_gen_toks={n}: leaves no room for a prompt in the model's "
                                 f"context of {self.model.config.max_position_embeddings} "
-                                "tokens (gen_kwargs=max_gen_toks=N caps it)")
+                                "tokens (gen_kwargs='max_gen_toks=N' caps it)")
             # An empty context starts from the prefix token, as scoring's empty contexts do.
             ids = self.tok.encode(context)[-room:] or [self.prefix_token_id]
             prompt = torch.tensor([ids], dtype=torch.long, device=self._device)
