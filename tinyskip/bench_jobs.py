@@ -137,3 +137,39 @@ class TrainBenchJob:
         if self.warmup < 0 or self.threads < 0:
             raise ConfigError(f"warmup={self.warmup}, threads={self.threads}: must be >= 0")
         check_out(self)
+
+
+@dataclass
+class GpuCheckJob:
+    """``python -m tinyskip.gpu_check``: the GPU tests and a short benchmark of an
+    8B-shaped Llama (random weights, or real ones through ``model=hf_llama model.path=``),
+    one table (see analysis/gpu_check.py). Without CUDA it says so and stops."""
+
+    # A preset's shape with random weights (conf: model=llama3_8b), or real weights
+    # through the shim's meta-device load (model=hf_llama model.path=...).
+    model: ModelConfig = field(default_factory=ModelConfig)
+    device: str = "cuda"            # cpu: the same checks on the CPU (tests: a tiny preset)
+    dtype: str = "bfloat16"
+    n_prompts: int = 2              # the first compiles the graphs; decoding is timed on the rest
+    prompt_len: int = 64
+    max_new_tokens: int = 128
+    draft_layer: int = 8
+    k: int = 4
+    compile: bool = True            # false: eager rows only (the CPU test of the logic)
+    tests: bool = True              # pytest -m gpu first
+    fsdp: bool = True               # a few FSDP training steps on every GPU present
+    stream_mib: int = 4096          # the streaming read the bandwidth % divide by
+    seed: int = 0
+    out: Optional[str] = None       # the table's rows as JSON
+
+    def __post_init__(self) -> None:
+        check_dtype(self)
+        if self.device not in ("cuda", "cpu"):
+            raise ConfigError(f"device={self.device!r}: must be cuda or cpu")
+        for name in ("prompt_len", "max_new_tokens", "stream_mib"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.n_prompts < 2:
+            raise ConfigError(f"n_prompts={self.n_prompts}: must be >= 2 (the first one "
+                              "compiles, the others are timed)")
+        check_out(self)

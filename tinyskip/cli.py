@@ -27,13 +27,14 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingManda
                               OmegaConfBaseException, ValidationError)
 
 from .config import DEFAULT_RUN, UserError
-from .bench_jobs import BenchJob, TrainBenchJob
+from .bench_jobs import BenchJob, GpuCheckJob, TrainBenchJob
 from .jobs import CalibrateJob, EvaluateJob, ExportJob, HarnessJob, InferJob, TrainJob
 
 # Each entry point's primary config (conf/<entry>.yaml) is typed by its job schema.
 SCHEMAS: dict[str, type] = {"train": TrainJob, "evaluate": EvaluateJob, "infer": InferJob,
                             "harness": HarnessJob, "bench": BenchJob, "export": ExportJob,
-                            "calibrate": CalibrateJob, "train_bench": TrainBenchJob}
+                            "calibrate": CalibrateJob, "train_bench": TrainBenchJob,
+                            "gpu_check": GpuCheckJob}
 
 # Built from __file__ (not a relative config_path) so that imports from tests and console
 # scripts find it. conf/ lives beside the package: editable installs only.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tinyskip.cli import SCHEMAS
 from tinyskip.config import DataConfig, ModelConfig, RopeScaling
 from tinyskip.storage.data import load_lines, train_tokenizer
 from tinyskip.storage.hf_llama import config_to_hf
@@ -157,6 +158,12 @@ CASES = [
                                                          "(did you mean 'wikitext'?"),
     ("harness", ["run=tiny", "data.path=/no/such/data"],
      "tasks: cannot load the data of 'tinyskip_wikitext2' (FileNotFoundError:"),
+    ("train_bench", ["steps=0"], "steps=0: must be >= 1"),
+    ("gpu_check", ["device=tpu"], "device='tpu': must be cuda or cpu"),
+    ("gpu_check", ["device=cpu", "n_prompts=1"], "n_prompts=1: must be >= 2 (the first one "
+                                                 "compiles, the others are timed)"),
+    ("gpu_check", ["device=cpu", "model=l4_d64", "tests=false", "fsdp=false", "stream_mib=8"],
+     "draft_layer=8: must be in 1..4"),
     ("harness", ["run=tiny", "mode=dee", "threshold=0.5", DATA],
      "mode=dee cannot drive tinyskip_wikitext2: likelihood tasks are scored teacher-forced"),
 ]
@@ -247,7 +254,7 @@ def test_bad_input_is_one_error_line_with_exit_2_and_nothing_written(results, i)
 def test_enough_cases_across_every_entry_point():
     entries = [entry for entry, *_ in CASES]
     assert len(CASES) >= 30
-    assert {"train", "evaluate", "infer", "bench", "export", "calibrate", "harness"} == set(entries)
+    assert set(SCHEMAS) == set(entries)
 
 
 def test_a_huge_k_drafts_only_what_the_budget_allows(results):

@@ -132,11 +132,8 @@ class Steps:
     def _wrap(self, fn: Callable) -> Callable:
         # One graph per (kind, blocks, width): SSD's verify alone has k + 1 widths.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # On the CPU the graph's wrapper (the code that calls its kernels) is compiled C++
-        # too: a Python wrapper costs a few microseconds per kernel, as much as the kernels
-        # of a one-token step at d128.
-        options = {"cpp_wrapper": True} if self.model.lm_head.weight.device.type == "cpu" else None
-        compiled = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False,
+                                 **compile_options(self.model.lm_head.weight.device))
         state = {"fn": compiled}
 
         def call(*args):
@@ -190,6 +187,21 @@ class Steps:
     def _states(self, h, start, end, cache, input_pos, weight, scale, exit_kv):
         h = self.model.run_layers(h, start, end, cache, input_pos, exit_kv)
         return h, linear(self.model.exit_state(h, end, cache, input_pos), weight, scale=scale)
+
+
+def compile_options(device: torch.device) -> dict:
+    """How a decoding step compiles on ``device``. On the CPU the graph's wrapper (the code
+    that calls its kernels) is compiled C++ too: a Python wrapper costs a few microseconds
+    per kernel, as much as the kernels of a one-token step at d128. On a GPU the step is
+    replayed as a CUDA graph ("reduce-overhead"): one launch instead of hundreds, each of
+    which costs about as much as a small model's kernel. The graph's outputs live until the
+    step's next call, and every loop has consumed them by then; the cache's buffers are
+    mutated in place, so they are marked static (KVCache), or the graph would be skipped."""
+    if device.type == "cpu":
+        return {"options": {"cpp_wrapper": True}}
+    if device.type == "cuda":
+        return {"mode": "reduce-overhead"}
+    return {}
 
 
 def positions(pos: int, T: int, device) -> torch.Tensor:

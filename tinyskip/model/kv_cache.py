@@ -38,6 +38,12 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
         self.positions = torch.arange(max_seq_len, device=device)      # (S,) for masks
+        if self.positions.device.type == "cuda":
+            # Compiled steps replay as CUDA graphs there (decode/steps.py), which skip a
+            # graph whose inputs are mutated unless their addresses are fixed: a cache's
+            # buffers are, for its life (a new cache re-records the graph, not recompiles).
+            for buf in (*self.k, *self.v):
+                torch._dynamo.mark_static_address(buf)
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
 
