@@ -341,6 +341,7 @@ class CalibrateJob(CheckpointSource):
     quantize: str = "none"                    # int8: calibrate the int8 weights infer runs
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
+    model: Optional[ModelConfig] = None       # model=hf_llama model.path=...: a Hugging Face Llama
 
     def __post_init__(self) -> None:
         check_dtype(self)

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from tinyskip.calibration import ltt
 from tinyskip.calibration.run import calibrate
@@ -233,3 +234,35 @@ def test_dee_runs_the_decoder_the_calibration_certifies(calibrated, run_dir):
                           (["decay_tau=4"], "change the decoder the calibration file certifies")]:
         with pytest.raises(UserError, match=message):
             infer(compose_job("infer", base + args))
+
+
+def test_a_hugging_face_model_is_calibrated_on_its_own_tokenizer_and_dee_reads_it(
+        trained_tiny, wikitext_path, data_cache, tmp_path):
+    """calibrate model=hf_llama model.path=DIR: windows from each split's text through the
+    folder's tokenizer, the file beside the weights, keyed by their hash, where infer
+    mode=dee on the same folder finds it."""
+    from tinyskip.storage.data import load_lines
+    from tinyskip.storage.hf_llama import export_run
+    from tinyskip.storage.loading import load_source, split_ids
+
+    folder = export_run(trained_tiny[2], tmp_path / "hf")
+    data = [f"data.path={wikitext_path}", f"data.cache_dir={data_cache}", "data.max_rows=1000"]
+    source = ["model=hf_llama", f"model.path={folder}"]
+    result = calibrate(compose_job("calibrate", source + data + SMALL))
+    assert result["path"] == str(folder / "calibration.json")
+    job = compose_job("calibrate", source + data)
+    loaded = load_source(None, None, "checkpoints", job.model, torch.device("cpu"))
+    saved = json.loads((folder / "calibration.json").read_text())
+    assert saved["weights_hash"] == loaded.weights_hash()
+    # The windows are the folder's tokenizer's reading of the joined text.
+    ids = split_ids(job.data, loaded.tokenizer, ["validation"])["validation"]
+    text = " ".join(line.strip() for line in load_lines(job.data)[0]["validation"] if line.strip())
+    assert ids.tolist() == loaded.tokenizer.encode(text)
+    caches = [json.loads(f.read_text()) for f in (folder / ".calibration-cache").iterdir()]
+    prompts = [e["prompt"] for c in caches if json.loads(c["key"])["split"] == "validation"
+               for e in c["examples"]]
+    assert len(prompts) == 8
+    starts = {tuple(ids[i:i + 8].tolist()) for i in range(0, len(ids) - 8, 14)}
+    assert all(tuple(p) in starts for p in prompts)
+    rows = infer(compose_job("infer", source + data + ["mode=dee", "prompt=The game was"]))
+    assert rows[0]["calibration"] == str(folder / "calibration.json")

@@ -25,9 +25,9 @@ from ..decode import DecodeStats, ModeSpec, Steps, decode
 from ..decode.steps import cache_size
 from ..bench_jobs import BenchJob, precision, precision_name
 from ..runtime import pick_device, progress_bar
-from ..storage.data import load_lines
 from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
-                               exit_classifier_for, load_source, read_calibration, run_data_config)
+                               exit_classifier_for, load_source, read_calibration, run_data_config,
+                               split_ids)
 from .bandwidth import StreamRead, bytes_per_token
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
@@ -73,12 +73,6 @@ def calibrated_specs(job: BenchJob, loaded: Loaded) -> list[tuple[str, ModeSpec]
         spec.validate(loaded.model.num_layers)
         out.append((path, spec))
     return out
-
-
-def test_ids(data, tokenizer) -> list[int]:
-    """The test split as one token sequence."""
-    return tokenizer.encode(" ".join(line.strip() for line in load_lines(data)[0]["test"]
-                                     if line.strip()))
 
 
 def test_prompts(ids: list[int], job: BenchJob,
@@ -146,7 +140,8 @@ def benchmark(job: BenchJob) -> dict:
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype,
                          job.quantize)
     model = loaded.model
-    ids = test_ids(run_data_config(loaded.run_dir, job.data), loaded.tokenizer)
+    ids = split_ids(run_data_config(loaded.run_dir, job.data), loaded.tokenizer,
+                    ["test"])["test"].tolist()
     prompts, references = test_prompts(ids, job, device)
     L = model.num_layers
     ctx = model.config.max_position_embeddings

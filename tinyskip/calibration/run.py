@@ -12,21 +12,22 @@ import math
 from pathlib import Path
 
 from ..atomic import make_dirs, write_json_atomic
-from ..config import DEEConfig, UserError
+from ..config import DataConfig, DEEConfig, UserError
+from ..decode.steps import StopIds
 from ..jobs import CalibrateJob
 from ..model.exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, exit_examples,
                                      load_exit_classifier, save_exit_classifier,
                                      train_exit_classifier)
 from ..runtime import pick_device, progress_bar
-from ..storage.data import prepare_corpus
-from ..storage.loading import default_calibration, load_source, run_data_config
+from ..storage.data import SPLITS, prepare_corpus
+from ..storage.loading import Loaded, default_calibration, load_source, run_data_config, split_ids
 from . import ltt
 from .walk import (Example, decode_full, dee_losses, exit_confidences, sample_windows,
                    threshold_grid, walk_grid)
 
 
 def cached_examples(model, run_dir: Path, key: dict, windows, max_new_tokens: int,
-                    eos: int) -> list[Example]:
+                    eos: StopIds) -> list[Example]:
     """The full model's greedy outputs, decoded once per checkpoint and settings and kept
     in ``<run>/.calibration-cache/``."""
     folder = run_dir / ".calibration-cache"
@@ -61,11 +62,22 @@ def exit_classifier(model, run_dir: Path, train_tokens, exits: list[int], whash:
     return clf
 
 
+def splits_of(loaded: Loaded, data: DataConfig) -> tuple[dict, StopIds]:
+    """The token streams calibration samples windows from, and the stop tokens: a tinyskip
+    run's own training stream (cached), or, for a Hugging Face model, each split's text
+    through its tokenizer (its stop tokens, a list for Llama 3 instruct models)."""
+    if loaded.fmt == "hf":
+        return split_ids(data, loaded.tokenizer, list(SPLITS)), loaded.tokenizer.stop_ids()
+    corpus = prepare_corpus(data, loaded.tokenizer_file)
+    return corpus.tokens, corpus.eos_id
+
+
 def calibrate(job: CalibrateJob) -> dict:
     device = pick_device(job.device)
-    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, None, device,
+    loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device,
                          quantize=job.quantize)
-    run_dir, model = loaded.run_dir, loaded.model
+    # A Hugging Face model's results (the calibration, its cache) go beside its weights.
+    run_dir, model = loaded.run_dir or Path(loaded.source), loaded.model
     out = Path(job.out) if job.out else default_calibration(loaded)
     L = model.num_layers
     base = job.decoder()
@@ -78,25 +90,25 @@ def calibrate(job: CalibrateJob) -> dict:
         raise UserError(f"check_splits={job.check_splits} calibrates on halves of n_examples="
                         f"{job.n_examples}: need n_examples >= {2 * need} at delta={job.delta}, "
                         f"epsilon={job.epsilon}")
-    data = run_data_config(run_dir, job.data)
-    corpus = prepare_corpus(data, loaded.tokenizer_file)
-    eos, whash = corpus.eos_id, loaded.weights_hash()
+    data = run_data_config(loaded.run_dir, job.data)
+    tokens, eos = splits_of(loaded, data)
+    whash = loaded.weights_hash()
 
     def examples_of(split: str, n: int, seed: int):
-        windows = sample_windows(corpus.tokens[split], n, job.prompt_len, job.max_new_tokens, seed)
+        windows = sample_windows(tokens[split], n, job.prompt_len, job.max_new_tokens, seed)
         key = {"weights": whash, "split": split, "n": n, "prompt_len": job.prompt_len,
                "max_new_tokens": job.max_new_tokens, "seed": seed,
                "data": dataclasses.asdict(data)}
         return cached_examples(model, run_dir, key, windows, job.max_new_tokens, eos)
 
     exits = base.checked_exits(L)
-    classifier = (exit_classifier(model, run_dir, corpus.tokens["train"], exits, whash, job.seed)
+    classifier = (exit_classifier(model, run_dir, tokens["train"], exits, whash, job.seed)
                   if job.measure == "classifier" else None)
     cal = examples_of(job.split, job.n_examples, job.seed)
     # The grid: quantiles of the checked exits' confidences, teacher-forced on windows of
     # the train split (text that calibration never scores).
     grid_text = [Example(p, r, r) for p, r in sample_windows(
-        corpus.tokens["train"], 64, job.prompt_len, job.max_new_tokens, job.seed)]
+        tokens["train"], 64, job.prompt_len, job.max_new_tokens, job.seed)]
     grid = threshold_grid(exit_confidences(model, grid_text, job.measure, exits, classifier)[0],
                           job.measure, job.grid)
     walked = walk_grid(model, cal, base, grid, job.max_new_tokens, eos, job.loss, job.delta,
@@ -131,7 +143,7 @@ def calibrate(job: CalibrateJob) -> dict:
 
 
 def check_on(model, job: CalibrateJob, held_out: list[Example], base: DEEConfig,
-             thresholds: dict, eos: int, classifier=None) -> dict:
+             thresholds: dict, eos: StopIds, classifier=None) -> dict:
     """Loss, exits and speed of each calibrated threshold on a held-out split."""
     # Full decoding timed here, in the same process as the DEE rows it is compared with.
     windows = [(e.prompt, e.reference) for e in held_out]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..config import DEFAULT_RUN, DataConfig, ModelConfig, UserError
@@ -24,7 +25,7 @@ from ..model.quantize import quantize_int8
 from ..model.transformer import Transformer
 from ..runtime import DTYPES, check_runs
 from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
-from .data import encode_text, load_tokenizer, prepare_corpus
+from .data import encode_text, load_lines, load_tokenizer, prepare_corpus
 from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
                               read_exit_meta)
 from .hf_llama import HFTokenizer, load_hf_llama
@@ -51,6 +52,17 @@ def run_data_config(run_dir: Optional[Path], given: DataConfig) -> DataConfig:
         if value == getattr(default, name) and name in trained:
             fields[name] = trained[name]
     return DataConfig(**fields)
+
+
+def split_ids(data: DataConfig, tokenizer, splits: list[str]) -> dict[str, np.ndarray]:
+    """Each split's text as one token sequence through the model's own tokenizer: its
+    non-blank lines stripped and joined by spaces (what the benchmark's prompts and a
+    Hugging Face model's calibration windows come from; a tinyskip run reads its own
+    training stream instead, ``prepare_corpus``)."""
+    lines = load_lines(data)[0]
+    return {s: np.asarray(tokenizer.encode(" ".join(line.strip() for line in lines[s]
+                                                    if line.strip())), dtype=np.int64)
+            for s in splits}
 
 
 def trained_seq_len(loaded: "Loaded") -> int:
