@@ -461,6 +461,7 @@ def test_exit_modules_train_on_a_hugging_face_llama_through_the_shim(trained_tin
     torch.manual_seed(3)
     model = type(trained_tiny[0])(trained_tiny[0].config)          # random weights
     hf = export_hf(model, trained_tiny[2] / "checkpoint" / "tokenizer.model", tmp_path / "hf")
+    (hf / "tokenizer.model").unlink()       # tokenizer.json alone, as most Hub models ship
     data = [f"data.path={wikitext_path}", f"data.cache_dir={data_cache}", "data.max_rows=1000",
             "data.vocab_size=300"]
     job = compose_job("train", data + [
@@ -472,3 +473,13 @@ def test_exit_modules_train_on_a_hugging_face_llama_through_the_shim(trained_tin
     assert meta["backbone"]["format"] == "hf" and meta["backbone"]["path"] == str(hf.resolve())
     loaded = load_source("hf-exits", None, str(tmp_path), None, torch.device("cpu"))
     assert loaded.model.exit_modules.kind == "mlp" and loaded.model.exit_modules.exit_layers == [1, 2, 3]
+    # It trained on the corpus as the model reads it: each split through its tokenizer.
+    from tinyskip.storage.data import load_lines
+    from tinyskip.storage.loading import corpus_of
+
+    streams = corpus_of(loaded, job.data)
+    lines = load_lines(job.data)[0]["train"]
+    assert streams.tokens["train"].tolist() == loaded.tokenizer.encode(
+        " ".join(line.strip() for line in lines if line.strip()))
+    assert streams.stop == loaded.tokenizer.stop_ids()
+    assert streams.words["train"] == sum(len(line.split()) for line in lines)

@@ -12,15 +12,14 @@ import math
 from pathlib import Path
 
 from ..atomic import make_dirs, write_json_atomic
-from ..config import DataConfig, DEEConfig, UserError
+from ..config import DEEConfig, UserError
 from ..decode.steps import StopIds
 from ..jobs import CalibrateJob
 from ..model.exit_classifier import (FILE as CLASSIFIER_FILE, ExitClassifier, exit_examples,
                                      load_exit_classifier, save_exit_classifier,
                                      train_exit_classifier)
 from ..runtime import pick_device, progress_bar
-from ..storage.data import SPLITS, prepare_corpus
-from ..storage.loading import Loaded, default_calibration, load_source, run_data_config, split_ids
+from ..storage.loading import corpus_of, default_calibration, load_source, run_data_config
 from . import ltt
 from .walk import (Example, decode_full, dee_losses, exit_confidences, sample_windows,
                    threshold_grid, walk_grid)
@@ -62,16 +61,6 @@ def exit_classifier(model, run_dir: Path, train_tokens, exits: list[int], whash:
     return clf
 
 
-def splits_of(loaded: Loaded, data: DataConfig) -> tuple[dict, StopIds]:
-    """The token streams calibration samples windows from, and the stop tokens: a tinyskip
-    run's own training stream (cached), or, for a Hugging Face model, each split's text
-    through its tokenizer (its stop tokens, a list for Llama 3 instruct models)."""
-    if loaded.fmt == "hf":
-        return split_ids(data, loaded.tokenizer, list(SPLITS)), loaded.tokenizer.stop_ids()
-    corpus = prepare_corpus(data, loaded.tokenizer_file)
-    return corpus.tokens, corpus.eos_id
-
-
 def calibrate(job: CalibrateJob) -> dict:
     device = pick_device(job.device)
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device,
@@ -91,7 +80,8 @@ def calibrate(job: CalibrateJob) -> dict:
                         f"{job.n_examples}: need n_examples >= {2 * need} at delta={job.delta}, "
                         f"epsilon={job.epsilon}")
     data = run_data_config(loaded.run_dir, job.data)
-    tokens, eos = splits_of(loaded, data)
+    streams = corpus_of(loaded, data)
+    tokens, eos = streams.tokens, streams.stop
     whash = loaded.weights_hash()
 
     def examples_of(split: str, n: int, seed: int):

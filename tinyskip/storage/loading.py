@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from ..model.quantize import quantize_int8
 from ..model.transformer import Transformer
 from ..runtime import DTYPES, check_runs
 from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
-from .data import encode_text, load_lines, load_tokenizer, prepare_corpus
+from .data import SPLITS, encode_text, load_lines, load_tokenizer, prepare_corpus
 from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
                               read_exit_meta)
 from .hf_llama import HFTokenizer, load_hf_llama
@@ -55,14 +55,41 @@ def run_data_config(run_dir: Optional[Path], given: DataConfig) -> DataConfig:
 
 
 def split_ids(data: DataConfig, tokenizer, splits: list[str]) -> dict[str, np.ndarray]:
-    """Each split's text as one token sequence through the model's own tokenizer: its
-    non-blank lines stripped and joined by spaces (what the benchmark's prompts and a
-    Hugging Face model's calibration windows come from; a tinyskip run reads its own
-    training stream instead, ``prepare_corpus``)."""
+    """Each split's text as one token sequence through the model's own tokenizer (what the
+    benchmark's prompts come from, and how a Hugging Face model reads the corpus:
+    ``corpus_of``)."""
     lines = load_lines(data)[0]
-    return {s: np.asarray(tokenizer.encode(" ".join(line.strip() for line in lines[s]
-                                                    if line.strip())), dtype=np.int64)
-            for s in splits}
+    return {s: _joined_ids(tokenizer, lines[s]) for s in splits}
+
+
+def _joined_ids(tokenizer, lines: list[str]) -> np.ndarray:
+    """The non-blank lines stripped, joined by spaces, and encoded at once."""
+    return np.asarray(tokenizer.encode(" ".join(line.strip() for line in lines if line.strip())),
+                      dtype=np.int64)
+
+
+@dataclass
+class TokenStreams:
+    """A corpus as a model reads it: every split's tokens, its words (for word-level
+    perplexity), and the tokens that end a generation."""
+
+    tokens: dict[str, np.ndarray]
+    words: dict[str, int]
+    stop: Union[int, frozenset[int]]      # one EOS id, or a set of stop ids
+
+
+def corpus_of(loaded: "Loaded", data: DataConfig) -> TokenStreams:
+    """A tinyskip run reads its own training stream (``prepare_corpus``: a line break is
+    EOS, cached); a Hugging Face model reads each split's text through its own tokenizer
+    (``split_ids``), whatever tokenizer files its folder holds, and stops at its own stop
+    tokens (a list for Llama 3 instruct models)."""
+    if loaded.fmt == "hf":
+        lines = load_lines(data)[0]
+        return TokenStreams({s: _joined_ids(loaded.tokenizer, lines[s]) for s in SPLITS},
+                            {s: sum(len(line.split()) for line in lines[s]) for s in SPLITS},
+                            loaded.tokenizer.stop_ids())
+    corpus = prepare_corpus(data, loaded.tokenizer_file)
+    return TokenStreams(corpus.tokens, corpus.words, corpus.eos_id)
 
 
 def trained_seq_len(loaded: "Loaded") -> int:

@@ -30,9 +30,9 @@ from ..model.exit_modules import ExitModules, check_exit_layers
 from ..model.transformer import Transformer
 from ..runtime import autocast, pick_device, progress_bar
 from ..storage.checkpoint import CHECKPOINT, CheckpointError, load_train_state, run_folder
-from ..storage.data import get_batch, prepare_corpus
+from ..storage.data import get_batch
 from ..storage.exit_checkpoint import EXITS, exits_folder, load_exit_modules, save_exit_modules
-from ..storage.loading import Loaded, load_backbone, run_data_config
+from ..storage.loading import Loaded, corpus_of, load_backbone, run_data_config
 from ..tb_log import ScalarLog, eval_scalars, require_tensorboard
 from .distributed import init_distributed, rank_mean
 from .hidden_cache import cache_key, cache_meta, open_or_build
@@ -86,10 +86,6 @@ def _backbone(job: TrainJob, device) -> tuple[Loaded, dict]:
         loaded = load_backbone(job.model.path, "hf", device, "bfloat16" if device.type == "cuda"
                                else "float32")
         fmt = "hf"
-        if loaded.tokenizer_file is None:
-            raise ConfigError(f"model.path={job.model.path!r}: exit-module training tokenizes "
-                              "WikiText with the model's tokenizer.model (SentencePiece); this "
-                              "folder has only tokenizer.json")
     elif tc.backbone:
         folder = Path(tc.backbone)
         if not folder.exists():
@@ -151,7 +147,7 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
         modules = ExitModules(model.config, exits, tc.exit_kind).init_from(model)
     model.attach_exit_modules(modules, cast=False)     # fp32 master weights under autocast
     modules.train()
-    corpus = prepare_corpus(data, loaded.tokenizer_file)
+    corpus = corpus_of(loaded, data)
     optimizer = make_optimizer(modules, tc)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
