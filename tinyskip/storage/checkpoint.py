@@ -8,6 +8,8 @@ training config) and ``checkpoint/``, the folder every other entry point loads:
     checkpoint/tokenizer.model    SentencePiece tokenizer
     checkpoint/train_state.pt     step, optimizer and RNG state (tensors only)
 
+(a ``train.parallel=fsdp`` run's checkpoint adds its shards: sharded_checkpoint.py)
+
 A save writes a complete new folder beside the old one and swaps it in with renames,
 so a crash at any moment leaves either the old or the new checkpoint, never a mix.
 Nothing is unpickled: weights come from safetensors and the training state is read
