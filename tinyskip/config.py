@@ -231,6 +231,9 @@ class TrainConfig:
     exit_cache_dir: Optional[str] = None      # offline: this folder (default: keyed, shared)
     # Runtime.
     device: str = "auto"
+    # Data parallelism under torchrun: ddp replicates the model on every rank; fsdp shards
+    # the trained weights and their optimizer state (FSDP2, training/sharding.py).
+    parallel: str = "ddp"
     bf16: bool = True
     compile: bool = False
     eval_every: int = 500
@@ -264,6 +267,7 @@ class TrainConfig:
         _choice(self, "exit_weighting", ("none", "uniform", "linear", "calm", "sum_l", "layerskip"))
         _choice(self, "curriculum", ("none", "rotational", "gradual"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
+        _choice(self, "parallel", ("ddp", "fsdp"))
         _choice(self, "exit_kind", EXIT_MODULE_KINDS)
         _choice(self, "exit_cache", ("online", "offline"))
         if self.kl_weight < 0 or self.ce_weight < 0:

@@ -1,6 +1,7 @@
 """Run many entry-point invocations from one Python start-up (tests/test_bad_input.py).
 
 ``python entry_runner.py CASES.json RESULTS.json``: each case ``{"entry", "args", "cwd"}``
+(and optionally ``"env"``, variables added to its environment)
 runs in a forked child exactly as ``python -m tinyskip.<entry> <args>`` would (the module
 runs as ``__main__`` with ``sys.argv`` set, in ``cwd``, with stdin empty), so its exit
 status, stdout and stderr are its own. Only the interpreter start-up and the imports are
@@ -55,6 +56,7 @@ def run_case(case: dict) -> dict:
         code = 0
         try:
             os.chdir(case["cwd"])
+            os.environ.update(case.get("env", {}))     # e.g. what torchrun gives a rank
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)

@@ -30,10 +30,18 @@ DATA = "<the tiny run's data overrides>"
 
 
 class Train:
-    """Training overrides of the tiny run (as trained_tiny made it), with changes."""
+    """Training overrides of the tiny run (as trained_tiny made it), with changes; ``env``:
+    variables for the process (``torchrun(n)``: what torchrun gives a rank)."""
 
-    def __init__(self, run: str, *extra: str, **train):
-        self.run, self.extra, self.train = run, list(extra), train
+    def __init__(self, run: str, *extra: str, env: dict | None = None, **train):
+        self.run, self.extra, self.train, self.env = run, list(extra), train, env or {}
+
+
+def torchrun(world: int) -> dict:
+    """Rank 0's environment under torchrun: the job is refused before any process group
+    forms, so no other rank is needed."""
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
 
 
 # (entry, arguments, what the error line must contain)
@@ -135,8 +143,22 @@ CASES = [
      "train.max_steps: 150 -> 300 (the cosine LR schedule, LayerDrop's S(t) and the gradual"),
     ("train", Train("tiny", "train=plain", resume=True), "train.preset: 'layerskip' -> 'plain';"),
     ("train", Train("oldonly"), "already holds a checkpoint (.checkpoint-old)"),
+    # Data parallelism (train.parallel): checked before any process group forms.
+    ("train", ["train.parallel=zero"], "TrainConfig.parallel='zero': must be one of ddp, fsdp"),
+    ("train", Train("fresh", parallel="fsdp"),
+     "train.parallel=fsdp shards the model over a process group: launch with torchrun"),
+    ("train", Train("fresh", env=torchrun(3)),
+     "train.batch_size=8 must be divisible by the 3 data-parallel processes"),
+    ("train", Train("fresh", env=torchrun(3), parallel="fsdp"),
+     "train.batch_size=8 must be divisible by the 3 data-parallel processes"),
+    ("train", Train("tiny", env=torchrun(2), parallel="fsdp", resume=True),
+     "it was saved by a ddp or one-process run (its optimizer state is whole, not sharded)"),
+    ("train", Train("noshard", resume=True), "checkpoint is incomplete: missing "
+                                             "sharded/__1_0.distcp (1 of the 3 files its 2 ranks"),
     # Exit modules on a frozen backbone (train=balcony).
     ("train", ["train=balcony", "train.kl_weight=0"], "the exit modules would learn nothing"),
+    ("train", ["train=balcony", "train.backbone=tiny", "train.parallel=fsdp"],
+     "train.parallel=fsdp shards the model over a process group"),
     ("train", ["train=balcony", "run=x"], "give train.backbone=<run>"),
     ("train", ["train=balcony", "train.backbone=tiny", "train.exit_layers=[4]", DATA],
      "exit_layers=[4]: 4 is outside 1..3 (exit 4 is the model's own output)"),
@@ -177,12 +199,19 @@ def workdir(trained_tiny, wikitext_path, tmp_path_factory) -> Path:
     """A working folder with copies of the tiny run, broken in the ways the cases need."""
     work = tmp_path_factory.mktemp("bad-input")
     runs = work / "checkpoints"
-    for name in ("tiny", "badtok", "badcfg", "badstate", "oldonly", "bigtok"):
+    for name in ("tiny", "badtok", "badcfg", "badstate", "oldonly", "bigtok", "noshard"):
         shutil.copytree(trained_tiny[2], runs / name)
     (runs / "badtok" / "checkpoint" / "tokenizer.model").write_bytes(b"\x0a\x05garbage")
     (runs / "badcfg" / "checkpoint" / "config.json").write_bytes(b'{"name": "\xff"}')
     (runs / "badstate" / "checkpoint" / "train_state.pt").write_bytes(b"PK\x03\x04 torn")
     os.replace(runs / "oldonly" / "checkpoint", runs / "oldonly" / ".checkpoint-old")
+    # A two-rank sharded checkpoint that lost rank 1's shard.
+    shards = runs / "noshard" / "checkpoint" / "sharded"
+    shards.mkdir()
+    (shards / ".metadata").write_bytes(b"not read: the check comes first")
+    (shards / "__0_0.distcp").write_bytes(b"rank 0's shard")
+    (shards.parent / "sharded.json").write_text(json.dumps(
+        {"world_size": 2, "files": [".metadata", "__0_0.distcp", "__1_0.distcp"]}))
     lines, _ = load_lines(DataConfig(path=wikitext_path, max_rows=1000))
     train_tokenizer(lines["train"], DataConfig(vocab_size=400),
                     runs / "bigtok" / "checkpoint" / "tokenizer.model")
@@ -220,7 +249,8 @@ def expand(tiny_run, tiny_train_overrides, wikitext_path, data_cache):
 
 @pytest.fixture(scope="module")
 def results(repo, workdir, expand, data_cache, tmp_path_factory):
-    cases = [{"entry": entry, "args": expand(args), "cwd": str(workdir), "watch": [data_cache]}
+    cases = [{"entry": entry, "args": expand(args), "cwd": str(workdir), "watch": [data_cache],
+              "env": args.env if isinstance(args, Train) else {}}
              for entry, args, *_ in CASES + [HUGE_K]]
     io = tmp_path_factory.mktemp("runner")
     (io / "cases.json").write_text(json.dumps(cases))

@@ -333,24 +333,40 @@ def test_offline_training_reproduces_online_training_loss_for_loss(balcony):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["online", "offline"])
-def test_two_data_parallel_processes_train_the_modules_as_one_does(repo, balcony, mode):
+@pytest.mark.parametrize("mode,parallel", [("online", "ddp"), ("offline", "ddp"),
+                                           ("online", "fsdp")])
+def test_two_data_parallel_processes_train_the_modules_as_one_does(repo, balcony, mode,
+                                                                   parallel):
     """torchrun with two ranks, each on half of every batch (offline: each from its own
-    rank's cache), logs the same global loss, KL and validation loss as one process."""
+    rank's cache; fsdp: each holding half of the modules and their optimizer state),
+    logs the same global loss, KL and validation loss as one process."""
     root, args, _, _, _ = balcony
-    run = f"tiny-exits-ddp-{mode}"
+    run = f"tiny-exits-{parallel}-{mode}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tinyskip.train", *args, f"run={run}", f"train.exit_cache={mode}"]
+           "-m", "tinyskip.train", *args, f"run={run}", f"train.exit_cache={mode}",
+           f"train.parallel={parallel}"]
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     [ddp] = [json.loads(l) for l in (root / run / "metrics.jsonl").read_text().splitlines()]
     [one] = [json.loads(l) for l in (root / "tiny-exits" / "metrics.jsonl").read_text().splitlines()]
     assert ddp["step"] == one["step"] == 6
-    assert ddp["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    # (abs: the loss is a KL of about 2e-5, whose last float32 digits move with the order
+    # of fsdp's sums)
+    assert ddp["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4, abs=1e-8)
     # (abs: a module initialised from the last block starts at a KL of about 1e-7)
     assert ddp["train_kl"] == pytest.approx(one["train_kl"], rel=1e-4, abs=1e-6)
     assert ddp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+    if parallel == "fsdp":      # whole modules for decoders, the shards for a resume
+        exits = root / run / "exits"
+        assert json.loads((exits / "sharded.json").read_text())["world_size"] == 2
+        loaded = load_source(run, None, str(root), None, torch.device("cpu"))
+        assert loaded.model.exit_modules.exit_layers == [1, 2, 3]
+        # Its shards load into one process's whole modules and optimizer.
+        again = train_exit_modules(compose_job("train", args + [f"run={run}",
+                                                                "train.resume=true"]),
+                                   progress=False)
+        assert again.step == 6 and again.losses == []
 
 
 def test_a_finished_run_resumes_with_its_default_exits(balcony):

@@ -113,7 +113,9 @@ class Attention(nn.Module):
         else:
             y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
         # (B, H, T, hd) -> (B, T, H*hd) -> (B, T, d)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), ctx.kernels)
+        # (The width spelt out: a call on no rows, see Transformer.forward, has no -1 to infer.)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim),
+                           ctx.kernels)
 
 
 class MLP(nn.Module):

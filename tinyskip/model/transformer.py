@@ -194,7 +194,8 @@ class Transformer(nn.Module):
     # -- training ---------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, exits: Optional[Sequence[int]] = None,
                 layer_drop: Optional[Sequence[float]] = None,
-                drop_draws: Optional[torch.Tensor] = None, head: bool = True) -> torch.Tensor:
+                drop_draws: Optional[torch.Tensor] = None, head: bool = True,
+                called: Optional[Sequence[bool]] = None) -> torch.Tensor:
         """Logits (n_exits, B, T, V) at ``exits`` (1..L, blocks run; default: exit L);
         with ``head=False``, what the shared ``lm_head`` would read instead (n_exits, B, T, d):
         the trainer's fused linear + cross-entropy takes those and never holds the logits.
@@ -204,6 +205,9 @@ class Transformer(nn.Module):
         and the block runs on the kept rows only, so dropping saves compute. Row b drops
         block l when ``drop_draws[b, l]`` (uniforms (B, L), default fresh ones) < p_l: the
         trainer passes draws of the global batch so data-parallel ranks drop as one process.
+        ``called``: the blocks some row of the global batch keeps; this process calls them
+        even where its own rows all skip one (on no rows), since a sharded (FSDP) block's
+        call gathers its weights with every rank.
         """
         L = self.num_layers
         exits = sorted(set(exits)) if exits is not None else [L]
@@ -227,7 +231,7 @@ class Transformer(nn.Module):
                 keep = (u >= p).nonzero().squeeze(1)
                 if keep.numel() == h.shape[0]:
                     h = layer(h, ctx)
-                elif keep.numel() > 0:
+                elif keep.numel() > 0 or (called is not None and called[i]):
                     h = h.index_copy(0, keep, layer(h.index_select(0, keep), ctx))
             if i + 1 in wanted:                # block i's output is exit i + 1
                 states.append(h)

@@ -8,6 +8,8 @@ training config) and ``checkpoint/``, the folder every other entry point loads:
     checkpoint/tokenizer.model    SentencePiece tokenizer
     checkpoint/train_state.pt     step, optimizer and RNG state (tensors only)
 
+(a ``train.parallel=fsdp`` run's checkpoint adds its shards: sharded_checkpoint.py)
+
 A save writes a complete new folder beside the old one and swaps it in with renames,
 so a crash at any moment leaves either the old or the new checkpoint, never a mix.
 Nothing is unpickled: weights come from safetensors and the training state is read
@@ -91,7 +93,10 @@ def save_run_folder(run_dir: Path, name: str, fill: Callable[[Path], None]) -> P
 
 
 def save_checkpoint(run_dir: Path, model: Transformer, tokenizer_file: Path,
-                    train_state: Optional[dict] = None) -> Path:
+                    train_state: Optional[dict] = None,
+                    also: Optional[Callable[[Path], None]] = None) -> Path:
+    """``also(folder)``: more files for the new folder before it is published (a sharded
+    run's shards, sharded_checkpoint.py)."""
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -101,6 +106,8 @@ def save_checkpoint(run_dir: Path, model: Transformer, tokenizer_file: Path,
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
+        if also is not None:
+            also(tmp)
 
     return save_run_folder(run_dir, CHECKPOINT, fill)
 
@@ -160,24 +167,35 @@ def load_model(path: Path | str, device: str | torch.device = "cpu",
     except Exception as e:  # safetensors raises its own error types on corrupt files
         raise CheckpointError(f"checkpoint {ckpt}: model.safetensors is unreadable ({e})")
     with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+        expected = set(Transformer(cfg).state_dict())
+    expected -= {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if set(state) != expected:
         diff = sorted(set(state) ^ expected)[:4]
         raise CheckpointError(f"checkpoint {ckpt}: weights do not match its config.json "
                               f"(differing tensors: {diff})")
     try:
-        model.load_state_dict(state, strict=False, assign=True)
+        model = build_model(cfg, state, device)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt}: weights do not match its config.json "
                               f"({str(e).splitlines()[-1].strip()})")
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.reset_rope(device)
     return model.to(dtype).eval(), ckpt
 
 
-def load_train_state(ckpt: Path) -> dict:
+def build_model(cfg: ModelConfig, state: dict, device: str | torch.device = "cpu") -> Transformer:
+    """A model of config ``cfg`` that takes the tensors of ``state`` as its weights (no
+    copy; tied embeddings need no lm_head.weight), its RoPE tables on ``device``."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_rope(device)
+    return model
+
+
+def load_train_state(ckpt: Path, sharded: bool = False) -> dict:
+    """step and optimizer state; a ``sharded`` checkpoint keeps its optimizer state in
+    its shards (sharded_checkpoint.py) instead."""
     path = ckpt / "train_state.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} has no train_state.pt: it cannot be resumed")
@@ -185,7 +203,8 @@ def load_train_state(ckpt: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types on a torn or foreign file
         raise CheckpointError(f"checkpoint {ckpt}: train_state.pt is corrupted ({first_line(e)})")
-    if not isinstance(state, dict) or not {"step", "optimizer"} <= set(state):
-        raise CheckpointError(f"checkpoint {ckpt}: train_state.pt is corrupted (no step and "
-                              "optimizer state)")
+    needed = ("step",) if sharded else ("step", "optimizer")
+    if not isinstance(state, dict) or not set(needed) <= set(state):
+        raise CheckpointError(f"checkpoint {ckpt}: train_state.pt is corrupted (no "
+                              f"{' and '.join(needed)} state)")
     return state

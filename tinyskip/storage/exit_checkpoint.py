@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,8 +45,10 @@ def exits_folder(path: Path) -> Optional[Path]:
 
 
 def save_exit_modules(run_dir: Path, modules: ExitModules, backbone: dict,
-                      train_state: Optional[dict] = None) -> Path:
-    """Write ``<run>/exits/`` atomically; ``backbone`` = {"path", "format", "weights_hash"}."""
+                      train_state: Optional[dict] = None,
+                      also: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``<run>/exits/`` atomically; ``backbone`` = {"path", "format", "weights_hash"};
+    ``also(folder)``: more files for it (a sharded run's shards)."""
     def fill(tmp: Path) -> None:
         meta = {"kind": modules.kind, "exit_layers": modules.exit_layers, "backbone": backbone}
         (tmp / META).write_text(json.dumps(meta, indent=1))
@@ -54,6 +56,8 @@ def save_exit_modules(run_dir: Path, modules: ExitModules, backbone: dict,
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
+        if also is not None:
+            also(tmp)
 
     return save_run_folder(run_dir, EXITS, fill)
 

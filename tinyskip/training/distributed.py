@@ -1,5 +1,5 @@
-"""Data parallelism for both training loops: the process group under ``torchrun`` and the
-mean of a value over the ranks."""
+"""Data parallelism for both training loops: the launch checks, the process group under
+``torchrun`` and the mean of a value over the ranks."""
 
 from __future__ import annotations
 
@@ -8,16 +8,35 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError, TrainConfig
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); under torchrun, one process group over the chosen device type."""
+# What torchrun gives each process, and what a process group is formed from.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_world(tc: TrainConfig) -> int:
+    """The number of processes this job runs on, checked against ``tc`` before any
+    process group forms (a refusal is one line, and nothing is written)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if tc.parallel == "fsdp" and not all(k in os.environ for k in LAUNCH_ENV):
+        raise ConfigError("train.parallel=fsdp shards the model over a process group: launch "
+                          "with torchrun --nproc_per_node=N -m tinyskip.train ...")
+    if tc.batch_size % world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                          f"{world} data-parallel processes")
+    return world
+
+
+def init_distributed(device: torch.device, group: bool = False) -> tuple[int, int]:
+    """(rank, world size); under torchrun, one process group over the chosen device type
+    (with ``group``, also for one process: FSDP shards over a group of one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (world > 1 or group) and not dist.is_initialized():
         if device.type == "cuda":
             # Each rank owns one GPU: NCCL and every later .cuda() use the current device.
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return (dist.get_rank(), world) if world > 1 or group else (0, 1)
 
 
 def rank_mean(t: torch.Tensor, world: int) -> torch.Tensor:

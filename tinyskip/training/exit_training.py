@@ -8,7 +8,10 @@ step: ``kl_weight`` * mean over exits of KL(p_final || p_exit) at temperature
 states from a hidden-state cache built once (hidden_cache.py), so training never runs
 the backbone. Both see the same batches (a function of seed and step) and compute the
 same loss from the same states. Resume, atomic saves, metrics.jsonl and torchrun data
-parallelism work as in the backbone trainer.
+parallelism (ddp or fsdp) work as in the backbone trainer. Under fsdp only the modules
+are sharded: the frozen backbone has no gradients or optimizer state to shard, and
+stays whole on every rank (sharding it would save its memory for an all-gather of every
+block at every step; with exit_cache=offline it does not even run).
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ from ..storage.checkpoint import CHECKPOINT, CheckpointError, load_train_state, 
 from ..storage.data import get_batch
 from ..storage.exit_checkpoint import EXITS, exits_folder, load_exit_modules, save_exit_modules
 from ..storage.loading import Loaded, corpus_of, load_backbone, run_data_config
+from ..storage.sharded_checkpoint import load_shards, save_sharded
 from ..tb_log import ScalarLog, eval_scalars, require_tensorboard
-from .distributed import init_distributed, rank_mean
+from .distributed import init_distributed, launched_world, rank_mean
 from .hidden_cache import cache_key, cache_meta, open_or_build
 from .losses import early_exit_loss, exit_kl
 from .optim import cosine_lr, make_optimizer
 from .result import TrainResult
-from .resume import check_recipe, truncate_metrics
+from .resume import check_layout, check_recipe, truncate_metrics
+from .sharding import gather_state, shard
 
 
 def default_exit_layers(num_layers: int) -> list[int]:
@@ -77,6 +82,22 @@ def exit_module_loss(model: Transformer, states: torch.Tensor, last: torch.Tenso
     return loss, kl.detach()
 
 
+class ModulesObjective(torch.nn.Module):
+    """The exit modules and their loss as one module, the root FSDP shards (its forward
+    is where the modules' weights are gathered). The backbone stays outside the module
+    tree: never sharded, never in the modules' state dict."""
+
+    def __init__(self, modules: ExitModules, model: Transformer, tc: TrainConfig):
+        super().__init__()
+        self.exit_modules, self.tc = modules, tc
+        object.__setattr__(self, "backbone", model)
+
+    def forward(self, states: torch.Tensor, last: torch.Tensor, y: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return exit_module_loss(self.backbone, states, last, y, self.exit_modules.exit_layers,
+                                self.tc)
+
+
 def _backbone(job: TrainJob, device) -> tuple[Loaded, dict]:
     tc = job.train
     if job.model.path and tc.backbone:
@@ -108,10 +129,14 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
     if tc.tensorboard:
         require_tensorboard("train.tensorboard")
     device = pick_device(tc.device)
-    rank, world = init_distributed(device)
-    if tc.batch_size % world:
-        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
-                          f"{world} data-parallel processes")
+    launched_world(tc)
+    run_dir = run_folder(job.checkpoint_root, job.run_name)
+    folder = exits_folder(run_dir) if tc.resume else None
+    if tc.resume and folder is None:
+        raise CheckpointError(f"train.resume=true but {run_dir} holds no exit modules")
+    sharded = folder is not None and check_layout(folder, tc)
+    fsdp = tc.parallel == "fsdp"
+    rank, world = init_distributed(device, group=fsdp)
     loaded, ref = _backbone(job, device)
     model = loaded.model.requires_grad_(False).eval()
     L, ctx = model.num_layers, model.config.max_position_embeddings
@@ -120,7 +145,6 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
                           f"(max_position_embeddings={ctx})")
     exits = sorted(tc.exit_layers) if tc.exit_layers else default_exit_layers(L)
     check_exit_layers(exits, L)
-    run_dir = run_folder(job.checkpoint_root, job.run_name)
     if exits_folder(run_dir) is None and (run_dir / CHECKPOINT).exists() or \
             loaded.run_dir is not None and run_dir.resolve() == loaded.run_dir.resolve():
         raise CheckpointError(f"run={job.run_name!r} is a model's own run folder: exit modules "
@@ -132,12 +156,9 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
                               data=data, train=dataclasses.replace(tc, exit_layers=exits))
     start, state = 0, None
     if tc.resume:
-        folder = exits_folder(run_dir)
-        if folder is None:
-            raise CheckpointError(f"train.resume=true but {run_dir} holds no exit modules")
         check_recipe(job, run_dir)
         modules = load_exit_modules(folder, model, ref["weights_hash"])
-        state = load_train_state(folder)
+        state = load_train_state(folder, sharded)
         start = state["step"]
     else:
         if (run_dir / EXITS).exists() and not tc.overwrite:
@@ -148,9 +169,15 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
     model.attach_exit_modules(modules, cast=False)     # fp32 master weights under autocast
     modules.train()
     corpus = corpus_of(loaded, data)
-    optimizer = make_optimizer(modules, tc)
+    objective = ModulesObjective(modules, model, tc)
+    if fsdp:
+        shard(objective, modules.by_exit.values(), tc)
+    optimizer = make_optimizer(modules, tc)     # after sharding: it steps the shards
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_shards(folder, modules, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
     rows = slice(rank, None, world)
 
     def batch(step: int):
@@ -201,10 +228,12 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
         x, y = batch(step)
         with autocast(device, tc.bf16):
             states, last = cache.read(step, device) if cache else backbone_states(model, x, exits)
-            loss, kl = exit_module_loss(model, states, last, y, exits, tc)
+            loss, kl = objective(states, last, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:       # each rank's loss is the mean over its rows: average the grads
+        # Each rank's loss is the mean over its rows: average the grads (fsdp's
+        # reduce-scatter averages them already).
+        if world > 1 and not fsdp:
             for p in modules.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
@@ -231,10 +260,20 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
             logged = rank_mean(torch.cat([loss.detach().reshape(1),
                                           torch.stack(window).mean(0)]).double(), world)
             window = []
+        saving = (step + 1) % tc.save_every == 0 or last_step
+        # What rank 0 evaluates and saves: under fsdp, whole modules gathered from the shards.
+        whole = modules
+        if fsdp and (evaluating or saving):
+            gathered = gather_state(modules)
+            if rank == 0:
+                whole = ExitModules(model.config, exits, tc.exit_kind)
+                whole.load_state_dict(gathered)
         if evaluating and rank == 0:
-            modules.eval()
+            whole.eval()                # (outside the model's tree: model.eval() misses it)
+            model.attach_exit_modules(whole, cast=False)
             ev = exit_perplexities(model, corpus.tokens["validation"], corpus.words["validation"],
                                    tc.seq_len, tc.batch_size, tc.eval_batches, tc.bf16)
+            model.attach_exit_modules(modules, cast=False)
             modules.train()
             result.last_eval = {
                 "step": step + 1, "lr": cosine_lr(tc, step), "train_loss": logged[0].item(),
@@ -253,9 +292,12 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
                                       **{f"train/kl/exit_{e}": v
                                          for e, v in result.last_eval["train_kl"].items()}})
                 tb.flush()          # an evaluation shows in TensorBoard at once
-        if ((step + 1) % tc.save_every == 0 or last_step) and rank == 0:
-            if tb is not None:      # what the checkpoint covers is on disk before it
-                tb.flush()
+        if saving and tb is not None:   # what the checkpoint covers is on disk before it
+            tb.flush()
+        if saving and fsdp:
+            save_sharded(lambda also: save_exit_modules(run_dir, whole, ref, {"step": step + 1},
+                                                        also), modules, optimizer)
+        elif saving and rank == 0:
             save_exit_modules(run_dir, modules, ref, {"step": step + 1,
                                                       "optimizer": optimizer.state_dict()})
         if world > 1 and evaluating:

@@ -10,9 +10,10 @@ import warnings
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from ..config import ModelConfig
+from ..config import ModelConfig, TrainConfig
 from ..jobs import TrainJob
 from ..storage.checkpoint import CheckpointError, load_run_job
+from ..storage.sharded_checkpoint import sharded
 
 # Keys that change how a run is executed or reported, never what it computes: they may
 # differ on resume. Everything else under data. and train. is the recipe. The model is
@@ -20,7 +21,7 @@ from ..storage.checkpoint import CheckpointError, load_run_job
 RUNTIME_KEYS = {"data.cache_dir", "train.device", "train.compile", "train.eval_every",
                 "train.eval_batches", "train.log_every", "train.save_every", "train.resume",
                 "train.overwrite", "train.exit_cache", "train.exit_cache_dir",
-                "train.tensorboard"}
+                "train.tensorboard", "train.parallel"}
 # Why a changed max_steps is not "train longer": the schedules are functions of t / T.
 DEPENDS_ON = {"train.max_steps": "the cosine LR schedule, LayerDrop's S(t) and the gradual "
                                  "curriculum are functions of step / max_steps"}
@@ -69,6 +70,18 @@ def check_recipe(job: TrainJob, run_dir: Path) -> None:
                          + (f" ({DEPENDS_ON[k]})" if k in DEPENDS_ON else "") for k in changed)
         raise CheckpointError(f"train.resume=true with another recipe than {run_dir}/job.json: "
                               f"{what}; resume with the saved values, or start a new run=<name>")
+
+
+def check_layout(folder: Path, tc: TrainConfig) -> bool:
+    """Whether the checkpoint a resume continues is sharded (complete, or refused). Its
+    shards load into any layout, whole included; a whole optimizer state is not loaded
+    into shards (``train.parallel`` is runtime: this is the one way it matters)."""
+    is_sharded = sharded(folder)
+    if tc.parallel == "fsdp" and not is_sharded:
+        raise CheckpointError(f"train.parallel=fsdp cannot resume {folder}: it was saved by a "
+                              "ddp or one-process run (its optimizer state is whole, not "
+                              "sharded); resume it with train.parallel=ddp")
+    return is_sharded
 
 
 def check_model(job: TrainJob, saved: ModelConfig, run_dir: Path) -> None:

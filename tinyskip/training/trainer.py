@@ -1,9 +1,10 @@
-"""The training loop: LayerDrop, early-exit losses, evaluation, checkpoints, DDP.
+"""The training loop: LayerDrop, early-exit losses, evaluation, checkpoints, DDP or FSDP.
 
 Data order and LayerDrop draws are functions of (seed, step, rank), so a resumed run
 replays exactly what the uninterrupted run would have done, with no RNG state to save.
 Data-parallel runs (``torchrun``) split each global batch of ``train.batch_size`` rows
-between the ranks, so the loss curve matches one process with the same global batch.
+between the ranks, so the loss curve matches one process with the same global batch;
+``train.parallel=fsdp`` also shards the weights and optimizer state (sharding.py).
 """
 
 from __future__ import annotations
@@ -25,26 +26,28 @@ from ..config import ConfigError, TrainConfig
 from ..jobs import TrainJob
 from ..model.transformer import Transformer
 from ..runtime import autocast, pick_device, progress_bar
-from ..storage.checkpoint import (CHECKPOINT, CheckpointError, load_model, load_model_config,
-                                  load_train_state, resolve_checkpoint, run_folder, save_checkpoint)
+from ..storage.checkpoint import (CHECKPOINT, CheckpointError, build_model, load_model,
+                                  load_model_config, load_train_state, resolve_checkpoint,
+                                  run_folder, save_checkpoint)
 from ..storage.data import get_batch, prepare_corpus
+from ..storage.sharded_checkpoint import load_shards, save_sharded
 from ..tb_log import ScalarLog, eval_scalars, require_tensorboard
-from .distributed import init_distributed, rank_mean
+from .distributed import init_distributed, launched_world, rank_mean
 from .losses import exit_weights, layerdrop_probs, sampled_exit_loss
 from .optim import cosine_lr, make_optimizer
 from .result import TrainResult
-from .resume import check_model, check_recipe, truncate_metrics
+from .resume import check_layout, check_model, check_recipe, truncate_metrics
+from .sharding import gather_state, is_sharded, shard
 
 
-def _prepare_run(job: TrainJob, run_dir: Path, rank: int):
-    """Model, optimizer state and start step: fresh, or resumed from the run's checkpoint."""
+def _prepare_run(job: TrainJob, run_dir: Path, rank: int, ckpt: Path | None, sharded: bool):
+    """Model, optimizer state and start step: fresh, or resumed from ``ckpt``."""
     tc = job.train
-    if tc.resume:
-        ckpt = resolve_checkpoint(run_dir)
+    if ckpt is not None:
         # Cheap checks before the data is loaded: the model, then the recipe.
         check_model(job, load_model_config(ckpt), run_dir)
         check_recipe(job, run_dir)
-        state = load_train_state(ckpt)
+        state = load_train_state(ckpt, sharded)
         model, _ = load_model(ckpt)
         corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
         return model, corpus, state
@@ -87,11 +90,11 @@ class ExitObjective(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, exits: list[int],
                 weights: torch.Tensor, probs: list[float], draws: torch.Tensor,
-                generator: torch.Generator, rows: slice = slice(None)
-                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                generator: torch.Generator, rows: slice = slice(None),
+                called: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(weighted loss, per-exit mean CE, tokens the head scored over every exit)."""
         tc = self.tc
-        states = self.model(x, exits, probs, draws, head=False)
+        states = self.model(x, exits, probs, draws, head=False, called=called)
         return sampled_exit_loss(states, self.model.lm_head.weight, y, weights,
                                  tc.exit_token_fraction, generator, rows, tc.batch_size,
                                  tc.distill_weight, tc.distill_temperature, self.compiled)
@@ -115,13 +118,19 @@ def train_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tc:
     L = model.num_layers
     exits, weights = exit_weights(tc, L, step)
     g = torch.Generator().manual_seed(tc.seed * 7919 + step * 131)
-    draws = torch.rand(tc.batch_size, L, generator=g)[rows]
+    all_draws = torch.rand(tc.batch_size, L, generator=g)
+    draws = all_draws[rows]
     probs = layerdrop_probs(tc, L, step)
+    # Sharded blocks gather their weights with every rank: each rank calls the blocks any
+    # row of the global batch keeps, on no rows where its own rows all skip one.
+    called = (all_draws >= torch.tensor(probs)).any(0).tolist() if is_sharded(objective) \
+        else None
     # Python hashes tuples of ints the same in every process (PYTHONHASHSEED only salts
     # strings): distinct masks per (seed, step, rank), whatever the number of ranks.
     torch.manual_seed(hash((tc.seed, step, rank)) & (2 ** 63 - 1))
     with autocast(x.device, tc.bf16):
-        loss, per_exit, head_rows = objective(x, y, exits, weights, probs, draws, g, rows)
+        loss, per_exit, head_rows = objective(x, y, exits, weights, probs, draws, g, rows,
+                                              called)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tc.grad_clip > 0:
@@ -174,18 +183,30 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         require_tensorboard("train.tensorboard")
     device = pick_device(tc.device)
     run_dir = run_folder(job.checkpoint_root, job.run_name)
-    rank, world = init_distributed(device)
-    if tc.batch_size % world:
-        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
-                          f"{world} data-parallel processes")
-    if device.type == "cuda" and world > 1:
+    launched_world(tc)
+    ckpt = resolve_checkpoint(run_dir) if tc.resume else None
+    sharded = ckpt is not None and check_layout(ckpt, tc)
+    fsdp = tc.parallel == "fsdp"
+    rank, world = init_distributed(device, group=fsdp)
+    if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
-    model, corpus, state = _prepare_run(job, run_dir, rank)
+    model, corpus, state = _prepare_run(job, run_dir, rank, ckpt, sharded)
     model.to(device).train()
-    optimizer = make_optimizer(model, tc)
+    # Recorded with every evaluation: a fallback to eager blocks shows in the run's metrics.
+    compiled = compile_blocks(model) if tc.compile else False
+    objective = ExitObjective(model, tc, compiled)
+    if fsdp:
+        shard(objective, model.layers, tc)
+    elif world > 1:
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, find_unused_parameters=tc.layerdrop_p_max > 0)
+    optimizer = make_optimizer(model, tc)       # after sharding: it steps the shards
     start = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:     # into any layout: this run's shards, or whole weights
+            load_shards(ckpt, model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     metrics_path = run_dir / "metrics.jsonl"
     tb = None
@@ -195,12 +216,6 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         truncate_metrics(metrics_path, start)
         if tc.tensorboard:
             tb = ScalarLog(run_dir, purge_step=start + 1)
-    # Recorded with every evaluation: a fallback to eager blocks shows in the run's metrics.
-    compiled = compile_blocks(model) if tc.compile else False
-    objective = ExitObjective(model, tc, compiled)
-    if world > 1:
-        objective = torch.nn.parallel.DistributedDataParallel(
-            objective, find_unused_parameters=tc.layerdrop_p_max > 0)
 
     result = TrainResult(run_dir, start)
     rows = slice(rank, None, world)
@@ -239,12 +254,20 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
                                   "train/layerdrop_max": max(probs),
                                   "train/layerdrop_mean": statistics.fmean(probs)})
         last = step + 1 == tc.max_steps
-        if (step + 1) % tc.eval_every == 0 or last:
+        evaluating = (step + 1) % tc.eval_every == 0 or last
+        saving = (step + 1) % tc.save_every == 0 or last
+        # What rank 0 evaluates and saves: under fsdp, a whole copy gathered from the shards.
+        whole = model
+        if fsdp and (evaluating or saving):
+            gathered = gather_state(model)
+            whole = build_model(model.config, gathered, device).to(device) if rank == 0 else None
+        if evaluating:
             window = rank_mean(torch.tensor(sum(window_losses) / len(window_losses),
                                             dtype=torch.float64, device=device), world)
             if rank == 0:
-                ev = exit_perplexities(model, corpus.tokens["validation"], corpus.words["validation"],
-                                       tc.seq_len, tc.batch_size, tc.eval_batches, tc.bf16)
+                ev = exit_perplexities(whole, corpus.tokens["validation"],
+                                       corpus.words["validation"], tc.seq_len, tc.batch_size,
+                                       tc.eval_batches, tc.bf16)
                 result.last_eval = {
                     "step": step + 1, "tokens": seen_tokens, "lr": lr,
                     "train_loss": window.item(),
@@ -261,13 +284,16 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
                               + f" | word ppl (last) {ev['word_ppl'][-1]:.1f}")
             window_losses = []
             model.train()
-        if ((step + 1) % tc.save_every == 0 or last) and rank == 0:
-            if tb is not None:          # what the checkpoint covers is on disk before it
-                tb.flush()
+        if saving and tb is not None:   # what the checkpoint covers is on disk before it
+            tb.flush()
+        progress_state = {"step": step + 1, "tokens_seen": seen_tokens}
+        if saving and fsdp:
+            save_sharded(lambda also: save_checkpoint(run_dir, whole, corpus.tokenizer_file,
+                                                      progress_state, also), model, optimizer)
+        elif saving and rank == 0:
             save_checkpoint(run_dir, model, corpus.tokenizer_file,
-                            {"step": step + 1, "tokens_seen": seen_tokens,
-                             "optimizer": optimizer.state_dict()})
-        if world > 1 and ((step + 1) % tc.eval_every == 0 or last):
+                            {**progress_state, "optimizer": optimizer.state_dict()})
+        if world > 1 and evaluating:
             dist.barrier()
     if bar is not None:
         bar.close()
