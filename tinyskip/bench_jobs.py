@@ -158,6 +158,8 @@ class GpuCheckJob:
     compile: bool = True            # false: eager rows only (the CPU test of the logic)
     tests: bool = True              # pytest -m gpu first
     fsdp: bool = True               # a few FSDP training steps on every GPU present
+    fsdp_layers: int = 4            # of the model's shape (4 of the 8B: 1.1B parameters)
+    fsdp_steps: int = 6
     stream_mib: int = 4096          # the streaming read the bandwidth % divide by
     seed: int = 0
     out: Optional[str] = None       # the table's rows as JSON
@@ -166,7 +168,7 @@ class GpuCheckJob:
         check_dtype(self)
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"device={self.device!r}: must be cuda or cpu")
-        for name in ("prompt_len", "max_new_tokens", "stream_mib"):
+        for name in ("prompt_len", "max_new_tokens", "stream_mib", "fsdp_layers", "fsdp_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.n_prompts < 2:

@@ -23,15 +23,20 @@ def test_without_cuda_the_check_says_it_skipped_and_exits_0(repo, tmp_path):
 
 def test_the_checks_run_on_the_cpu_and_report_every_row():
     job = compose_job("gpu_check", ["device=cpu", "model=l4_d64", "dtype=float32", "tests=false",
-                                    "fsdp=false", "compile=false", "stream_mib=16",
-                                    "max_new_tokens=12", "prompt_len=8", "draft_layer=2", "k=3"])
+                                    "compile=false", "stream_mib=16", "max_new_tokens=12",
+                                    "prompt_len=8", "draft_layer=2", "k=3"])
     rows = run_checks(job)
-    assert [r.check for r in rows] == ["streaming read", "model", "full, eager", "ssd E=2 k=3"]
+    assert [r.check for r in rows] == ["streaming read", "model", "full, eager", "ssd E=2 k=3",
+                                       "fsdp, 2 x CPU process"]
     assert all(r.ok for r in rows), [r.result for r in rows]
     full, ssd = rows[2].figures, rows[3].figures
     assert ssd["agreement_with_full"] == 1.0
     assert 0 < full["floor_fraction"] and full["tok_per_s"] > 0
     assert ssd["speedup"] == pytest.approx(ssd["tok_per_s"] / full["tok_per_s"])
+    # FSDP over two gloo processes: the sharded model is the whole one, and it learns.
+    fsdp = rows[4].figures
+    assert fsdp["world"] == 2 and len(fsdp["losses"]) == job.fsdp_steps
+    assert fsdp["parameters"] == rows[1].figures["parameters"]     # (4 blocks, 8000 tokens)
     assert rows[1].figures["parameters"] == sum(
         p.numel() for p in random_model(job.model, torch.device("cpu"), torch.float32, 0).parameters())
 

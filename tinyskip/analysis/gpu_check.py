@@ -15,9 +15,12 @@ measures what a round costs and that it decodes the full model's tokens, not a s
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,8 +188,48 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / max(total, 1)
 
 
-def run_checks(job: GpuCheckJob, fsdp: Callable[[GpuCheckJob], Row] | None = None,
-               tests: Path = TESTS) -> list[Row]:
+def fsdp_settings(job: GpuCheckJob) -> dict:
+    """The FSDP row's run: the first ``fsdp_layers`` blocks of the model's shape with a
+    32k vocabulary (1.1B parameters for the 8B shape: its fp32 weights and AdamW moments,
+    18 GB, fit one GPU, and shard over several), LayerSkip's recipe (LayerDrop, every
+    exit's loss), bf16 on a GPU."""
+    shape = dataclasses.asdict(job.model)
+    shape.update(num_hidden_layers=min(job.fsdp_layers, job.model.num_hidden_layers),
+                 vocab_size=min(job.model.vocab_size, 32000), path=None, rope_scaling=None)
+    cuda = job.device == "cuda"
+    train = {"preset": "layerskip", "batch_size": 8, "seq_len": 512 if cuda else 32,
+             "max_steps": 100, "warmup_steps": 2, "lr": 3e-4, "layerdrop_p_max": 0.2,
+             "exit_weighting": "linear", "bf16": cuda, "device": job.device}
+    return {"model": shape, "train": train, "steps": job.fsdp_steps, "device": job.device}
+
+
+def fsdp_row(job: GpuCheckJob) -> Row:
+    """``fsdp_check`` under torchrun on every GPU present (two CPU processes with
+    device=cpu); its JSON line as a row."""
+    n = torch.cuda.device_count() if job.device == "cuda" else 2
+    with tempfile.TemporaryDirectory() as folder:
+        settings = Path(folder) / "fsdp_check.json"
+        settings.write_text(json.dumps(fsdp_settings(job)))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={n}", "-m", "tinyskip.training.fsdp_check",
+                               str(settings)], capture_output=True, text=True, timeout=900)
+    lines = proc.stdout.strip().splitlines()
+    label = f"fsdp, {n} x {'GPU' if job.device == 'cuda' else 'CPU process'}"
+    if proc.returncode != 0 or not lines:
+        err = [line for line in proc.stderr.splitlines() if line.strip()]
+        return Row(label, f"failed (exit {proc.returncode}): {err[-1] if err else ''}"[:300],
+                   ok=False)
+    r = json.loads(lines[-1])
+    first, last = r["losses"][0], r["losses"][-1]
+    peak = f", peak {r['peak_gb']:.1f} GB per GPU" if r["peak_gb"] is not None else ""
+    return Row(label, f"{r['parameters'] / 1e6:.0f}M parameters, loss {first:.3f} -> {last:.3f} "
+                      f"over {len(r['losses'])} steps, {r['step_s']:.2f} s/step, "
+                      f"{r['tokens_per_s']:.0f} tokens/s{peak}",
+               # Random tokens: a loss that falls is the optimizer stepping the shards.
+               ok=last < first, figures=r)
+
+
+def run_checks(job: GpuCheckJob, tests: Path = TESTS) -> list[Row]:
     device = torch.device(job.device)
     rows = [gpu_tests(tests)] if job.tests else []
     row, bps = stream_row(device, job.stream_mib)
@@ -196,8 +239,8 @@ def run_checks(job: GpuCheckJob, fsdp: Callable[[GpuCheckJob], Row] | None = Non
     rows.append(row)
     rows += decode_rows(model, job, device, bps)
     del model
-    if job.fsdp and fsdp is not None:
-        rows.append(fsdp(job))
+    if job.fsdp:
+        rows.append(fsdp_row(job))
     return rows
 
 
