@@ -203,7 +203,8 @@ def test_the_table_says_why_early_exit_ran_slower_only_when_it_did():
     from tinyskip.analysis.bench_report import regime_line
 
     def res(*rows):
-        return {"rows": [{"family": f, "compiled": c, "tokens_per_s": s, "precision": p}
+        return {"weights_bytes": 1_000_000,
+                "rows": [{"family": f, "compiled": c, "tokens_per_s": s, "precision": p}
                          for f, c, s, p in [("full", False, 100.0, "float32"),
                                             ("full", True, 300.0, "float32"),
                                             *[(*r, "float32") for r in rows],
@@ -214,6 +215,11 @@ def test_the_table_says_why_early_exit_ran_slower_only_when_it_did():
            "0.80x)" in line
     assert regime_line(res(("ssd", False, 110.0), ("dee", False, 140.0),
                            ("ssd", True, 330.0))) == ""
+    # Why, by the model's size: cache-resident (above, 1 MB) or read from memory.
+    assert "stay in the CPU's cache" in line
+    big = {**res(("dee", False, 80.0)), "weights_bytes": 538_000_000}
+    assert "weights (538 MB) are read from memory at every step" in regime_line(big)
+    assert "CPU's cache" not in regime_line(big)
 
 
 def test_bytes_per_token_is_the_blocks_kv_buffers_and_head_counted_by_hand(tiny_config):

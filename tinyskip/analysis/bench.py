@@ -28,7 +28,7 @@ from ..runtime import pick_device, progress_bar
 from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
                                exit_classifier_for, load_source, read_calibration, run_data_config,
                                split_ids)
-from .bandwidth import StreamRead, bytes_per_token
+from .bandwidth import StreamRead, bytes_per_token, module_bytes
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
 from .prefill import matrix_peak, prefill_speed
@@ -295,4 +295,4 @@ def benchmark(job: BenchJob) -> dict:
             "threads": torch.get_num_threads(), "prompts": len(prompts),
             "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
             "costs": costs, "rows": rows, "hf": hf, "levers": levers, "ssd_costs": ssd,
-            "prefill": prefill, **stream.summary()}
+            "prefill": prefill, "weights_bytes": module_bytes(model), **stream.summary()}

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from ..atomic import make_dirs, write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..decode.run import CACHE_RESIDENT_BYTES
 from ..tb_log import ScalarLog
 from .engine_levers import format_levers
 from .plots import pareto_figure
@@ -111,11 +112,18 @@ def regime_line(res: dict) -> str:
     slower = [x for x in ratios if x < 1]
     if not slower:
         return ""
-    return (f"{len(slower)} of the SSD/DEE rows ran slower than full decoding run the same "
-            f"way (down to {min(slower):.2f}x). On a model whose weights stay in the "
-            "CPU's cache a step costs compute and per-op overhead, so a draft or a confidence "
-            "check costs nearly what it saves; early exit pays where decoding is bound by "
-            "reading the weights (docs/results/decoding.md).")
+    head = (f"{len(slower)} of the SSD/DEE rows ran slower than full decoding run the same "
+            f"way (down to {min(slower):.2f}x). ")
+    size = res.get("weights_bytes", 0)
+    if size >= CACHE_RESIDENT_BYTES:
+        return head + (f"This model's weights ({size / 1e6:.0f} MB) are read from memory at "
+                       "every step: those rows lose where their exits agree with the last "
+                       "layer too rarely to pay for the drafts and confidence checks they add "
+                       "(the acceptance and agreement columns).")
+    return head + ("On a model whose weights stay in the CPU's cache a step costs compute and "
+                   "per-op overhead, so a draft or a confidence check costs nearly what it "
+                   "saves; early exit pays where decoding is bound by reading the weights "
+                   "(docs/results/decoding.md).")
 
 
 def format_markdown(res: dict) -> str:
