@@ -68,7 +68,7 @@ def ragged_batch(prompts: Sequence[Sequence[int]], device=None
     if not rows:
         raise UserError("no prompt to decode")
     for r, row in enumerate(rows):
-        if row.numel() == 0:
+        if row.numel() == 0 and len(rows) > 1:      # (one empty prompt: check_prompt says so)
             raise UserError(f"prompt {r + 1} of the batch is empty: give at least one token")
     lengths = torch.tensor([row.numel() for row in rows])
     batch = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
