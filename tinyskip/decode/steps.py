@@ -108,7 +108,8 @@ def new_cache(model: Transformer, prompt: torch.Tensor, steps: int) -> KVCache:
 
 
 def one_prompt(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, mode: str) -> int:
-    """``budget`` for the modes that decode one prompt at a time (ssd, dee)."""
+    """``budget`` for the decoders of one prompt at a time (dee, and ssd.py: batches go to
+    ssd_batch.py)."""
     n_new = budget(model, prompt, max_new_tokens)
     if prompt.shape[0] != 1:
         raise UserError(f"mode={mode} decodes one prompt at a time (got a batch of "
