@@ -41,6 +41,9 @@ class BenchJob(CheckpointSource):
     draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
     adaptive_threshold: float = 0.0           # > 0: also every ssd row with adaptive drafting
     ngram: int = 0                            # > 0: also every ssd row with prompt-lookup drafts
+    # Full and draft_layer x k SSD rows again at each batch size, prompts of different
+    # lengths decoded together (analysis/bench_batch.py); [] = none.
+    batch_sizes: list[int] = field(default_factory=list)
     measure: list[str] = field(default_factory=list)      # dee rows: measures x thresholds
     threshold: list[float] = field(default_factory=list)  #   x cache strategies
     cache: list[str] = field(default_factory=lambda: ["propagate"])
@@ -69,6 +72,9 @@ class BenchJob(CheckpointSource):
         check_dtype(self)
         for p in self.precisions:
             precision(p)
+        bad = [b for b in self.batch_sizes if b < 1]
+        if bad:
+            raise ConfigError(f"batch_sizes={self.batch_sizes}: {bad[0]} must be >= 1")
         if self.prefill_len < 0:
             raise ConfigError(f"prefill_len={self.prefill_len}: must be >= 0 (0 = no prefill rows)")
         for name in ("n_prompts", "prompt_len", "max_new_tokens"):

@@ -21,12 +21,13 @@ from .jobs import InferJob
 def main(job: InferJob) -> None:
     results = []
     for r in generations(job):
+        results.append(r)
         print(shown_text(r))
-        under = f" under {r['calibration']}" if r["calibration"] else ""
-        print(f"{r['mode']}{under} {stats_line(r)}", flush=True)
+        if r["batch"]["row"] + 1 == r["batch"]["rows"]:     # a batch's statistics: once, last
+            under = f" under {r['calibration']}" if r["calibration"] else ""
+            print(f"{r['mode']}{under} {stats_line(r)}", flush=True)
         if r["note"]:
             print(r["note"], file=sys.stderr)
-        results.append(r)
     if job.out:
         write_json_atomic(Path(job.out).resolve(), results)
 

@@ -151,6 +151,8 @@ class InferJob(CheckpointSource):
     cache: Optional[str] = None               # mode=dee: propagate (default) | recompute | copy
     decay_tau: float = 0.0                    # mode=dee: CALM's decaying threshold (0 = off)
     stop_at_eos: bool = True
+    batch_size: int = 1                       # prompts decoded together (full/static/ssd; rows
+                                              # of their own lengths, decode/ssd_batch.py)
     compile: bool = False                     # torch.compile the per-token steps (full/static/ssd)
     out: Optional[str] = None                 # JSON with ids, text and statistics per prompt
     device: str = "auto"
@@ -172,6 +174,7 @@ class InferJob(CheckpointSource):
         if self.prompt is not None and self.prompts_file is not None:
             raise ConfigError('give prompt="..." or prompts_file=<file>, not both')
         self.threshold = dee_threshold(self.threshold)
+        self._check_batch()
         # Every mode's options are checked whatever the mode: a bad value is refused even
         # where this mode would ignore it.
         self.ssd()
@@ -184,6 +187,16 @@ class InferJob(CheckpointSource):
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+    def _check_batch(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.batch_size > 1 and self.mode == "dee":
+            raise ConfigError(f"batch_size={self.batch_size}: mode=dee decodes one prompt at a "
+                              "time (give batch_size=1)")
+        if self.batch_size > 1 and self.mode == "ssd" and self.ngram:
+            raise ConfigError(f"batch_size={self.batch_size}: ngram={self.ngram} (prompt-lookup "
+                              "drafts) decodes one prompt at a time (give batch_size=1 or ngram=0)")
 
     def ssd(self) -> SSDConfig:
         """``mode=ssd``'s decoder (its exit checked against the model when loaded)."""
@@ -229,6 +242,9 @@ class HarnessJob(InferJob):
                                               # seq_len, else the model's context)
     gen_kwargs: Optional[str] = None          # 'max_gen_toks=32,...' (quoted): over the tasks' own
     bootstrap_iters: int = 1000               # the harness's standard errors (0 = none)
+
+    def _check_batch(self) -> None:
+        """``batch_size`` here batches scored windows, not generations (checked below)."""
 
     def __post_init__(self) -> None:
         for name in ("prompt", "prompts_file", "max_new_tokens"):

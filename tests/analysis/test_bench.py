@@ -44,6 +44,20 @@ def test_bench_prints_a_table_with_speedups_measured_in_one_run(run_args):
     assert "outside blocks and head" in table and "effic." in table and "rougeL" in table
 
 
+def test_batch_rows_decode_ragged_prompts_together_and_count_every_rows_tokens(run_args):
+    res = benchmark(compose_job("bench", run_args + [
+        "n_prompts=1", "max_new_tokens=6", "draft_layer=[2]", "k=[2]", "exit_layer=[]",
+        "batch_sizes=[1,3]", "out_dir=null"]))
+    rows = {(r["batch_size"], r["mode"]): r for r in res["batch"]}
+    assert list(rows) == [(1, "full"), (1, "ssd E=2 k=2"), (3, "full"), (3, "ssd E=2 k=2")]
+    for r in rows.values():      # three prompts (the largest batch) at every batch size
+        assert r["prompts"] == 3 and 3 <= r["new_tokens"] <= 18
+    # Greedy: the same tokens whatever the batch, SSD's as full's at its batch size.
+    assert rows[3, "ssd E=2 k=2"]["exact_match"] == 1.0 and rows[3, "full"]["speedup"] == 1.0
+    assert rows[3, "ssd E=2 k=2"]["acceptance"] is not None
+    assert "| 3 | ssd E=2 k=2 | no | 3 |" in format_table(res)
+
+
 def test_static_rows_default_to_every_exit_below_the_last(run_args):
     job = compose_job("bench", run_args + ["draft_layer=[]", "out_dir=null"])
     assert job.exit_layer is None

@@ -121,6 +121,29 @@ def test_compiled_ssd_runs_blocks_eagerly_only_for_the_prompt(model, compiled, m
     assert g.stats.rounds > 1 and eager == [6]
 
 
+def test_compiled_batched_ssd_of_ragged_prompts_equals_eager(tiny_config):
+    """Per-row positions, RoPE rows, cache writes and masks inside compiled graphs: the same
+    tokens as eager, drafts accepted and rejected, rows ending at different steps; a second
+    generation (other prompts, same lengths) compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from tinyskip.decode.steps import ragged_batch
+
+    torch.manual_seed(0)
+    peaked = Transformer(tiny_config(initializer_range=0.2)).eval()    # exits often disagree
+    steps = Steps(peaked, compile=True)
+    g = torch.Generator().manual_seed(6)
+    for run in range(2):
+        batch, lengths = ragged_batch([torch.randint(0, 97, (n,), generator=g) for n in (3, 9, 5)])
+        eager = ssd_generate(peaked, batch, 16, SSDConfig(2, 1), lengths=lengths)
+        assert 0 < eager.stats.accepted < eager.stats.drafted
+        before = counters["stats"]["unique_graphs"]
+        got = ssd_generate(peaked, batch, 16, SSDConfig(2, 1), steps=steps, lengths=lengths)
+        assert got.tokens == eager.tokens and steps.compiled
+        if run:
+            assert counters["stats"]["unique_graphs"] == before
+
+
 def test_compile_time_is_reported_apart_and_never_counted_in_tokens_per_s(model):
     """A generation whose steps compile first: the seconds spent compiling (several, on
     this CPU) are reported in compile_s and left out of decode_s, so tokens/s is what the

@@ -130,8 +130,8 @@ def test_bad_prompts_and_layers_are_one_clear_error(model_and_prompts):
         ssd_generate(model, torch.zeros(1, 128, dtype=torch.long), 5, SSDConfig(2, 2))
     with pytest.raises(UserError, match="max_new_tokens=0"):
         generate(model, prompts[0], 0)
-    with pytest.raises(UserError, match="one prompt at a time"):
-        ssd_generate(model, torch.zeros(2, 3, dtype=torch.long), 5, SSDConfig(2, 2))
+    with pytest.raises(UserError, match="ngram=2: prompt-lookup drafts decode one prompt at a time"):
+        ssd_generate(model, torch.zeros(2, 3, dtype=torch.long), 5, SSDConfig(2, 2, ngram=2))
 
 
 def test_generation_stops_at_the_end_of_the_context(model_and_prompts):

@@ -214,3 +214,32 @@ def test_a_certain_draft_is_accepted_with_its_probability_and_resampled_without_
             firsts.append(draft if a == 1 else nxt)
         stat, df = chi2_statistic(firsts, p[0])
         assert stat < chi2_critical(df), (draft, stat)
+
+
+def test_batched_ssd_sampling_keeps_each_rows_distribution(peaked_model):
+    """Three prompts of different lengths sampled together, four new tokens each, k=3:
+    rows accept different numbers of drafts in one round, and every row's first three
+    tokens must follow the full model's distribution given its own prompt."""
+    from tinyskip.decode.steps import ragged_batch
+
+    model, sampling = peaked_model, SamplingConfig(temperature=1.0)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 50, (n,), generator=g) for n in (6, 2, 9)]
+    expected = [exact_marginals(model, p[None], sampling) for p in prompts]
+    batch, lengths = ragged_batch(prompts)
+    n, drafted, accepted = 500, 0, 0
+    tokens = [[[], [], []] for _ in prompts]          # row -> position -> samples
+    for seed in range(n):
+        gen = ssd_generate(model, batch, 4, SSDConfig(1, 3), sampling,
+                           generator=torch.Generator().manual_seed(seed), lengths=lengths)
+        for row, out in zip(tokens, gen.tokens):
+            for position, token in zip(row, out):
+                position.append(token)
+        drafted, accepted = drafted + gen.stats.drafted, accepted + gen.stats.accepted
+    # Real drafts in every row's first round, some rejected, some accepted.
+    assert drafted >= 2 * n * len(prompts) and 0.1 * drafted < accepted < 0.9 * drafted, \
+        (drafted, accepted)
+    for r, (row, marginals) in enumerate(zip(tokens, expected)):
+        for i, (got, p) in enumerate(zip(row, marginals)):
+            stat, df = chi2_statistic(got, p)
+            assert stat < chi2_critical(df), (f"row {r}", f"token {i + 1}", stat, df)

@@ -119,6 +119,13 @@ CASES = [
     ("infer", ["checkpoint=missing", "prompt=hi"], "no checkpoint at missing"),
     ("infer", ["run=tiny", "prompts_file=latin1.txt"], "prompts_file='latin1.txt' is not UTF-8 text"),
     ("infer", ["run=tiny", f"prompt={LONG_PROMPT}"], "longer than the context allows (127 tokens"),
+    ("infer", ["run=tiny", "prompts_file=ragged.txt", "mode=ssd", "draft_layer=2", "batch_size=2"],
+     "prompt 2 of the batch has "),
+    ("infer", ["run=tiny", "prompt=hi", "mode=dee", "threshold=0.5", "batch_size=2"],
+     "batch_size=2: mode=dee decodes one prompt at a time"),
+    ("infer", ["run=tiny", "prompt=hi", "mode=ssd", "draft_layer=2", "ngram=2", "batch_size=4"],
+     "batch_size=4: ngram=2 (prompt-lookup drafts) decodes one prompt at a time"),
+    ("infer", ["run=tiny", "prompt=hi", "batch_size=0"], "batch_size=0: must be >= 1"),
     ("infer", ["run=tiny", "prompt=hi", "mode=ssd", "draft_layer=2", "k=0"], "k=0: must be >= 1"),
     ("infer", ["run=tiny", "prompt=hi", "mode=static", "exit_layer=9"], "exit_layer=9: must be in 1..4"),
     ("infer", ["run=badtok", "prompt=hi"], "tokenizer.model is not a SentencePiece model"),
@@ -222,6 +229,7 @@ def workdir(trained_tiny, wikitext_path, tmp_path_factory) -> Path:
     (work / "hf_badcfg").mkdir()
     (work / "hf_badcfg" / "config.json").write_bytes(b'{"vocab_size": "\xe9"}')
     (work / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    (work / "ragged.txt").write_text(f"the game\n{LONG_PROMPT}\n")       # a batch of two
     (work / "bad.gguf").write_bytes(b"GGUF but not really")
     (work / "exists").mkdir()
     (work / "exists" / "a-file").write_text("not a cache")

@@ -60,6 +60,11 @@ def test_modes_agree_through_the_entry_point(run_args, trained_tiny, tmp_path):
                       eos_id=corpus.eos_id).tokens[0] for r in full]
     assert [r["ids"] for r in static] == exit2 != [r["ids"] for r in full]
     assert all(r["stats"]["layers_per_token"] == 2 for r in static)
+    # batch_size=2: the two prompts (of different lengths) decode together, the same ids.
+    for extra in ([], ["mode=ssd", "draft_layer=3", "k=2", "draft_vocab=100"]):
+        batched = infer(compose_job("infer", base + extra + ["batch_size=2"]))
+        assert [r["ids"] for r in batched] == [r["ids"] for r in full]
+        assert [r["batch"] for r in batched] == [{"rows": 2, "row": 0}, {"rows": 2, "row": 1}]
 
 
 def test_infer_on_the_exported_hugging_face_folder_matches(run_args, trained_tiny, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary
                                exit_classifier_for, load_source, read_calibration, run_data_config,
                                split_ids)
 from .bandwidth import StreamRead, bytes_per_token, module_bytes
+from .bench_batch import batch_rows
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
 from .prefill import matrix_peak, prefill_speed
@@ -220,6 +222,10 @@ def benchmark(job: BenchJob) -> dict:
                 t["exact"] += out == reference
                 t["f1_loss"] += f1_loss(out, reference)     # DEE's calibration loss
                 bar.update()
+    batch = []
+    if job.batch_sizes:               # its own prompts: as many as the largest batch needs
+        many = replace(job, n_prompts=max(job.n_prompts, *job.batch_sizes))
+        batch = batch_rows(job, test_prompts(ids, many, device)[0], compiled or eager)
     slots = cache_size(model, needed)             # every generation's cache (equal lengths)
     widths = [int(k.split(":")[1]) for t in totals.values() for k in t["stats"].calls]
     costs = unit_costs(model, job.prompt_len + job.max_new_tokens // 2, max(widths))
@@ -294,5 +300,6 @@ def benchmark(job: BenchJob) -> dict:
     return {"checkpoint": str(loaded.exits or loaded.source), "device": str(device),
             "threads": torch.get_num_threads(), "prompts": len(prompts),
             "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
-            "costs": costs, "rows": rows, "hf": hf, "levers": levers, "ssd_costs": ssd,
-            "prefill": prefill, "weights_bytes": module_bytes(model), **stream.summary()}
+            "costs": costs, "rows": rows, "hf": hf, "batch": batch, "levers": levers,
+            "ssd_costs": ssd, "prefill": prefill, "weights_bytes": module_bytes(model),
+            **stream.summary()}

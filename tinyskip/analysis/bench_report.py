@@ -17,6 +17,7 @@ from pathlib import Path
 from ..atomic import make_dirs, write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..decode.run import CACHE_RESIDENT_BYTES
 from ..tb_log import ScalarLog
+from .bench_batch import format_batch
 from .engine_levers import format_levers
 from .plots import pareto_figure
 from .ssd_costs import format_round_costs
@@ -89,6 +90,8 @@ def format_table(res: dict) -> str:
                      f"{r['rouge_l']:>7.3f}   (transformers, same weights)")
     if res.get("prefill"):
         lines += ["", format_prefill(res)]
+    if res.get("batch"):
+        lines += ["", format_batch(res["batch"])]
     if res.get("levers"):
         lines += ["", format_levers(res["levers"])]
     if res.get("ssd_costs"):
@@ -146,6 +149,8 @@ def format_markdown(res: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if res.get("prefill"):
         lines += ["", format_prefill(res)]
+    if res.get("batch"):
+        lines += ["", format_batch(res["batch"])]
     if res.get("levers"):
         lines += ["", format_levers(res["levers"])]
     if res.get("ssd_costs"):

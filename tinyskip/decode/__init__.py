@@ -6,6 +6,7 @@
     confidence.py  the confidence measures (DEE and SSD's adaptive drafting)
     full.py        full and static-exit decoding
     ssd.py         self-speculative decoding
+    ssd_batch.py   self-speculative decoding of several prompts together (ragged positions)
     dee.py         dynamic early exit
 """
 
@@ -67,19 +68,22 @@ class ModeSpec:
 def decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, spec: ModeSpec,
            sampling: SamplingConfig = SamplingConfig(), eos_id: StopIds = None,
            generator: Optional[torch.Generator] = None,
-           draft_ids: Optional[torch.Tensor] = None, steps: Optional[Steps] = None) -> Generation:
+           draft_ids: Optional[torch.Tensor] = None, steps: Optional[Steps] = None,
+           lengths: Optional[torch.Tensor] = None) -> Generation:
     """One generation in the mode ``spec`` names; ``steps`` (compiled or not) is shared by
-    the calls of a session so that compiled graphs are reused."""
+    the calls of a session so that compiled graphs are reused. ``prompt`` (B, T): with
+    ``lengths`` (B,), prompts of their own lengths, right-padded (``ragged_batch``)."""
     if spec.mode == "full":
-        return generate(model, prompt, max_new_tokens, None, sampling, eos_id, generator, steps)
+        return generate(model, prompt, max_new_tokens, None, sampling, eos_id, generator, steps,
+                        lengths)
     if spec.mode == "static":
         return generate(model, prompt, max_new_tokens, spec.exit_layer, sampling, eos_id,
-                        generator, steps)
+                        generator, steps, lengths)
     if spec.mode == "dee":
         return dee_generate(model, prompt, max_new_tokens, spec.dee, sampling, eos_id, generator,
                             classifier=spec.classifier)
     return ssd_generate(model, prompt, max_new_tokens, spec.ssd, sampling, eos_id, generator,
-                        draft_ids, steps)
+                        draft_ids, steps, lengths)
 
 
 __all__ = ["MODES", "ModeSpec", "decode", "generate", "ssd_generate", "dee_generate",

@@ -19,6 +19,7 @@ from ..storage.loading import (Loaded, check_calibrated_length, default_calibrat
                                draft_vocabulary, exit_classifier_for, load_source,
                                read_calibration, run_data_config)
 from . import ModeSpec, Steps, decode
+from .steps import ragged_batch
 
 # New tokens per prompt when max_new_tokens is not given and no calibration file decides.
 DEFAULT_NEW_TOKENS = 64
@@ -142,7 +143,9 @@ def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
 
 
 def generations(job: InferJob) -> Iterator[dict]:
-    """Decode every prompt as it comes (standard input is read lazily)."""
+    """Decode the prompts as they come (standard input is read lazily), ``batch_size`` at
+    a time: a batch's rows each get their text, and the batch's statistics (``batch``: its
+    number of rows, the row's index in it)."""
     sampling = job.sampling()
     device = pick_device(job.device)
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype,
@@ -154,20 +157,34 @@ def generations(job: InferJob) -> Iterator[dict]:
     generator = torch.Generator(device=device).manual_seed(job.seed)
     steps = Steps(model, compile=job.compile)       # shared, so graphs compile once
     note = True                                     # the regime note goes with the first
-    for text in read_prompts(job, lambda: opening_prompts(run_data_config(loaded.run_dir,
-                                                                            job.data))):
-        ids = tok.encode(text)
-        prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    prompts = read_prompts(job, lambda: opening_prompts(run_data_config(loaded.run_dir,
+                                                                          job.data)))
+    for texts in groups(prompts, job.batch_size):
+        ids = [tok.encode(text) for text in texts]
+        prompt, lengths = ragged_batch(ids, device)
         gen = decode(model, prompt, max_new_tokens, spec, sampling, eos, generator, draft_ids,
-                     steps)
-        tokens = gen.tokens[0]
-        yield {"prompt": text, "mode": spec.label, "prompt_ids": ids, "ids": tokens,
-               "text": continuation(tok, ids, tokens), "stats": gen.stats.as_dict(),
-               "ended": bool(tokens) and tokens[-1] in tok.stop_ids(),
-               "compiled": steps.compiled and spec.mode != "dee",   # DEE's steps: eager
-               "calibration": str(cal_path) if cal_path else None,
-               "note": regime_note(model, spec.mode) if note else None}
-        note = False
+                     steps, lengths if len(ids) > 1 else None)
+        for row, (text, prompt_ids, tokens) in enumerate(zip(texts, ids, gen.tokens)):
+            yield {"prompt": text, "mode": spec.label, "prompt_ids": prompt_ids, "ids": tokens,
+                   "text": continuation(tok, prompt_ids, tokens), "stats": gen.stats.as_dict(),
+                   "batch": {"rows": len(ids), "row": row},
+                   "ended": bool(tokens) and tokens[-1] in tok.stop_ids(),
+                   "compiled": steps.compiled and spec.mode != "dee",   # DEE's steps: eager
+                   "calibration": str(cal_path) if cal_path else None,
+                   "note": regime_note(model, spec.mode) if note else None}
+            note = False
+
+
+def groups(items: Iterator[str], n: int) -> Iterator[list[str]]:
+    """``items`` n at a time (the last group may be shorter), read as they come."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 # Weights below about this size stay in a CPU's last-level cache (32 MiB measured here):
@@ -210,7 +227,10 @@ def stats_line(r: dict) -> str:
     """A generation's statistics; the time compiling graphs is shown apart, never in tok/s."""
     s = r["stats"]
     steps = "compiled steps" if r["compiled"] else "eager steps"
-    if r["ended"] and s["new_tokens"] == 1:
+    rows = r.get("batch", {}).get("rows", 1)
+    if rows > 1:
+        steps += f", a batch of {rows} prompts"
+    if r["ended"] and s["new_tokens"] == 1 and rows == 1:
         line = f"[the model ended the text at once: no decoding speed to report, {steps}"
     else:
         line = f"[{s['new_tokens']} new tokens, {s['tokens_per_s']:.1f} tok/s, {steps}"

@@ -33,6 +33,7 @@ from ..model.transformer import Transformer
 from .confidence import max_prob
 from .lookup import lookup
 from .sampling import SamplingConfig, accept_sampled, logits_to_probs
+from .ssd_batch import ssd_generate_batch
 from .stats import DecodeStats, Generation
 from .steps import (Steps, StopIds, first_token, new_cache, one_prompt, positions, sync,
                     truncate_at_eos)
@@ -43,8 +44,13 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                  sampling: SamplingConfig = SamplingConfig(), eos_id: StopIds = None,
                  generator: Optional[torch.Generator] = None,
                  draft_ids: Optional[torch.Tensor] = None,
-                 steps: Optional[Steps] = None) -> Generation:
-    """Self-speculative decoding of one prompt (1, T)."""
+                 steps: Optional[Steps] = None,
+                 lengths: Optional[torch.Tensor] = None) -> Generation:
+    """Self-speculative decoding of one prompt (1, T); prompts (B, T), right-padded where
+    ``lengths`` (B,) gives their own lengths, decode together in ssd_batch.py."""
+    if prompt.dim() == 2 and prompt.shape[0] > 1:
+        return ssd_generate_batch(model, prompt, max_new_tokens, cfg, sampling, eos_id,
+                                  generator, draft_ids, steps, lengths)
     L, E = model.num_layers, cfg.draft_layer
     cfg.validate(L)
     n_new = one_prompt(model, prompt, max_new_tokens, "ssd")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch._dynamo.utils import counters
@@ -58,6 +58,49 @@ def cache_size(model: Transformer, needed: int) -> int:
     return min(model.config.max_position_embeddings, max(256, 1 << (needed - 1).bit_length()))
 
 
+def ragged_batch(prompts: Sequence[Sequence[int]], device=None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths (token lists or 1-D tensors) as one batch: the rows
+    right-padded with token 0 to the longest, (B, T_max), and their lengths (B,). Row r's
+    prompt sits at positions 0..T_r-1; what the padding writes into the cache lies past
+    the row's own positions, masked, and its first new tokens overwrite it."""
+    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    if not rows:
+        raise UserError("no prompt to decode")
+    for r, row in enumerate(rows):
+        if row.numel() == 0 and len(rows) > 1:      # (one empty prompt: check_prompt says so)
+            raise UserError(f"prompt {r + 1} of the batch is empty: give at least one token")
+    lengths = torch.tensor([row.numel() for row in rows])
+    batch = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for r, row in enumerate(rows):
+        batch[r, :row.numel()] = row
+    return batch.to(device), lengths.to(device)
+
+
+def row_budgets(model: Transformer, lengths: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """``budget`` of each row of a ragged batch (prompt lengths (B,)): checked, and each
+    capped by the context."""
+    check_max_new_tokens(max_new_tokens)
+    ctx = model.config.max_position_embeddings
+    out = []
+    for r, n in enumerate(lengths.tolist()):
+        if n >= ctx:
+            raise UserError(f"prompt {r + 1} of the batch has {n} tokens, longer than the "
+                            f"context allows ({ctx - 1} tokens + 1 generated)")
+        out.append(min(max_new_tokens, ctx - n))
+    return out
+
+
+def row_positions(start: torch.Tensor, T: int, last: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions start_b..start_b+T-1 of each row, none past ``last`` (B,).
+
+    A batch step runs every row at the same width, so a row that needs fewer positions
+    (a smaller budget, a finished row) would run past its last one, and past the cache
+    at the context's end: its surplus queries are held at ``last``, the row's final
+    position, which none of its kept tokens reads (a kept query sits before it)."""
+    return torch.minimum(start[:, None] + torch.arange(T, device=start.device), last[:, None])
+
+
 def new_cache(model: Transformer, prompt: torch.Tensor, steps: int) -> KVCache:
     """A cache for the prompt and ``steps`` new tokens (``cache_size`` slots)."""
     size = cache_size(model, prompt.shape[1] + steps)
@@ -65,7 +108,8 @@ def new_cache(model: Transformer, prompt: torch.Tensor, steps: int) -> KVCache:
 
 
 def one_prompt(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, mode: str) -> int:
-    """``budget`` for the modes that decode one prompt at a time (ssd, dee)."""
+    """``budget`` for the decoders of one prompt at a time (dee, and ssd.py: batches go to
+    ssd_batch.py)."""
     n_new = budget(model, prompt, max_new_tokens)
     if prompt.shape[0] != 1:
         raise UserError(f"mode={mode} decodes one prompt at a time (got a batch of "
@@ -91,18 +135,28 @@ def sync(device: torch.device) -> None:
 
 
 def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, end_layer: int,
-            stats: DecodeStats, exit_kv: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+            stats: DecodeStats, exit_kv: Optional[tuple[int, ...]] = None,
+            lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run blocks [0, end_layer) over the prompt; returns the exit logits (B, V) of its last
-    token (``exit_kv``: see ``Transformer.run_layers``)."""
+    token, or with ``lengths`` (B,) (rows right-padded, see ``ragged_batch``) of each row's
+    own last token (``exit_kv``: see ``Transformer.run_layers``)."""
     t0 = time.perf_counter()
     h = model.run_layers(model.embed(prompt), 0, end_layer, cache, 0, exit_kv)
     # Only the last position reaches the head; an attending module needs the whole prompt.
     module = model.exit_module(end_layer)
-    if module is None or not module.has_attention:
-        h = h[:, -1:]
-    logits = model.lm_head(model.exit_state(h, end_layer, cache, prompt.shape[1] - h.shape[1]))[:, -1]
+    attends = module is not None and module.has_attention
+    if lengths is None:
+        if not attends:
+            h = h[:, -1:]
+        logits = model.lm_head(model.exit_state(h, end_layer, cache, prompt.shape[1] - h.shape[1]))[:, -1]
+    else:
+        rows = torch.arange(prompt.shape[0], device=prompt.device)
+        if attends:
+            h = model.exit_state(h, end_layer, cache, 0)
+        h = h[rows, lengths - 1][:, None]                             # (B, 1, d)
+        logits = model.lm_head(h if attends else model.exit_state(h, end_layer))[:, -1]
     sync(prompt.device)
-    stats.prompt_tokens = prompt.shape[1]
+    stats.prompt_tokens = prompt.numel() if lengths is None else int(lengths.sum())
     stats.prefill_s = time.perf_counter() - t0
     return logits
 

@@ -58,7 +58,7 @@ class ExitHead:
         return idx if self.ids is None else self.ids[idx.to(self.ids.device)]
 
     def full_probs(self, probs: torch.Tensor) -> torch.Tensor:
-        """(N,) probabilities over the head's vocabulary -> (V,), zero outside it."""
+        """(..., N) probabilities over the head's vocabulary -> (..., V), zero outside it."""
         if self.ids is None:
             return probs
-        return probs.new_zeros(self.vocab_size).index_copy(0, self.ids, probs)
+        return probs.new_zeros(*probs.shape[:-1], self.vocab_size).index_copy(-1, self.ids, probs)

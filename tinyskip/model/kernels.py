@@ -94,7 +94,8 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query per sequence over the cache, as plain reductions.
 
-    q (B, H, 1, hd); k, v (B, n_kv, S, hd), the cache's whole buffers; mask (1, S), True =
+    q (B, H, 1, hd); k, v (B, n_kv, S, hd), the cache's whole buffers; mask (1, S), or
+    (B, 1, 1, S) where rows sit at positions of their own, True =
     may attend. What SDPA computes, written so that inductor fuses it into a few loops
     instead of calling SDPA's kernel, whose set-up outweighs one query's work.
     """

@@ -6,7 +6,8 @@ buffer under a causal mask by position, so every shape is static as the sequence
 (what ``torch.compile`` needs to trace a step once). Because nothing is ever appended or
 cropped, a speculative rollback costs nothing (entries past the accepted prefix are
 masked out and later overwritten) and a decoder can fill the entries of layers that a
-token skipped at any time.
+token skipped at any time. Rows of a batch may sit at positions of their own (batched
+SSD, ragged prompts): positions are then (B, T) and each row writes and masks its own.
 """
 
 from __future__ import annotations
@@ -58,10 +59,17 @@ class KVCache:
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at positions input_pos (T,); return the full buffers."""
+        """Write k, v (B, n_kv, T, hd) at positions input_pos: (T,), shared by every row, or
+        (B, T), each row at its own (batched SSD, ragged prompts); return the full buffers."""
         k_buf, v_buf = self.k[layer], self.v[layer]
-        k_buf.index_copy_(2, input_pos, k)
-        v_buf.index_copy_(2, input_pos, v)
+        if input_pos.dim() == 1:
+            k_buf.index_copy_(2, input_pos, k)
+            v_buf.index_copy_(2, input_pos, v)
+        else:
+            # Row b's T entries at its own positions: (B, T) -> (B, n_kv, T, hd) indices.
+            index = input_pos[:, None, :, None].expand_as(k)
+            k_buf.scatter_(2, index, k)
+            v_buf.scatter_(2, index, v)
         return k_buf, v_buf
 
     def copy_up(self, src: int, dst: Iterable[int], pos: int) -> None:

@@ -67,11 +67,13 @@ class RMSNorm(nn.Module):
 class AttnContext:
     """What every layer of one ``run_layers`` call shares: positions, RoPE rows, mask."""
 
-    cos: torch.Tensor                     # (T, hd) RoPE rows of the T positions
-    sin: torch.Tensor                     # (T, hd)
-    input_pos: torch.Tensor               # (T,) absolute positions of the tokens
+    # Shared positions / per-row positions (B, T) (see ``Transformer.context``):
+    cos: torch.Tensor                     # (T, hd) / (B, 1, T, hd) RoPE rows of the positions
+    sin: torch.Tensor                     # (T, hd) / (B, 1, T, hd)
+    input_pos: torch.Tensor               # (T,) / (B, T) absolute positions of the tokens
     cache: Optional[KVCache] = None
-    mask: Optional[torch.Tensor] = None   # (T, S) bool over the whole cache, True = may attend
+    mask: Optional[torch.Tensor] = None   # (T, S) / (B, 1, T, S) bool over the whole cache,
+                                          # True = may attend
     kernels: Kernels = DECODE_KERNELS
 
 

@@ -92,7 +92,9 @@ class Transformer(nn.Module):
 
         ``pos`` is the first position (an int: checked against the cache) or the (T,)
         positions themselves (a tensor: compiled steps pass positions as data, so that a
-        growing sequence never changes a traced constant). With a cache, attention reads
+        growing sequence never changes a traced constant), or (B, T) positions, row b's
+        tokens at its own (rows of a batch that accepted different numbers of drafts, or
+        started from prompts of different lengths). With a cache, attention reads
         the cache's full preallocated buffers under a mask by position: shapes stay static
         as the sequence grows, and stale entries past the query (rejected drafts) are masked.
         """
@@ -102,10 +104,16 @@ class Transformer(nn.Module):
             input_pos = torch.arange(pos, pos + T, device=self.rope_cos.device)
         else:
             input_pos = pos
-        ctx = AttnContext(self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, cache,
-                          kernels=kernels)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]       # (..., T, hd)
+        if input_pos.dim() == 2:          # per row: (B, T, hd) -> (B, 1, T, hd), over heads
+            cos, sin = cos[:, None], sin[:, None]
+        ctx = AttnContext(cos, sin, input_pos, cache, kernels=kernels)
         if cache is not None:
-            ctx.mask = cache.positions[None, :] <= input_pos[:, None]    # (T, S)
+            # (T, S), or per row (B, T, S) -> (B, 1, T, S): each query sees its row's
+            # entries up to its own position.
+            ctx.mask = cache.positions <= input_pos[..., None]
+            if input_pos.dim() == 2:
+                ctx.mask = ctx.mask[:, None]
         return ctx
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: Optional[KVCache] = None,

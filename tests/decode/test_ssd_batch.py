@@ -1,0 +1,83 @@
+"""Several prompts of different lengths decoded together: every row's output is the one it
+gets decoded alone (greedy: token for token), while rows accept different numbers of
+drafts, end at stop tokens of their own, and hit their budgets at different steps."""
+
+import pytest
+import torch
+
+from tinyskip.config import SSDConfig, UserError
+from tinyskip.decode import generate, ssd_generate
+from tinyskip.decode.steps import ragged_batch
+from tinyskip.model.transformer import Transformer
+
+LENGTHS = (5, 12, 1, 40)     # the context is 64: the 40-token row's budget is 24, not 30
+
+
+@pytest.fixture(scope="module")
+def peaked(tiny_config):
+    """A random tiny model with large weights: its exits disagree with the last often
+    enough that drafts are both accepted and rejected (with small weights every exit
+    repeats the input token and every draft is accepted)."""
+    torch.manual_seed(0)
+    return Transformer(tiny_config(initializer_range=0.2)).eval()
+
+
+@pytest.fixture(scope="module")
+def rows(peaked):
+    """Ragged prompts; each row decoded alone; a stop token that the third row produces
+    as its 7th token and no other row produces."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (n,), generator=g) for n in LENGTHS]
+    alone = [generate(peaked, p[None], 30).tokens[0] for p in prompts]
+    stop = alone[2][6]
+    assert stop not in alone[2][:6] and not any(stop in a for a in alone[:2] + alone[3:])
+    return prompts, alone, stop
+
+
+def test_full_decoding_of_ragged_prompts_equals_each_row_alone(peaked, rows):
+    prompts, alone, stop = rows
+    batch, lengths = ragged_batch(prompts)
+    for exit_layer, eos in ((None, None), (None, stop), (2, None)):
+        got = generate(peaked, batch, 30, exit_layer, eos_id=eos, lengths=lengths)
+        assert got.tokens == [generate(peaked, p[None], 30, exit_layer, eos_id=eos).tokens[0]
+                              for p in prompts], (exit_layer, eos)
+    assert [len(t) for t in got.tokens] == [30, 30, 30, 24]
+
+
+@pytest.mark.parametrize("cfg", [SSDConfig(2, 3), SSDConfig(1, 4), SSDConfig(3, 2),
+                                 SSDConfig(2, 4, adaptive_threshold=0.1),
+                                 SSDConfig(3, 3, draft_vocab=40)])
+def test_greedy_batched_ssd_equals_each_row_decoded_alone(peaked, rows, cfg):
+    prompts, alone, stop = rows
+    batch, lengths = ragged_batch(prompts)
+    ids = torch.arange(0, 97, 2)[:cfg.draft_vocab] if cfg.draft_vocab else None
+    for eos in (None, stop):
+        want = [generate(peaked, p[None], 30, eos_id=eos).tokens[0] for p in prompts]
+        got = ssd_generate(peaked, batch, 30, cfg, eos_id=eos, draft_ids=ids, lengths=lengths)
+        assert got.tokens == want, (cfg, eos)
+        st = got.stats
+        # Drafts were both accepted and rejected, and the counts add up over the rows.
+        assert 0 < st.accepted < st.drafted, (st.accepted, st.drafted)
+        assert st.new_tokens == sum(map(len, want)) and sum(st.accept_hist) == st.rounds
+    assert len(got.tokens[2]) == 7 and got.tokens[2][-1] == stop      # that row ended early
+
+
+def test_rows_of_equal_lengths_and_one_row_batches(peaked, rows):
+    """Equal lengths need no ``lengths``; a batch of one goes to the one-prompt decoder."""
+    prompts, _, _ = rows
+    batch = torch.stack([prompts[1], prompts[1].flip(0)])
+    got = ssd_generate(peaked, batch, 20, SSDConfig(2, 3)).tokens
+    assert got == [generate(peaked, row[None], 20).tokens[0] for row in batch]
+    one, lengths = ragged_batch(prompts[1:2])
+    assert ssd_generate(peaked, one, 20, SSDConfig(2, 3), lengths=lengths).tokens == got[:1]
+
+
+def test_ragged_prompts_longer_than_the_context_are_one_clear_error(peaked):
+    batch, lengths = ragged_batch([[1, 2, 3], list(range(64))])
+    with pytest.raises(UserError, match="prompt 2 of the batch has 64 tokens, longer than the "
+                                        r"context allows \(63 tokens \+ 1 generated\)"):
+        ssd_generate(peaked, batch, 5, SSDConfig(2, 2), lengths=lengths)
+    with pytest.raises(UserError, match="prompt 2 of the batch has 64 tokens"):
+        generate(peaked, batch, 5, lengths=lengths)
+    with pytest.raises(UserError, match="prompt 1 of the batch is empty"):
+        ragged_batch([[], [1]])
