@@ -180,4 +180,10 @@ class GpuCheckJob:
         if self.n_prompts < 2:
             raise ConfigError(f"n_prompts={self.n_prompts}: must be >= 2 (the first one "
                               "compiles, the others are timed)")
+        if not self.model.path:     # a preset's shape is known now (a folder's, once loaded)
+            SSDConfig(self.draft_layer, self.k).validate(self.model.num_hidden_layers)
+            if self.prompt_len + self.max_new_tokens > self.model.max_position_embeddings:
+                raise ConfigError(f"prompt_len + max_new_tokens = "
+                                  f"{self.prompt_len + self.max_new_tokens}: past the model's "
+                                  f"context, {self.model.max_position_embeddings}")
         check_out(self)

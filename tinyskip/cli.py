@@ -174,7 +174,9 @@ def remove_run_folder() -> None:
 
 
 def fail(e: UserError) -> NoReturn:
-    print(f"error: {e}", file=sys.stderr)
+    # Under torchrun every rank meets the same bad input: rank 0 alone says so.
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 

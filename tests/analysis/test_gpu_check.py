@@ -80,3 +80,21 @@ def test_compiled_steps_replay_as_cuda_graphs_on_a_gpu_and_wrap_in_cpp_on_the_cp
 def test_agreement_counts_missing_positions_as_different():
     assert agreement([[1, 2, 3]], [[1, 2, 3]]) == 1.0
     assert agreement([[1, 2, 3, 4]], [[1, 9]]) == 0.25
+
+
+def test_tokens_may_part_from_full_decoding_only_at_near_ties(tiny_config):
+    """The decoding rows' verdict: equal, or (bf16) parted where the full model's top two
+    logits are within rel of each other; in fp32 not parted at all."""
+    from tinyskip.analysis.gpu_check import parts_at_near_ties
+    from tinyskip.decode import generate
+
+    torch.manual_seed(0)
+    model = random_model(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
+    prompt = torch.randint(0, 97, (1, 6))
+    want = generate(model, prompt, 12).tokens[0]
+    other = want[:3] + [(want[3] + 1) % 97] + want[4:]
+    assert parts_at_near_ties(model, [prompt], [want], [want], exact=True)
+    assert not parts_at_near_ties(model, [prompt], [want], [other], exact=True)
+    assert not parts_at_near_ties(model, [prompt], [want], [other], rel=0.0)
+    assert parts_at_near_ties(model, [prompt], [want], [other], rel=1e9)
+    assert not parts_at_near_ties(model, [prompt], [want], [want[:-1]])      # cut short

@@ -7,7 +7,7 @@ import torch
 
 from tinyskip.config import SSDConfig, UserError
 from tinyskip.decode import generate, ssd_generate
-from tinyskip.decode.steps import ragged_batch
+from tinyskip.decode.steps import Steps, ragged_batch
 from tinyskip.model.transformer import Transformer
 
 LENGTHS = (5, 12, 1, 40)     # the context is 64: the 40-token row's budget is 24, not 30
@@ -81,3 +81,55 @@ def test_ragged_prompts_longer_than_the_context_are_one_clear_error(peaked):
         generate(peaked, batch, 5, lengths=lengths)
     with pytest.raises(UserError, match="prompt 1 of the batch is empty"):
         ragged_batch([[], [1]])
+
+
+class ReplayingSteps(Steps):
+    """Eager steps whose every call first overwrites the previous call's outputs, as the
+    replay of a CUDA graph does (compiled steps on a GPU: steps.compile_options)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.last = []
+        for name in ("_token_fn", "_blocks_fn", "_states_fn"):
+            setattr(self, name, self._overwriting(getattr(self, name)))
+
+    def _overwriting(self, fn):
+        def call(*args):
+            for t in self.last:
+                t.fill_(float("nan"))
+            out = fn(*args)
+            self.last = [out] if isinstance(out, torch.Tensor) else list(out)
+            return out
+        return call
+
+
+def test_no_loop_reads_a_step_output_after_the_next_step_call(peaked, rows):
+    """What CUDA graphs allow, checked on the CPU for every loop that drives Steps."""
+    prompts, alone, stop = rows
+    batch, lengths = ragged_batch(prompts)
+    cfg = SSDConfig(2, 3)
+    full = generate(peaked, batch, 30, lengths=lengths).tokens
+    assert full == [a[:len(f)] for a, f in zip(alone, full)]
+    assert generate(peaked, prompts[0][None], 30, steps=ReplayingSteps(peaked)).tokens[0] \
+        == alone[0]
+    assert generate(peaked, batch, 30, lengths=lengths, steps=ReplayingSteps(peaked)).tokens \
+        == full
+    assert ssd_generate(peaked, prompts[1][None], 30, cfg,
+                        steps=ReplayingSteps(peaked)).tokens[0] == alone[1]
+    assert ssd_generate(peaked, batch, 30, cfg, lengths=lengths,
+                        steps=ReplayingSteps(peaked)).tokens == full
+
+
+def test_adaptive_drafting_stops_each_row_at_its_own_unsure_draft(peaked, rows):
+    """A row's first draft under the threshold ends that row's drafts, not the others':
+    fewer drafts than without the threshold, more than if any row's stop stopped all."""
+    prompts, alone, _ = rows
+    batch, lengths = ragged_batch(prompts)
+    runs = {t: ssd_generate(peaked, batch, 30, SSDConfig(2, 4, adaptive_threshold=t),
+                            lengths=lengths) for t in (0.0, 0.3)}
+    assert runs[0.3].tokens == runs[0.0].tokens
+    per_row = [ssd_generate(peaked, p[None], 30, SSDConfig(2, 4, adaptive_threshold=0.3))
+               for p in prompts]
+    # Each row drafts in the batch what it drafts alone (its rounds are its own).
+    assert runs[0.3].stats.drafted == sum(g.stats.drafted for g in per_row)
+    assert runs[0.3].stats.drafted < runs[0.0].stats.drafted

@@ -162,6 +162,8 @@ CASES = [
      "it was saved by a ddp or one-process run (its optimizer state is whole, not sharded)"),
     ("train", Train("noshard", resume=True), "checkpoint is incomplete: missing "
                                              "sharded/__1_0.distcp (1 of the 3 files its 2 ranks"),
+    ("train", Train("nomanifest", resume=True), "is incomplete: sharded/ without the "
+                                                "sharded.json that lists its files"),
     # Exit modules on a frozen backbone (train=balcony).
     ("train", ["train=balcony", "train.kl_weight=0"], "the exit modules would learn nothing"),
     ("train", ["train=balcony", "train.backbone=tiny", "train.parallel=fsdp"],
@@ -206,7 +208,8 @@ def workdir(trained_tiny, wikitext_path, tmp_path_factory) -> Path:
     """A working folder with copies of the tiny run, broken in the ways the cases need."""
     work = tmp_path_factory.mktemp("bad-input")
     runs = work / "checkpoints"
-    for name in ("tiny", "badtok", "badcfg", "badstate", "oldonly", "bigtok", "noshard"):
+    for name in ("tiny", "badtok", "badcfg", "badstate", "oldonly", "bigtok", "noshard",
+                 "nomanifest"):
         shutil.copytree(trained_tiny[2], runs / name)
     (runs / "badtok" / "checkpoint" / "tokenizer.model").write_bytes(b"\x0a\x05garbage")
     (runs / "badcfg" / "checkpoint" / "config.json").write_bytes(b'{"name": "\xff"}')
@@ -219,6 +222,7 @@ def workdir(trained_tiny, wikitext_path, tmp_path_factory) -> Path:
     (shards / "__0_0.distcp").write_bytes(b"rank 0's shard")
     (shards.parent / "sharded.json").write_text(json.dumps(
         {"world_size": 2, "files": [".metadata", "__0_0.distcp", "__1_0.distcp"]}))
+    shutil.copytree(shards, runs / "nomanifest" / "checkpoint" / "sharded")  # (no sharded.json)
     lines, _ = load_lines(DataConfig(path=wikitext_path, max_rows=1000))
     train_tokenizer(lines["train"], DataConfig(vocab_size=400),
                     runs / "bigtok" / "checkpoint" / "tokenizer.model")

@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 from omegaconf import OmegaConf
 
-from tinyskip.cli import CONF_DIR, compose_job
+from tinyskip.cli import CONF_DIR, SCHEMAS, compose_job
 from tinyskip.config import ConfigError, ModelConfig, UserError
 
 PRIMARY = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
@@ -44,7 +46,10 @@ def test_every_group_option_composes_with_every_primary(entry, group, option):
         with pytest.raises(ConfigError, match="model.path='some/folder': the training benchmark"):
             compose(entry, ["model=hf_llama", "model.path=some/folder"])
         return
-    extra = ["model.path=some/folder", "run=null"] if option == "hf_llama" else []
+    has_run = "run" in {f.name for f in dataclasses.fields(SCHEMAS[entry])}
+    extra = ["model.path=some/folder"] + ["run=null"] * has_run if option == "hf_llama" else []
+    # (the GPU check's SSD row drafts at exit 8 by default: deeper than some presets)
+    extra += ["draft_layer=1"] if entry == "gpu_check" else []
     extra += {"static": ["exit_layer=1"], "ssd": ["draft_layer=1"]}.get(option, []) \
         if group == "mode" else []
     compose(entry, [f"{group}={option}"] + extra)
@@ -67,7 +72,7 @@ def test_model_presets_load_as_typed_dataclasses():
     ("train", "seed=3", "seed: no such key (did you mean train.seed?)"),
     ("infer", "mdoe=ssd", "mdoe: no such key (did you mean mode?)"),
     ("train", "model=l99", "model=l99: no such option (available: hf_llama, l12_d256, "
-                           "l12_d512, l4_d64, l6_d128, l6_d192)"),
+                           "l12_d512, l4_d64, l6_d128, l6_d192, llama3_8b)"),
     ("train", "train.max_steps=abc", "train.max_steps='abc': Value 'abc' of type 'str' could "
                                      "not be converted to Integer"),
 ])

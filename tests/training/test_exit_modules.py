@@ -362,11 +362,22 @@ def test_two_data_parallel_processes_train_the_modules_as_one_does(repo, balcony
         assert json.loads((exits / "sharded.json").read_text())["world_size"] == 2
         loaded = load_source(run, None, str(root), None, torch.device("cpu"))
         assert loaded.model.exit_modules.exit_layers == [1, 2, 3]
-        # Its shards load into one process's whole modules and optimizer.
-        again = train_exit_modules(compose_job("train", args + [f"run={run}",
+        # Killed after its step-3 save, the two-rank run's shards resume on one process
+        # (whole modules and optimizer) to the numbers the uninterrupted run logged.
+        killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", "tests/training/killed_run.py", "3",
+                                 *args, "run=killed", f"train.exit_cache={mode}",
+                                 f"train.parallel={parallel}"],
+                                cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert killed.returncode != 0 and (root / "killed" / "exits" / "sharded.json").is_file()
+        again = train_exit_modules(compose_job("train", args + ["run=killed",
                                                                 "train.resume=true"]),
                                    progress=False)
-        assert again.step == 6 and again.losses == []
+        assert again.step == 6 and len(again.losses) == 3
+        [resumed] = [json.loads(l) for l in (root / "killed" / "metrics.jsonl").read_text()
+                     .splitlines()]
+        assert resumed["train_loss"] == pytest.approx(ddp["train_loss"], rel=1e-4, abs=1e-8)
+        assert resumed["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-5)
 
 
 def test_a_finished_run_resumes_with_its_default_exits(balcony):

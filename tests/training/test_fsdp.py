@@ -3,6 +3,7 @@ does, a run killed mid-way resumes exactly, and its shards reshard onto one proc
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,24 +145,33 @@ def test_two_ranks_shards_resume_on_one_process(runs, parallel, request):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_a_sharded_step_reads_the_head_whole_and_steps_as_one_process(tiny_config, tied,
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_sharded_step_reads_the_head_whole_and_steps_as_one_process(tiny_config, tied, bf16,
                                                                      group_of_one):
     """LayerDrop on, the head tied or not: the loss reads lm_head inside the sharded
-    root's forward (a sharded read would mix DTensors with tensors and fail)."""
+    root's forward (a sharded read would mix DTensors with tensors and fail). Under
+    train.bf16, bf16 products on a residual stream that stays fp32, as one process's
+    autocast does (the blocks gather bf16 weights; only the norms' gains then round)."""
     tc = TrainConfig(exit_weighting="layerskip", e_scale=0.2, layerdrop_p_max=0.5,
-                     layerdrop_depth="uniform", bf16=False, batch_size=4, parallel="fsdp")
+                     layerdrop_depth="uniform", bf16=bf16, batch_size=4, parallel="fsdp")
     x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
-    losses = {}
+    losses, inputs, weights = {}, {}, {}
     for sharded in (False, True):
         torch.manual_seed(0)
         model = Transformer(tiny_config(tie_word_embeddings=tied)).train()
+        model.layers[0].register_forward_pre_hook(
+            lambda m, args: inputs.setdefault(sharded, args[0].dtype) and None)
+        model.layers[0].mlp.up_proj.register_forward_pre_hook(
+            lambda m, args: weights.setdefault(sharded, m.weight.dtype) and None)
         objective = ExitObjective(model, tc)
         if sharded:
             shard(objective, model.layers, tc)
         opt = make_optimizer(model, tc)
         losses[sharded] = [train_step(objective, opt, tc, x, y, step).loss.item()
                            for step in range(3)]
-    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert losses[True] == pytest.approx(losses[False], rel=2e-3 if bf16 else 1e-6)
+    assert inputs == {False: torch.float32, True: torch.float32}
+    assert weights[True] == (torch.bfloat16 if bf16 else torch.float32)    # (gathered so)
 
 
 def test_a_rank_whose_rows_all_skip_a_block_still_calls_it(tiny_model):
@@ -182,14 +192,56 @@ class RunsCode:
         return (os.system, ("touch pwned",))
 
 
-def test_shard_metadata_that_would_run_code_is_refused_unread(tmp_path, tiny_model, monkeypatch):
-    """DCP's .metadata is a pickle: only DCP's own classes may come out of it."""
-    import pickle
+def _string(text: str) -> bytes:
+    """A pickle SHORT_BINUNICODE opcode."""
+    return b"\x8c" + bytes([len(text)]) + text.encode()
 
+
+# Protocol 4 resolves dotted names through a module: DCP's metadata module imports os.
+DOTTED = (b"\x80\x04" + _string("torch.distributed.checkpoint.metadata") + _string("os.system")
+          + b"\x93" + _string("touch pwned") + b"\x85R.")
+
+
+@pytest.mark.parametrize("payload, refused", [
+    (lambda: __import__("pickle").dumps(RunsCode()), "posix.system is not allowed"),
+    (lambda: DOTTED, "torch.distributed.checkpoint.metadata.os.system is not allowed"),
+    (lambda: __import__("pickle").dumps({"not": "metadata"}), "a dict, not DCP's Metadata"),
+], ids=["global", "dotted", "not-metadata"])
+def test_shard_metadata_that_would_run_code_is_refused_unread(tmp_path, tiny_model, monkeypatch,
+                                                              payload, refused):
+    """DCP's .metadata is a pickle: only the classes its metadata is made of come out of it,
+    by exact name, and a refusal is one CheckpointError line (not DCP's own exception)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sharded").mkdir()
-    (tmp_path / "sharded" / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    (tmp_path / "sharded" / ".metadata").write_bytes(payload())
     with pytest.raises(CheckpointError, match="not shard metadata DCP wrote "
-                                              r"\(posix.system is not allowed\)"):
+                                              rf"\({re.escape(refused)}\)"):
         load_shards(tmp_path, tiny_model, make_optimizer(tiny_model, TrainConfig()))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_torn_shard_is_one_checkpoint_error(tmp_path, tiny_model):
+    """DCP raises its failures as a BaseException carrying each rank's: one line here."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    opt = make_optimizer(tiny_model, TrainConfig())
+    model_state, optim_state = get_state_dict(tiny_model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp_path / "sharded")
+    load_shards(tmp_path, tiny_model, opt)                      # whole, it loads
+    shard = next((tmp_path / "sharded").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"its shards do not load into this run \("):
+        load_shards(tmp_path, tiny_model, opt)
+
+
+def test_under_torchrun_a_refusal_is_said_once(repo, tmp_path):
+    """Every rank meets the same bad input; rank 0 alone prints the line (torchrun then
+    reports its children's exit in its own words)."""
+    done = torchrun(repo, 2, "-m", "tinyskip.train", "model=l4_d64", "train.batch_size=3",
+                    "train.parallel=fsdp", f"checkpoint_root={tmp_path}")
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: train.batch_size=3 must be divisible by the 2 data-parallel "
+                     "processes"]
+    assert not any(tmp_path.iterdir())

@@ -139,6 +139,32 @@ def test_a_fallback_checkpoint_alone_also_blocks_a_fresh_run(overrides, tmp_path
     assert (run / ".checkpoint-old" / "model.safetensors").is_file()
 
 
+def test_a_run_resumed_from_its_fallback_checkpoint_saves_again_and_again(overrides, tmp_path,
+                                                                        monkeypatch):
+    """Resumed from .checkpoint-old (what a crash mid-swap leaves), the run's first save
+    removes that folder: its later saves still find the tokenizer."""
+    from tinyskip.training import trainer
+
+    save = trainer.save_checkpoint
+
+    def crash_after_step_5(run_dir, model, tokenizer_file, state, *args):
+        save(run_dir, model, tokenizer_file, state, *args)
+        if state["step"] == 5:
+            raise KeyboardInterrupt          # the run dies right after its step-5 save
+
+    monkeypatch.setattr(trainer, "save_checkpoint", crash_after_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_job("train", overrides(max_steps=20, eval_every=5, save_every=5)),
+              progress=False)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    run = tmp_path / "r"
+    os.replace(run / "checkpoint", run / ".checkpoint-old")
+    train(compose_job("train", overrides(max_steps=20, eval_every=5, save_every=5, resume=True)),
+          progress=False)                      # saves at 10, 15 and 20
+    state = torch.load(run / "checkpoint" / "train_state.pt", weights_only=True)
+    assert state["step"] == 20 and not (run / ".checkpoint-old").exists()
+
+
 def test_resume_refuses_another_recipe_and_accepts_runtime_changes(overrides, tmp_path):
     kw = dict(max_steps=10, eval_every=5)
     train(compose_job("train", overrides(**kw)), progress=False)

@@ -79,7 +79,9 @@ def ssd_generate_batch(model: Transformer, prompt: torch.Tensor, max_new_tokens:
         states, drafts, q = [], [], []     # exit states (B, d) by position, drafts (B,), q (B, V)
         for j in range(max(room)):
             h, dls = step.token(cur[:, None], E, cache, row_positions(pos + j, 1, last), draft, ())
-            states.append(h[:, 0])
+            # A copy: on a GPU the next compiled call replays its graph, which overwrites
+            # this call's outputs (CUDA graphs, steps.compile_options).
+            states.append(h[:, 0].clone())
             dl = dls[:, 0]                                                    # (B, N)
             stats.add_layers(E)
             stats.add_head(cost=draft.cost, module=through_module)

@@ -248,9 +248,10 @@ def compile_options(device: torch.device) -> dict:
     that calls its kernels) is compiled C++ too: a Python wrapper costs a few microseconds
     per kernel, as much as the kernels of a one-token step at d128. On a GPU the step is
     replayed as a CUDA graph ("reduce-overhead"): one launch instead of hundreds, each of
-    which costs about as much as a small model's kernel. The graph's outputs live until the
-    step's next call, and every loop has consumed them by then; the cache's buffers are
-    mutated in place, so they are marked static (KVCache), or the graph would be skipped."""
+    which costs about as much as a small model's kernel. A graph's outputs live until the
+    next compiled call, so every loop consumes or copies them before it (tested with steps
+    that overwrite them, tests/decode/test_ssd_batch.py); the cache's buffers are mutated
+    in place, so they are marked static (KVCache), or the graph would be skipped."""
     if device.type == "cpu":
         return {"options": {"cpp_wrapper": True}}
     if device.type == "cuda":

@@ -14,11 +14,12 @@ publishes the whole folder with the usual renames (``save_run_folder``): a crash
 the old checkpoint or the new one, shards included. A resume loads the shards into
 whatever layout it runs with (another number of ranks, or one process): DCP reshards.
 
-DCP's ``.metadata`` is a Python pickle, read by DCP with ``pickle.load``, and DCP reads
+DCP's ``.metadata`` is a Python pickle, which DCP reads with ``pickle.load``, and DCP reads
 non-tensor values (the optimizer's hyperparameters) with ``torch.load(weights_only=False)``:
-both could run code from a crafted checkpoint. Before DCP reads them, the metadata is
-unpickled here with only DCP's own metadata classes allowed, and each non-tensor value
-with ``weights_only=True``; anything else is refused.
+both could run code from a crafted checkpoint. Here DCP reads the metadata through an
+unpickler that admits only the named classes its metadata is made of (and shard file names
+without a path), and each non-tensor value with ``weights_only=True`` first; anything else
+is refused in one line.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..atomic import write_json_atomic
@@ -72,6 +75,9 @@ def sharded(folder: Path) -> bool:
     """Whether a checkpoint folder is sharded; a sharded one must be complete (checked
     before any process group forms, so that a missing shard is one line)."""
     if not (folder / MANIFEST).is_file():
+        if (folder / SHARDS).exists():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {SHARDS}/ without the "
+                                  f"{MANIFEST} that lists its files")
         return False
     manifest = read_json(folder / MANIFEST)
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -89,45 +95,69 @@ def load_shards(folder: Path, module: nn.Module, optimizer) -> None:
     """Load a sharded checkpoint's weights and optimizer state into ``module`` and
     ``optimizer`` as they are laid out now (sharded over any number of ranks, or whole).
     Every rank must call it."""
-    _check_metadata(folder / SHARDS / ".metadata")
     model_state, optim_state = get_state_dict(module, optimizer)
     state = {"model": model_state, "optim": optim_state}
     try:
         with warnings.catch_warnings():
             # One process resuming a sharded run is meant: DCP warns that it "assumes" so.
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state, storage_reader=FileSystemReader(folder / SHARDS),
+            dcp.load(state, storage_reader=_SafeReader(folder / SHARDS),
                      planner=_TensorsOnlyPlanner())
-    except CheckpointError:
-        raise
-    except Exception as e:  # DCP wraps each rank's failure in its own error type
+    except (Exception, CheckpointException) as e:
+        # DCP reports every rank's failure in one CheckpointException (a BaseException):
+        # the first rank's first line is the one-line reason.
+        failures = getattr(e, "failures", None)
+        cause = next(iter(failures.values())) if failures else e
+        cause = getattr(cause, "exc", cause)       # (a rank's exception, wrapped)
+        if isinstance(cause, CheckpointError):
+            raise cause from None
         raise CheckpointError(f"checkpoint {folder}: its shards do not load into this run "
-                              f"({first_line(e)})")
+                              f"({type(cause).__name__}: {first_line(cause)})") from None
     set_state_dict(module, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Only what DCP's metadata holds: its own classes, torch.Size, dtypes, a path."""
+# Everything DCP's metadata pickle is made of (torch 2.13), by exact name: a name a pickle
+# may resolve through a module (``metadata.os.system``, protocol 4 and later) is refused.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                 "ChunkStorageMetadata", "TensorProperties", "MetadataIndex", "StorageMeta",
+                 "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
 
+
+class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        ok = (module == "torch.distributed.checkpoint.metadata"
-              or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                                    ("torch", "Size"), ("torch.serialization", "_get_layout"),
-                                    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                                    ("collections", "OrderedDict")}
-              or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        if not ok:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _METADATA_CLASSES and not dtype:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
         return super().find_class(module, name)
 
 
-def _check_metadata(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            _MetadataUnpickler(f).load()
-    except Exception as e:  # anything a torn or crafted file raises
-        raise CheckpointError(f"{path} is not shard metadata DCP wrote ({first_line(e)})")
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, with the metadata read by ``_MetadataUnpickler`` and its shard
+    files checked to be names inside the folder (not paths out of it)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if not isinstance(metadata, Metadata):
+                raise TypeError(f"a {type(metadata).__name__}, not DCP's Metadata")
+            for info in (metadata.storage_data or {}).values():
+                name = str(info.relative_path)
+                if Path(name).name != name or name in ("", ".", ".."):
+                    raise ValueError(f"shard file {name!r} is not a name in the folder")
+        except Exception as e:  # anything a torn or crafted file raises
+            raise CheckpointError(f"{path} is not shard metadata DCP wrote ({first_line(e)})")
+        if metadata.storage_meta is None:          # (as DCP's own reader does)
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 class _TensorsOnlyPlanner(DefaultLoadPlanner):
@@ -141,4 +171,3 @@ class _TensorsOnlyPlanner(DefaultLoadPlanner):
             raise CheckpointError(f"a shard's value {read_item.dest_index.fqn} is not plain "
                                   f"data ({first_line(e)})")
         super().load_bytes(read_item, io.BytesIO(data))
-

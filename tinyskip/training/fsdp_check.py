@@ -1,7 +1,7 @@
 """``torchrun --nproc_per_node=N -m tinyskip.training.fsdp_check SETTINGS.json``: a few
 LayerSkip training steps of a randomly initialised model sharded with FSDP over the N
-processes (the GPU check's FSDP row, analysis/gpu_check.py), on random tokens, so it
-needs no data. Rank 0 prints one JSON line: the losses, seconds per step after the first,
+processes (the GPU check's FSDP row, analysis/gpu_check.py), on one batch of random
+tokens learnt step after step, so it needs no data. Rank 0 prints one JSON line: the losses, seconds per step after the first,
 tokens/s over the global batch, and the peak memory a GPU held.
 
 SETTINGS: {"model": {ModelConfig fields}, "train": {TrainConfig fields}, "steps": n,
@@ -40,12 +40,13 @@ def run(settings: dict) -> dict:
     shard(objective, model.layers, tc)
     optimizer = make_optimizer(model, tc)          # after sharding: it steps the shards
     rows = slice(rank, None, world)
+    # One global batch, the same on every rank (each keeps its rows), at every step: its
+    # loss must fall as the sharded weights learn it.
     g = torch.Generator().manual_seed(tc.seed)
+    tokens = torch.randint(0, cfg.vocab_size, (tc.batch_size, tc.seq_len + 1), generator=g)
+    x, y = tokens[rows, :-1].to(device), tokens[rows, 1:].to(device)
     losses, times = [], []
     for step in range(settings["steps"]):
-        # The global batch, the same on every rank; each keeps its rows.
-        tokens = torch.randint(0, cfg.vocab_size, (tc.batch_size, tc.seq_len + 1), generator=g)
-        x, y = tokens[rows, :-1].to(device), tokens[rows, 1:].to(device)
         t0 = time.perf_counter()
         work = train_step(objective, optimizer, tc, x, y, step, rows, rank)
         loss = work.loss.clone()

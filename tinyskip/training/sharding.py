@@ -45,7 +45,10 @@ def shard(root: nn.Module, groups: Iterable[nn.Module], tc: TrainConfig) -> nn.M
     mp = mixed_precision(tc)
     for module in groups:
         fully_shard(module, mp_policy=mp)
-    fully_shard(root, mp_policy=mp)
+    # The root's own weights stay fp32 (the embedding, the final norm, the head): in bf16
+    # the embedding's output, so the whole residual stream, would be bf16, which ddp's
+    # autocast never makes it. The head's product still runs in bf16 under autocast.
+    fully_shard(root, mp_policy=MixedPrecisionPolicy())
     return root
 
 

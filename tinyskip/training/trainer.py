@@ -293,6 +293,10 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
         elif saving and rank == 0:
             save_checkpoint(run_dir, model, corpus.tokenizer_file,
                             {**progress_state, "optimizer": optimizer.state_dict()})
+        if saving:
+            # Later saves copy the tokenizer from the checkpoint just published: a run
+            # resumed from .checkpoint-old loses that folder at its first save.
+            corpus.tokenizer_file = run_dir / CHECKPOINT / "tokenizer.model"
         if world > 1 and evaluating:
             dist.barrier()
     if bar is not None:
