@@ -46,6 +46,12 @@ def test_compiled_steps_replay_as_cuda_graphs_and_decode_what_eager_decodes(tiny
     for _ in range(2):      # the second generation's new cache re-records, never recompiles
         assert generate(model, prompt, 24, steps=steps).tokens == eager
         assert ssd_generate(model, prompt, 24, SSDConfig(2, 3), steps=steps).tokens == eager
+    # Ragged rows together: batched SSD reads draft states across compiled calls.
+    from tinyskip.decode.steps import ragged_batch
+    batch, lengths = ragged_batch([prompt[0], prompt[0, :3]])
+    full = generate(model, batch, 24, lengths=lengths).tokens
+    assert ssd_generate(model, batch, 24, SSDConfig(2, 3), steps=steps,
+                        lengths=lengths).tokens == full
     assert steps.compiled
     # A mutated input that is not a static address would have made the graph skip.
     assert counters["inductor"]["cudagraph_skips"] == skips
