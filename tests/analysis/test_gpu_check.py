@@ -98,3 +98,10 @@ def test_tokens_may_part_from_full_decoding_only_at_near_ties(tiny_config):
     assert not parts_at_near_ties(model, [prompt], [want], [other], rel=0.0)
     assert parts_at_near_ties(model, [prompt], [want], [other], rel=1e9)
     assert not parts_at_near_ties(model, [prompt], [want], [want[:-1]])      # cut short
+    # The gap is relative to the top logit, and fp32 allows no part even at a tie.
+    ids = torch.cat([prompt[0], torch.tensor(want[:3])])[None]
+    top = model(ids)[0, 0, -1].topk(2).values
+    ratio = float((top[0] - top[1]) / top[0].abs())
+    assert parts_at_near_ties(model, [prompt], [want], [other], rel=ratio * 1.01)
+    assert not parts_at_near_ties(model, [prompt], [want], [other], rel=ratio * 0.99)
+    assert not parts_at_near_ties(model, [prompt], [want], [other], exact=True, rel=1e9)

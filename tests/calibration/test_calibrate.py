@@ -255,7 +255,7 @@ def test_a_hugging_face_model_is_calibrated_on_its_own_tokenizer_and_dee_reads_i
     saved = json.loads((folder / "calibration.json").read_text())
     assert saved["weights_hash"] == loaded.weights_hash()
     # The windows are the folder's tokenizer's reading of the joined text.
-    ids = split_ids(job.data, loaded.tokenizer, ["validation"])["validation"]
+    ids = split_ids(load_lines(job.data)[0], loaded.tokenizer, ["validation"])["validation"]
     text = " ".join(line.strip() for line in load_lines(job.data)[0]["validation"] if line.strip())
     assert ids.tolist() == loaded.tokenizer.encode(text)
     caches = [json.loads(f.read_text()) for f in (folder / ".calibration-cache").iterdir()]

@@ -26,6 +26,7 @@ from ..decode import DecodeStats, ModeSpec, Steps, decode
 from ..decode.steps import cache_size
 from ..bench_jobs import BenchJob, precision, precision_name
 from ..runtime import pick_device, progress_bar
+from ..storage.data import load_lines
 from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
                                exit_classifier_for, load_source, read_calibration, run_data_config,
                                split_ids)
@@ -142,8 +143,8 @@ def benchmark(job: BenchJob) -> dict:
     loaded = load_source(job.run, job.checkpoint, job.checkpoint_root, job.model, device, job.dtype,
                          job.quantize)
     model = loaded.model
-    ids = split_ids(run_data_config(loaded.run_dir, job.data), loaded.tokenizer,
-                    ["test"])["test"].tolist()
+    lines, _ = load_lines(run_data_config(loaded.run_dir, job.data))
+    ids = split_ids(lines, loaded.tokenizer, ["test"])["test"].tolist()
     prompts, references = test_prompts(ids, job, device)
     L = model.num_layers
     ctx = model.config.max_position_embeddings

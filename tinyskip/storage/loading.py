@@ -54,18 +54,14 @@ def run_data_config(run_dir: Optional[Path], given: DataConfig) -> DataConfig:
     return DataConfig(**fields)
 
 
-def split_ids(data: DataConfig, tokenizer, splits: list[str]) -> dict[str, np.ndarray]:
-    """Each split's text as one token sequence through the model's own tokenizer (what the
-    benchmark's prompts come from, and how a Hugging Face model reads the corpus:
+def split_ids(lines: dict[str, list[str]], tokenizer, splits) -> dict[str, np.ndarray]:
+    """Each split's text as one token sequence through the model's own tokenizer: its
+    non-blank lines (``load_lines``) stripped, joined by spaces and encoded at once (what
+    the benchmark's prompts come from, and how a Hugging Face model reads the corpus:
     ``corpus_of``)."""
-    lines = load_lines(data)[0]
-    return {s: _joined_ids(tokenizer, lines[s]) for s in splits}
-
-
-def _joined_ids(tokenizer, lines: list[str]) -> np.ndarray:
-    """The non-blank lines stripped, joined by spaces, and encoded at once."""
-    return np.asarray(tokenizer.encode(" ".join(line.strip() for line in lines if line.strip())),
-                      dtype=np.int64)
+    return {s: np.asarray(tokenizer.encode(" ".join(line.strip() for line in lines[s]
+                                                    if line.strip())), dtype=np.int64)
+            for s in splits}
 
 
 @dataclass
@@ -85,7 +81,7 @@ def corpus_of(loaded: "Loaded", data: DataConfig) -> TokenStreams:
     tokens (a list for Llama 3 instruct models)."""
     if loaded.fmt == "hf":
         lines = load_lines(data)[0]
-        return TokenStreams({s: _joined_ids(loaded.tokenizer, lines[s]) for s in SPLITS},
+        return TokenStreams(split_ids(lines, loaded.tokenizer, SPLITS),
                             {s: sum(len(line.split()) for line in lines[s]) for s in SPLITS},
                             loaded.tokenizer.stop_ids())
     corpus = prepare_corpus(data, loaded.tokenizer_file)
