@@ -166,7 +166,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """WikiText-2 through ``datasets.load_dataset(path, name)`` and a SentencePiece tokenizer."""
+    """WikiText-2 through ``datasets.load_dataset(path, name)`` (or a folder of train.txt,
+    validation.txt and test.txt, whose ``name`` is ignored) and a SentencePiece tokenizer."""
 
     path: str = "Salesforce/wikitext"
     name: str = "wikitext-2-raw-v1"

@@ -77,6 +77,31 @@ def test_missing_data_path_is_one_clear_error(tmp_path):
         load_lines(DataConfig(path=str(tmp_path / "nope")))
 
 
+def _text_folder(folder, splits=("train", "validation", "test")):
+    folder.mkdir()
+    for s in splits:
+        (folder / f"{s}.txt").write_text(f"The {s} text, first line.\n\nAnd a second.\n" * 40)
+    return folder
+
+
+def test_folder_of_plain_text_loads_each_file_as_its_split(tmp_path, data_cache):
+    # data.name is WikiText's by default: a text folder has no configurations to name.
+    cfg = DataConfig(path=str(_text_folder(tmp_path / "docs")), cache_dir=data_cache,
+                     vocab_size=40)
+    lines, _ = load_lines(cfg)
+    assert lines["test"][:3] == ["The test text, first line.", "", "And a second."]
+    assert len(lines["validation"]) == 120
+    corpus = prepare_corpus(cfg)                   # a tokenizer trains on its train.txt
+    assert corpus.words["test"] == 40 * (5 + 1 + 3 + 1)
+    assert corpus.tokens["test"].max() < 40
+
+
+def test_folder_of_plain_text_missing_a_split_is_one_clear_error(tmp_path):
+    folder = _text_folder(tmp_path / "docs", ("train", "test"))
+    with pytest.raises(DataError, match=r"plain text without \['validation.txt'\]"):
+        load_lines(DataConfig(path=str(folder)))
+
+
 def test_vocabulary_larger_than_the_data_supports_is_refused(wikitext_path, data_cache):
     cfg = DataConfig(path=wikitext_path, cache_dir=data_cache, max_rows=200, vocab_size=60000)
     with pytest.raises(DataError, match=r"data.vocab_size=60000 cannot be trained .*<= \d+"):

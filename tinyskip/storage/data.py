@@ -1,4 +1,6 @@
-"""WikiText-2 through ``datasets``, a SentencePiece tokenizer, cached token arrays, batches.
+"""WikiText-2 through ``datasets`` (or any text: a Hub dataset with a ``text`` column, or a
+folder of ``train.txt``, ``validation.txt`` and ``test.txt``), a SentencePiece tokenizer,
+cached token arrays, batches.
 
 Each non-empty line of a split is encoded and followed by EOS (the line break is a
 token the model predicts); blank lines are skipped. Word-level perplexity divides the
@@ -50,16 +52,36 @@ def _is_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or os.path.exists(path)
 
 
+def text_files(path: str) -> Optional[dict[str, str]]:
+    """A folder of plain text, one file per split (``train.txt``, ``validation.txt``,
+    ``test.txt``), as ``{split: file}``; None for anything else. Such a folder has no
+    configurations, so ``data.name`` does not apply to it."""
+    if not os.path.isdir(path):
+        return None
+    files = {s: os.path.join(path, f"{s}.txt") for s in SPLITS}
+    missing = [os.path.basename(f) for f in files.values() if not os.path.isfile(f)]
+    if len(missing) == len(files):
+        return None
+    if missing:
+        raise DataError(f"data.path={path!r} is a folder of plain text without {missing} "
+                        "(give train.txt, validation.txt and test.txt)")
+    return files
+
+
 def load_lines(cfg: DataConfig) -> tuple[dict[str, list[str]], str]:
-    """Rows of every split (as ``load_dataset(path, name)`` returns them) and their fingerprint."""
+    """Rows of every split (as ``load_dataset(path, name)`` returns them, or a plain-text
+    folder's lines: ``text_files``) and their fingerprint."""
     import datasets
 
     path = os.path.expanduser(cfg.path)
     if _is_local(path) and not os.path.isdir(path):
         raise DataError(f"data.path={cfg.path!r}: no such folder (give a local copy of the "
-                        "dataset in the Hub's layout, or a Hub id such as Salesforce/wikitext)")
+                        "dataset in the Hub's layout, a folder of train/validation/test .txt "
+                        "files, or a Hub id such as Salesforce/wikitext)")
+    files = text_files(path) if _is_local(path) else None
     try:
-        ds = datasets.load_dataset(path, cfg.name)
+        ds = datasets.load_dataset("text", data_files=files) if files else \
+            datasets.load_dataset(path, cfg.name)
     except Exception as e:  # datasets raises many types; all mean "cannot load this"
         raise DataError(f"cannot load data.path={cfg.path!r} data.name={cfg.name!r}: "
                         f"{first_line(e)}")
@@ -67,7 +89,8 @@ def load_lines(cfg: DataConfig) -> tuple[dict[str, list[str]], str]:
     if missing:
         raise DataError(f"data.path={cfg.path!r} has no split(s) {missing} (found {list(ds)})")
     lines = {s: ds[s]["text"][: cfg.max_rows] if cfg.max_rows else ds[s]["text"] for s in SPLITS}
-    fingerprint = _digest(cfg.name, cfg.max_rows, *(ds[s]._fingerprint for s in SPLITS))
+    fingerprint = _digest(None if files else cfg.name, cfg.max_rows,
+                          *(ds[s]._fingerprint for s in SPLITS))
     return lines, fingerprint
 
 
