@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, DEEConfig, DataConfig, ModelConfig, SSDConfig, TrainConfig
+from .config import (ConfigError, DEEConfig, DataConfig, ModelConfig, SamplingConfig, SSDConfig,
+                     TrainConfig, check_seed)
 from .jobs import CheckpointSource, check_dtype, check_out, check_source
 from .runtime import DTYPES, QUANTIZE
 
@@ -41,6 +42,9 @@ class BenchJob(CheckpointSource):
     draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
     adaptive_threshold: float = 0.0           # > 0: also every ssd row with adaptive drafting
     ngram: int = 0                            # > 0: also every ssd row with prompt-lookup drafts
+    # (two or more of these three: also every ssd row with all of them together)
+    temperature: float = 0.0                  # every row samples at this temperature (0 = greedy)
+    seed: int = 0                             #   each generation from a generator seeded so
     # Full and draft_layer x k SSD rows again at each batch size, prompts of different
     # lengths decoded together (analysis/bench_batch.py); [] = none.
     batch_sizes: list[int] = field(default_factory=list)
@@ -84,6 +88,8 @@ class BenchJob(CheckpointSource):
             raise ConfigError("k=[]: give at least one k for the draft_layer rows (or draft_layer=[])")
         for k in self.k:
             SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab, self.ngram)
+        SamplingConfig(self.temperature)
+        check_seed("seed", self.seed)
         if self.ssd_costs and not self.draft_layer:
             raise ConfigError("ssd_costs=true prices SSD rounds at the draft_layer exits: give "
                               "draft_layer=[...] (or ssd_costs=false)")
@@ -96,6 +102,9 @@ class BenchJob(CheckpointSource):
         for m in self.measure or ["softmax"]:      # each cache and check_every, rows or not
             for c in self.cache:
                 DEEConfig(m, list(self.threshold), cache=c, check_every=self.check_every)
+        if self.temperature and (self.hf_baseline or self.batch_sizes):
+            raise ConfigError(f"temperature={self.temperature}: the hf_baseline and batch_sizes "
+                              "rows decode greedily (give temperature=0, or leave them out)")
         if self.hf_early_exit and not self.hf_baseline:
             raise ConfigError(f"hf_early_exit={self.hf_early_exit}: needs hf_baseline=true")
         if self.out_dir is not None and Path(self.out_dir).is_file():

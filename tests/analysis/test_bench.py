@@ -44,6 +44,23 @@ def test_bench_prints_a_table_with_speedups_measured_in_one_run(run_args):
     assert "outside blocks and head" in table and "effic." in table and "rougeL" in table
 
 
+def test_two_levers_add_a_row_with_both_and_sampled_rows_draw_reproducibly(run_args):
+    args = run_args + ["n_prompts=2", "max_new_tokens=8", "draft_layer=[2]", "k=[2]",
+                       "exit_layer=[]", "draft_vocab=100", "ngram=1", "out_dir=null"]
+    res = benchmark(compose_job("bench", args + ["temperature=0.7", "seed=3"]))
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert list(rows) == ["full", "ssd E=2 k=2", "ssd E=2 k=2 vocab=100", "ssd E=2 k=2 ngram=1",
+                          "ssd E=2 k=2 vocab=100 ngram=1"]
+    both = rows["ssd E=2 k=2 vocab=100 ngram=1"]
+    assert (both["draft_vocab"], both["ngram"]) == (100, 1) and both["lookup_share"] is not None
+    assert "sampled at temperature 0.7" in format_table(res)
+    # Sampled, not greedy: some row parts from the full row's draw; a second run draws alike.
+    assert min(r["agreement"] for r in res["rows"]) < 1.0
+    again = benchmark(compose_job("bench", args + ["temperature=0.7", "seed=3"]))
+    drawn = lambda rs: [(r["ppl"], r["rouge_l"], r["agreement"]) for r in rs["rows"]]
+    assert drawn(again) == drawn(res)
+
+
 def test_batch_rows_decode_ragged_prompts_together_and_count_every_rows_tokens(run_args):
     res = benchmark(compose_job("bench", run_args + [
         "n_prompts=1", "max_new_tokens=6", "draft_layer=[2]", "k=[2]", "exit_layer=[]",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..calibration.ltt import f1_loss
-from ..config import DEEConfig, SSDConfig, UserError
+from ..config import DEEConfig, SamplingConfig, SSDConfig, UserError
 from ..decode import DecodeStats, ModeSpec, Steps, decode
 from ..decode.steps import cache_size
 from ..bench_jobs import BenchJob, precision, precision_name
@@ -54,6 +54,9 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, job.adaptive_threshold)))
             if job.ngram:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, ngram=job.ngram)))
+            levers = (job.adaptive_threshold, job.draft_vocab, job.ngram)
+            if sum(map(bool, levers)) > 1:          # and all of them in one row
+                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, *levers)))
     for measure in job.measure:
         for lam in job.threshold:
             for cache in job.cache:
@@ -189,7 +192,12 @@ def benchmark(job: BenchJob) -> dict:
         if job.compile:
             rows_def.append((f"full {p} compiled", ModeSpec("full"), None,
                              Steps(other.model, compile=True)))
+    sampling = SamplingConfig(job.temperature)
+    # Every generation samples from a generator of its own seeded alike: a second run
+    # draws the same tokens.
     run = lambda spec, steps, prompt: decode(steps.model, prompt, job.max_new_tokens, spec,
+                                             sampling, generator=torch.Generator(
+                                                 prompt.device).manual_seed(job.seed),
                                              draft_ids=(draft_ids if spec.ssd is not None and
                                                         spec.ssd.draft_vocab else None),
                                              steps=steps)
@@ -301,6 +309,7 @@ def benchmark(job: BenchJob) -> dict:
     return {"checkpoint": str(loaded.exits or loaded.source), "device": str(device),
             "threads": torch.get_num_threads(), "prompts": len(prompts),
             "prompt_len": job.prompt_len, "max_new_tokens": job.max_new_tokens,
+            "temperature": job.temperature,
             "costs": costs, "rows": rows, "hf": hf, "batch": batch, "levers": levers,
             "ssd_costs": ssd, "prefill": prefill, "weights_bytes": module_bytes(model),
             **stream.summary()}

@@ -45,12 +45,18 @@ def describe(res: dict) -> str:
     """What was measured, where, and the unit costs against the matmul floor."""
     c = res["costs"]
     return (f"{res['checkpoint']}: {res['prompts']} prompts of {res['prompt_len']} tokens from "
-            f"the test split, {res['max_new_tokens']} new tokens, greedy, {res['device']}, "
+            f"the test split, {res['max_new_tokens']} new tokens, {sampled(res)}, {res['device']}, "
             f"{res['threads']} threads. One block {c['layer:1'] * 1e6:.0f} us, head "
             f"{c['head:1'] * 1e6:.0f} us, full step {c['step'] * 1e6:.0f} us (outside blocks "
             f"and head: {c['overhead'] * 100:.1f}%); the step's matrix products as eager "
             f"calls {c['matmuls'] * 1e6:.0f} us ({c['matmuls'] / c['step'] * 100:.0f}% of the "
             f"step; levers=true measures them in one compiled graph, the floor). {stream_line(res)}")
+
+
+def sampled(res: dict) -> str:
+    t = res.get("temperature", 0.0)
+    return ("greedy" if not t else f"sampled at temperature {t:g} (agreement and exact match "
+            "then count chance coincidences with the full row's draw)")
 
 
 def stream_line(res: dict) -> str:
