@@ -81,7 +81,8 @@ class TrainJob:
 
 @dataclass
 class EvaluateJob(CheckpointSource):
-    """``python -m tinyskip.evaluate run=NAME split=test [out=FILE.json]``."""
+    """``python -m tinyskip.evaluate run=NAME split=test [out=FILE.json]``, or
+    ``model=hf_llama model.path=...`` for a Hugging Face Llama or GGUF file."""
 
     split: str = "test"
     out: Optional[str] = None
@@ -90,6 +91,7 @@ class EvaluateJob(CheckpointSource):
     batch_size: int = 16
     max_batches: int = 0                      # 0 = the whole split
     device: str = "auto"
+    model: Optional[ModelConfig] = None       # model=hf_llama model.path=...
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:

@@ -50,8 +50,11 @@ def test_agreement_with_the_last_exit_equals_a_hand_computation(tiny_model):
     for e in range(tiny_model.num_layers):
         agree = (logits[e].argmax(-1) == top).float().mean().item()
         p_top = torch.softmax(logits[e], -1).gather(-1, top[..., None]).mean().item()
+        confidence = torch.softmax(logits[e], -1).max(-1).values.mean().item()
         assert math.isclose(ev["agreement"][e], agree, rel_tol=1e-6)
         assert math.isclose(ev["p_last_top"][e], p_top, rel_tol=1e-5)
+        assert math.isclose(ev["confidence"][e], confidence, rel_tol=1e-5)
+        assert ev["confidence"][e] >= ev["p_last_top"][e]
     assert ev["agreement"][-1] == 1.0 and 0 < ev["agreement"][0] < 1
 
 

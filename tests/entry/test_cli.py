@@ -120,9 +120,33 @@ def test_evaluate_reports_every_exit(run_args, trained_tiny):
         assert ppl == pytest.approx(math.exp(loss * res["tokens"] / share), rel=1e-9)
 
 
+def test_evaluate_reads_a_hugging_face_model_through_its_own_tokenizer(run_args, trained_tiny,
+                                                                      tmp_path):
+    """evaluate model=hf_llama model.path=DIR: the same weights as the run, so the same
+    exits' quality, on the text as the folder's tokenizer reads it (split_ids)."""
+    pytest.importorskip("transformers")
+    from tinyskip.analysis.perplexity import exit_perplexities
+    from tinyskip.storage.data import load_lines
+    from tinyskip.storage.hf_llama import export_run
+    from tinyskip.storage.loading import load_source, split_ids
+
+    folder = export_run(trained_tiny[2], tmp_path / "hf")
+    data = [a for a in run_args if not a.startswith("checkpoint")]
+    job = compose_job("evaluate", data + ["model=hf_llama", f"model.path={folder}",
+                                          "split=test", "max_batches=2", "seq_len=32"])
+    res = evaluate(job)
+    loaded = load_source(None, None, "checkpoints", job.model, torch.device("cpu"))
+    lines = load_lines(job.data)[0]
+    ids = split_ids(lines, loaded.tokenizer, ["test"])["test"]
+    words = sum(len(line.split()) for line in lines["test"])
+    ref = exit_perplexities(loaded.model, ids, words, 32, max_batches=2)
+    assert res["loss"] == ref["loss"] and res["confidence"] == ref["confidence"]
+    assert res["words"] == words and len(res["loss"]) == 4
+
+
 def test_evaluate_in_a_log_reports_its_batches_then_the_table(cli, run_args):
     done = cli("tinyskip.evaluate", *run_args, "split=test", "max_batches=2")
     assert done.returncode == 0, done.stderr[-1500:]
     assert re.search(r"^eval: 2/2, \d+:\d\d elapsed$", done.stderr, re.M), done.stderr[-1500:]
     assert done.stdout.splitlines()[1].split() == ["exit", "loss/token", "word", "ppl", "top-1",
-                                                   "agree", "p(last", "top)"]
+                                                   "agree", "p(last", "top)", "confidence"]

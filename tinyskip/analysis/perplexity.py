@@ -24,7 +24,8 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     ``agreement``: teacher-forced top-1 agreement of the exit with the last exit (what
     bounds SSD's greedy acceptance and DEE's exit rate); ``p_last_top``: the mean
     probability the exit gives to the last exit's argmax (what speculative sampling
-    accepts on). Exits are unembedded one at a time (not stacked) so that memory stays at
+    accepts on); ``confidence``: the mean probability the exit gives to its own argmax
+    (what DEE's softmax measure and adaptive drafting threshold). Exits are unembedded one at a time (not stacked) so that memory stays at
     one exit's logits. With ``max_batches`` only a prefix of the split is scored and the
     word count is scaled by the fraction of tokens seen. ``stride``: sliding windows, every
     scored token with at least seq_len - stride tokens of context (``data.eval_windows``).
@@ -36,6 +37,7 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     nll = torch.zeros(L, dtype=torch.float64)
     agree = torch.zeros(L, dtype=torch.float64)
     p_top = torch.zeros(L, dtype=torch.float64)
+    conf = torch.zeros(L, dtype=torch.float64)
     n_tokens = 0
     batches = eval_windows(tokens, seq_len, batch_size, max_batches, stride)
     if progress:
@@ -60,14 +62,17 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
                     top = logits.argmax(-1)                                  # (N,)
                 nll[layer] += F.cross_entropy(logits, targets, reduction="sum").item()
                 agree[layer] += (logits.argmax(-1) == top).sum().item()
-                p_top[layer] += torch.softmax(logits, -1).gather(-1, top[:, None]).sum().item()
+                probs = torch.softmax(logits, -1)                            # (N, V)
+                p_top[layer] += probs.gather(-1, top[:, None]).sum().item()
+                conf[layer] += probs.max(-1).values.sum().item()
         n_tokens += int(scored.sum())
     model.train(was_training)
     scored_words = words * n_tokens / max(tokens.size - 1, 1)
     loss = (nll / n_tokens).tolist()
     word_ppl = [math.exp(min(v / scored_words, 700.0)) for v in nll.tolist()]
     return {"loss": loss, "word_ppl": word_ppl, "agreement": (agree / n_tokens).tolist(),
-            "p_last_top": (p_top / n_tokens).tolist(), "tokens": n_tokens}
+            "p_last_top": (p_top / n_tokens).tolist(),
+            "confidence": (conf / n_tokens).tolist(), "tokens": n_tokens}
 
 
 def window_batches(targets: int, seq_len: int, batch_size: int, stride: Optional[int],
