@@ -8,8 +8,7 @@ from typing import Optional
 from ..config import DataConfig, UserError
 from ..jobs import EvaluateJob
 from ..runtime import pick_device
-from ..storage.data import prepare_corpus
-from ..storage.loading import Loaded, load_source, run_data_config, trained_seq_len
+from ..storage.loading import Loaded, corpus_of, load_source, run_data_config, trained_seq_len
 from .perplexity import exit_perplexities
 
 
@@ -24,16 +23,16 @@ def evaluate(job: EvaluateJob) -> dict:
 def exit_quality(loaded: Loaded, data: DataConfig, split: str, seq_len: Optional[int] = None,
                  batch_size: int = 16, max_batches: int = 0, stride: Optional[int] = None,
                  progress: bool = True) -> dict:
-    """``exit_perplexities`` of a loaded model on a split of its run's data (``data``'s
-    fields at their defaults come from the run's job.json), in windows of ``seq_len``
-    (None: the run's training seq_len)."""
+    """``exit_perplexities`` of a loaded model on a split of its run's data as it reads it
+    (``corpus_of``; ``data``'s fields at their defaults come from the run's job.json),
+    in windows of ``seq_len`` (None: the run's training seq_len)."""
     model = loaded.model
     seq_len = seq_len or trained_seq_len(loaded)
     ctx = model.config.max_position_embeddings
     if seq_len > ctx:
         raise UserError(f"seq_len={seq_len}: longer than the model's context "
                         f"(max_position_embeddings={ctx})")
-    corpus = prepare_corpus(run_data_config(loaded.run_dir, data), loaded.tokenizer_file)
+    corpus = corpus_of(loaded, run_data_config(loaded.run_dir, data))
     ev = exit_perplexities(model, corpus.tokens[split], corpus.words[split], seq_len,
                            batch_size, max_batches, progress=progress, stride=stride)
     return {"checkpoint": str(loaded.exits or loaded.source), "split": split, "seq_len": seq_len,

@@ -209,14 +209,11 @@ def attach_exits(loaded: Loaded, exits: Path) -> None:
 
 
 def draft_vocabulary(loaded: Loaded, spec, data) -> Optional[torch.Tensor]:
-    """The N most frequent training tokens, for ``draft_vocab=N`` (None when off)."""
+    """The N most frequent tokens of the train split as the model reads it (``corpus_of``),
+    for ``draft_vocab=N`` (None when off)."""
     if spec.ssd is None or not spec.ssd.draft_vocab:
         return None
-    if loaded.tokenizer_file is None:
-        raise UserError("draft_vocab needs token frequencies of the training data, known only "
-                        "for tinyskip checkpoints")
-    data = run_data_config(loaded.run_dir, data)
-    train_tokens = prepare_corpus(data, loaded.tokenizer_file).tokens["train"]
+    train_tokens = corpus_of(loaded, run_data_config(loaded.run_dir, data)).tokens["train"]
     return frequent_tokens(train_tokens, loaded.model.config.vocab_size, spec.ssd.draft_vocab)
 
 
