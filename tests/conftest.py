@@ -53,6 +53,75 @@ def tiny_model() -> Transformer:
     return Transformer(make_tiny_config()).eval()
 
 
+def make_hf_llama(tie=False, kv_heads=2, rope_scaling=None, seed=0):
+    """A tiny random transformers LlamaForCausalLM: vocab 120, 3 blocks of width 64."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+        rms_norm_eps=1e-6, rope_theta=5000.0, rope_scaling=rope_scaling,
+        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():   # random norms too, so a swapped norm weight would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def make_llama_tokenizer(bos_template: bool, vocab_size: int = 80):
+    """A Llama-style BPE tokenizer.json trained here: <unk> <s> </s> = 0 1 2, with or
+    without a post-processor that puts BOS in front."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    words = "the game was played in a new season by the band and the team won first".split()
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(200)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                       special_tokens=["<unk>", "<s>", "</s>"]))
+    if bos_template:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", 1)])
+    return tok
+
+
+def make_hf_folder(path, bos_template=False, tokenizer_class="LlamaTokenizer", eos=2,
+                   vocab_size=80, tie=False):
+    """A Llama checkpoint folder whose tokenizer_config.json has no add_bos_token key;
+    returns the transformers model it holds."""
+    import json
+
+    model = make_hf_llama(tie)
+    model.config.eos_token_id = eos
+    model.save_pretrained(path)
+    make_llama_tokenizer(bos_template, vocab_size).save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_llama():
+    """``hf_llama(tie, kv_heads, rope_scaling, seed)``: a tiny random transformers Llama."""
+    pytest.importorskip("transformers")
+    return make_hf_llama
+
+
+@pytest.fixture(scope="session")
+def hf_llama_folder():
+    """``hf_llama_folder(path, bos_template, tokenizer_class, eos, vocab_size, tie)``: a
+    tiny random Llama folder with a tokenizer.json (the transformers model it holds)."""
+    pytest.importorskip("transformers")
+    return make_hf_folder
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """A real SentencePiece model (60 pieces) that fits tiny_config's vocabulary of 97."""

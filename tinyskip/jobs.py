@@ -64,8 +64,9 @@ class TrainJob:
 
     def __post_init__(self) -> None:
         ctx = self.model.max_position_embeddings
-        # (balcony trains on a backbone it loads: checked against that model's context)
-        if self.train.preset != "balcony" and self.train.seq_len > ctx:
+        # (balcony and a continual run (model.path) train a model they load: checked
+        # against that model's context)
+        if self.train.preset != "balcony" and not self.model.path and self.train.seq_len > ctx:
             raise ConfigError(f"train.seq_len={self.train.seq_len}: longer than the model's "
                               f"context, model.max_position_embeddings={ctx}")
 

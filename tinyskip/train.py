@@ -3,7 +3,8 @@
 Also under ``torchrun --nproc_per_node=N -m tinyskip.train ...`` for data parallelism.
 ``train=balcony`` trains exit modules on a frozen backbone
 (``tinyskip/training/exit_training.py``); every other preset trains a model from scratch
-(``tinyskip/training/trainer.py``).
+(``tinyskip/training/trainer.py``), or with ``model=hf_llama model.path=...`` continues
+the training of a pretrained Llama, every weight (``tinyskip/training/continual.py``).
 """
 
 from __future__ import annotations

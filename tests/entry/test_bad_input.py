@@ -197,6 +197,18 @@ CASES = [
      "draft_layer=8: must be in 1..4"),
     ("harness", ["run=tiny", "mode=dee", "threshold=0.5", DATA],
      "mode=dee cannot drive tinyskip_wikitext2: likelihood tasks are scored teacher-forced"),
+    # Continual training of a pretrained Llama (model.path with a preset other than balcony).
+    ("train", ["model=hf_llama", "model.path=hf_mistral", "run=cont2"],
+     "model.path='hf_mistral': model_type='mistral' architectures=['MistralForCausalLM']: only "
+     "Llama"),
+    ("train", ["model=hf_llama", "model.path=hf_llama", "model.hidden_size=256", "run=cont2"],
+     "model.hidden_size=256: a continual run's model is model.path='hf_llama'"),
+    ("train", ["model=hf_llama", "model.path=hf_llama", "run=cont", "train.resume=true"],
+     "train.resume=true with other weights than checkpoints/cont started from: "
+     "model.path='hf_llama' has weight hash"),
+    ("train", ["model=hf_llama", "model.path=hf_llama", "run=tiny", "train.resume=true"],
+     "checkpoints/tiny was trained from scratch"),
+    ("train", ["run=cont", "train.resume=true"], "checkpoints/cont continues the pretrained model"),
 ]
 # Not bad input: a k far beyond any budget drafts what the budget allows.
 HUGE_K = ("infer", ["run=tiny", "prompt=The game", "mode=ssd", "draft_layer=2",
@@ -204,7 +216,7 @@ HUGE_K = ("infer", ["run=tiny", "prompt=The game", "mode=ssd", "draft_layer=2",
 
 
 @pytest.fixture(scope="module")
-def workdir(trained_tiny, wikitext_path, tmp_path_factory) -> Path:
+def workdir(trained_tiny, wikitext_path, hf_llama_folder, tmp_path_factory) -> Path:
     """A working folder with copies of the tiny run, broken in the ways the cases need."""
     work = tmp_path_factory.mktemp("bad-input")
     runs = work / "checkpoints"
@@ -232,6 +244,15 @@ def workdir(trained_tiny, wikitext_path, tmp_path_factory) -> Path:
     (work / "hf_missing" / "config.json").write_text(json.dumps(hf))
     (work / "hf_badcfg").mkdir()
     (work / "hf_badcfg" / "config.json").write_bytes(b'{"vocab_size": "\xe9"}')
+    (work / "hf_mistral").mkdir()
+    (work / "hf_mistral" / "config.json").write_text(json.dumps(
+        {**config_to_hf(ModelConfig()), "model_type": "mistral",
+         "architectures": ["MistralForCausalLM"]}))
+    hf_llama_folder(work / "hf_llama")
+    # A continual run that started from weights other than hf_llama's.
+    shutil.copytree(work / "hf_llama", runs / "cont" / "checkpoint")
+    (runs / "cont" / "checkpoint" / "source.json").write_text(json.dumps(
+        {"path": "/elsewhere", "weights_hash": "0" * 64}))
     (work / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
     (work / "ragged.txt").write_text(f"the game\n{LONG_PROMPT}\n")       # a batch of two
     (work / "bad.gguf").write_bytes(b"GGUF but not really")

@@ -1,7 +1,6 @@
 """The Llama shim against transformers' own LlamaForCausalLM (tiny, random, built here)."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -19,26 +18,11 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 
-def hf_model(tie=False, kv_heads=2, rope_scaling=None, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
-        rms_norm_eps=1e-6, rope_theta=5000.0, rope_scaling=rope_scaling,
-        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():   # random norms too, so a swapped norm weight would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
 @pytest.mark.parametrize("tie,kv,rope,shard", [
     (False, 2, None, None), (True, 4, None, None), (False, 1, LLAMA3_ROPE, "40KB"),
 ])
-def test_shim_logits_equal_transformers(tmp_path, tie, kv, rope, shard):
-    ref = hf_model(tie, kv, rope)
+def test_shim_logits_equal_transformers(tmp_path, tie, kv, rope, shard, hf_llama):
+    ref = hf_llama(tie, kv, rope)
     kwargs = {"max_shard_size": shard} if shard else {}
     ref.save_pretrained(tmp_path, **kwargs)
     if shard:
@@ -51,8 +35,8 @@ def test_shim_logits_equal_transformers(tmp_path, tie, kv, rope, shard):
     assert (model.lm_head.weight is model.embed_tokens.weight) == tie
 
 
-def test_greedy_generation_equals_transformers_generate(tmp_path):
-    ref = hf_model(rope_scaling=LLAMA3_ROPE)
+def test_greedy_generation_equals_transformers_generate(tmp_path, hf_llama):
+    ref = hf_llama(rope_scaling=LLAMA3_ROPE)
     ref.save_pretrained(tmp_path)
     model, _ = load_hf_llama(str(tmp_path))
     prompt = torch.randint(3, 120, (1, 7))
@@ -62,8 +46,8 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     assert generate(model, prompt, 20).tokens[0] == out[0, 7:].tolist()
 
 
-def test_cached_decoding_and_exits_work_on_an_imported_model(tmp_path):
-    hf_model().save_pretrained(tmp_path)
+def test_cached_decoding_and_exits_work_on_an_imported_model(tmp_path, hf_llama):
+    hf_llama().save_pretrained(tmp_path)
     model, _ = load_hf_llama(str(tmp_path))
     ids = torch.randint(0, 120, (1, 12))
     cache = KVCache(model.config)
@@ -74,8 +58,8 @@ def test_cached_decoding_and_exits_work_on_an_imported_model(tmp_path):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_export_round_trip_is_lossless_and_transformers_loads_it(tmp_path, tie):
-    ref = hf_model(tie=tie, rope_scaling=LLAMA3_ROPE)
+def test_export_round_trip_is_lossless_and_transformers_loads_it(tmp_path, tie, hf_llama):
+    ref = hf_llama(tie=tie, rope_scaling=LLAMA3_ROPE)
     ref.save_pretrained(tmp_path / "hf")
     model, _ = load_hf_llama(str(tmp_path / "hf"))
     export_hf(model, None, tmp_path / "out")
@@ -108,34 +92,34 @@ def test_tinyskip_checkpoint_exports_with_identical_logits(tmp_path, trained_tin
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "only Llama"),
     ({"head_dim": 32}, "head_dim=32 differs"),
 ])
-def test_unsupported_configs_are_refused(change, match):
-    hf = config_to_hf(config_from_hf(hf_model().config.to_dict()))
+def test_unsupported_configs_are_refused(change, match, hf_llama):
+    hf = config_to_hf(config_from_hf(hf_llama().config.to_dict()))
     hf.update(change)
     hf.pop("rope_parameters", None)
     with pytest.raises(HFConfigError, match=match):
         config_from_hf(hf)
 
 
-def test_transformers5_rope_parameters_are_read():
-    cfg = config_from_hf(hf_model(rope_scaling=LLAMA3_ROPE).config.to_dict())
+def test_transformers5_rope_parameters_are_read(hf_llama):
+    cfg = config_from_hf(hf_llama(rope_scaling=LLAMA3_ROPE).config.to_dict())
     assert cfg.rope_theta == 5000.0 and cfg.rope_scaling.factor == 8.0
     legacy = {**config_to_hf(cfg)}
     assert config_from_hf(legacy) == cfg
 
 
-def test_missing_folder_and_weights_are_clear_errors(tmp_path):
+def test_missing_folder_and_weights_are_clear_errors(tmp_path, hf_llama):
     with pytest.raises(HFConfigError, match="no such folder"):
         load_hf_llama(str(tmp_path / "absent"))
-    (tmp_path / "config.json").write_text(json.dumps(hf_model().config.to_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(hf_llama().config.to_dict()))
     with pytest.raises(HFConfigError, match="holds no model.safetensors"):
         load_hf_llama(str(tmp_path))
 
 
-def test_hub_ids_go_through_snapshot_download(tmp_path, monkeypatch):
+def test_hub_ids_go_through_snapshot_download(tmp_path, monkeypatch, hf_llama):
     # The download itself needs the network; everything up to it runs for real, and the
     # folder it returns is loaded through the same path as a local one.
     huggingface_hub = pytest.importorskip("huggingface_hub")
-    hf_model().save_pretrained(tmp_path)
+    hf_llama().save_pretrained(tmp_path)
     calls = []
 
     def fake_snapshot_download(repo_id, allow_patterns):
@@ -149,8 +133,8 @@ def test_hub_ids_go_through_snapshot_download(tmp_path, monkeypatch):
     assert model.num_layers == 3
 
 
-def test_pickled_bin_weights_load_only_as_tensors(tmp_path):
-    ref = hf_model()
+def test_pickled_bin_weights_load_only_as_tensors(tmp_path, hf_llama):
+    ref = hf_llama()
     ref.config.save_pretrained(tmp_path)
     torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
     model, _ = load_hf_llama(str(tmp_path))
@@ -163,41 +147,11 @@ def test_pickled_bin_weights_load_only_as_tensors(tmp_path):
         load_hf_llama(str(tmp_path))
 
 
-def llama_tokenizer(bos_template: bool, vocab_size: int = 80):
-    """A Llama-style BPE tokenizer.json trained here: <unk> <s> </s> = 0 1 2, with or
-    without a post-processor that puts BOS in front."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    words = "the game was played in a new season by the band and the team won first".split()
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(200)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
-    tok.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
-    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size,
-                                                       special_tokens=["<unk>", "<s>", "</s>"]))
-    if bos_template:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                           special_tokens=[("<s>", 1)])
-    return tok
-
-
-def hf_folder(path, bos_template=False, tokenizer_class="LlamaTokenizer", eos=2, vocab_size=80):
-    """A Llama checkpoint folder whose tokenizer_config.json has no add_bos_token key."""
-    model = hf_model()
-    model.config.eos_token_id = eos
-    model.save_pretrained(path)
-    llama_tokenizer(bos_template, vocab_size).save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>"}))
-    return model
-
-
 @pytest.mark.parametrize("tokenizer_class", ["LlamaTokenizer", "PreTrainedTokenizerFast"])
 @pytest.mark.parametrize("bos_template", [False, True])
 def test_special_tokens_are_added_as_transformers_adds_them(tmp_path, bos_template,
-                                                            tokenizer_class):
-    hf_folder(tmp_path, bos_template, tokenizer_class)
+                                                            tokenizer_class, hf_llama_folder):
+    hf_llama_folder(tmp_path, bos_template, tokenizer_class)
     ours = HFTokenizer(tmp_path, config_from_hf(json.loads((tmp_path / "config.json").read_text())))
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in ("the game was", "a new  season by", " the band"):
@@ -206,13 +160,13 @@ def test_special_tokens_are_added_as_transformers_adds_them(tmp_path, bos_templa
         assert (ids[0] == 1) == bos_template
 
 
-def test_every_eos_id_of_a_list_stops_decoding(tmp_path):
+def test_every_eos_id_of_a_list_stops_decoding(tmp_path, hf_llama_folder):
     """Llama 3 instruct configs give several end ids: decoding stops at any of them."""
-    ref = hf_folder(tmp_path)
+    ref = hf_llama_folder(tmp_path)
     prompt_ids = HFTokenizer(tmp_path, config_from_hf(ref.config.to_dict())).encode("the game")
     produced = generate(load_hf_llama(str(tmp_path))[0], torch.tensor([prompt_ids]), 20).tokens[0]
     stop = next(t for i, t in enumerate(produced) if i >= 2 and t not in produced[:i])
-    hf_folder(tmp_path, eos=[2, stop])
+    hf_llama_folder(tmp_path, eos=[2, stop])
     assert config_from_hf(json.loads((tmp_path / "config.json").read_text())).eos_token_id == \
         [2, stop]
     [result] = infer(compose_job("infer", ["model=hf_llama", f"model.path={tmp_path}",
@@ -221,8 +175,8 @@ def test_every_eos_id_of_a_list_stops_decoding(tmp_path):
     assert result["text"].endswith("\n")            # the end of the text, shown as a line end
 
 
-def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
-    hf_folder(tmp_path, vocab_size=150)                # the model has 120 embeddings
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, hf_llama_folder):
+    hf_llama_folder(tmp_path, vocab_size=150)                # the model has 120 embeddings
     with pytest.raises(HFConfigError, match=r"the tokenizer has 150 tokens, more than the "
                                             r"model's vocab_size=120"):
         HFTokenizer(tmp_path, config_from_hf(json.loads((tmp_path / "config.json").read_text())))
@@ -247,8 +201,8 @@ def test_the_exported_tokenizer_loads_with_autotokenizer_as_installed(tmp_path, 
     ("low_freq_factor", "config.json rope_scaling (llama3) has no 'low_freq_factor'"),
     ("hidden_size", "config.json has no 'hidden_size'"),
 ])
-def test_a_missing_config_key_is_one_line_naming_it(drop, message):
-    hf = config_to_hf(config_from_hf(hf_model(rope_scaling=LLAMA3_ROPE).config.to_dict()))
+def test_a_missing_config_key_is_one_line_naming_it(drop, message, hf_llama):
+    hf = config_to_hf(config_from_hf(hf_llama(rope_scaling=LLAMA3_ROPE).config.to_dict()))
     hf["rope_scaling"].pop(drop, None)
     hf.pop(drop, None)
     with pytest.raises(HFConfigError, match=f"^{message.replace('(', '.').replace(')', '.')}: "

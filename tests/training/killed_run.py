@@ -7,7 +7,7 @@ import runpy
 import signal
 import sys
 
-from tinyskip.training import exit_training, trainer
+from tinyskip.training import continual, exit_training, trainer
 
 STEP = int(sys.argv.pop(1))
 
@@ -23,5 +23,6 @@ def killed_after(save):
 
 
 trainer.save_checkpoint = killed_after(trainer.save_checkpoint)
+continual.save_continual_checkpoint = killed_after(continual.save_continual_checkpoint)
 exit_training.save_exit_modules = killed_after(exit_training.save_exit_modules)
 runpy.run_module("tinyskip.train", run_name="__main__", alter_sys=True)

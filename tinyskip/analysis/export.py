@@ -28,16 +28,11 @@ from ..model.transformer import Transformer
 from ..runtime import DTYPES, pick_device
 from ..storage.checkpoint import load_run_job
 from ..storage.exit_checkpoint import EXITS, META, WEIGHTS, backbone_hash, read_exit_meta
-from ..storage.hf_llama import export_hf
+from ..storage.hf_llama import TOKENIZER_FILES, export_hf
 from ..storage.loading import (Loaded, default_calibration, load_source, read_calibration,
                                results_hash, run_data_config)
 from ..storage.model_card import CardFacts, model_card
 from .evaluation import exit_quality
-
-# What an HF backbone's tokenizer is made of, copied as it is (an exit-module run on a
-# Hugging Face Llama): rebuilding it from tokenizer.model would change how it adds BOS.
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                      "special_tokens_map.json")
 
 
 @dataclass
@@ -92,7 +87,7 @@ def export_job(job: ExportJob) -> Exported:
 
     def fill(folder: Path) -> None:
         if loaded.fmt == "hf":
-            for name in HF_TOKENIZER_FILES:
+            for name in TOKENIZER_FILES:
                 if (Path(loaded.source) / name).is_file():
                     shutil.copyfile(Path(loaded.source) / name, folder / name)
         if not exact:

@@ -10,6 +10,15 @@ training config) and ``checkpoint/``, the folder every other entry point loads:
 
 (a ``train.parallel=fsdp`` run's checkpoint adds its shards: sharded_checkpoint.py)
 
+A continual run (a pretrained Hugging Face Llama trained further: training/continual.py)
+keeps its checkpoint in Hugging Face's layout instead, so that it loads through the
+Llama shim with the pretrained model's own tokenizer:
+
+    checkpoint/config.json, model.safetensors, generation_config.json   (hf_llama.py)
+    checkpoint/tokenizer.json, tokenizer_config.json, ...               (copied as they are)
+    checkpoint/source.json        the pretrained model it started from: path, weight hash
+    checkpoint/train_state.pt
+
 A save writes a complete new folder beside the old one and swaps it in with renames,
 so a crash at any moment leaves either the old or the new checkpoint, never a mix.
 Nothing is unpickled: weights come from safetensors and the training state is read
@@ -34,6 +43,10 @@ from .data import load_tokenizer
 
 CHECKPOINT = "checkpoint"
 FILES = ("config.json", "model.safetensors", "tokenizer.model")
+# Marks a continual run's checkpoint (Hugging Face layout), whose tokenizer is the
+# pretrained model's (tokenizer.json or tokenizer.model, checked as the shim loads it).
+SOURCE = "source.json"
+CONTINUAL_FILES = ("config.json", "model.safetensors", SOURCE)
 
 
 class CheckpointError(UserError):
@@ -117,7 +130,8 @@ def resolve_checkpoint(path: Path | str) -> Path:
     path = Path(path)
     for candidate in (path, path / CHECKPOINT, path / f".{CHECKPOINT}-old"):
         if (candidate / "config.json").is_file():
-            missing = [f for f in FILES if not (candidate / f).is_file()]
+            needed = CONTINUAL_FILES if (candidate / SOURCE).is_file() else FILES
+            missing = [f for f in needed if not (candidate / f).is_file()]
             if missing:
                 raise CheckpointError(f"checkpoint {candidate} is incomplete: missing {missing}")
             return candidate

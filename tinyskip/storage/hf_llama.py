@@ -29,6 +29,11 @@ from .gguf import gguf_folder, is_gguf
 from .sentencepiece_json import to_tokenizer
 
 PREFIX = "model."
+# What a Hugging Face Llama's tokenizer is made of, copied as it is wherever its weights go
+# (an export, a continual run's checkpoint): rebuilding it from tokenizer.model would
+# change how it adds BOS.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
 # tokenizer_config.json's key for the token a tinyskip model learnt line breaks as (EOS):
 # its tokenizer.json alone would encode a line break as an unknown piece.
 LINE_BREAK = "tinyskip_line_break_token"
@@ -287,19 +292,9 @@ def export_hf(model: Transformer, tokenizer_file: Optional[Path], out: Path,
     out = Path(out)
     if out.exists():
         raise UserError(f"out={out} already exists: choose a new folder")
-    cfg = model.config
-    state = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        hf_name = name if name == "lm_head.weight" else PREFIX + name
-        state[hf_name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json_atomic(tmp / "config.json", config_to_hf(cfg, dtype))
-        write_json_atomic(tmp / "generation_config.json",
-                          {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
+        write_hf_model(model, tmp, dtype)
         if tokenizer_file is not None:
             _export_tokenizer(tokenizer_file, tmp)
         if fill is not None:
@@ -309,6 +304,22 @@ def export_hf(model: Transformer, tokenizer_file: Optional[Path], out: Path,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_hf_model(model: Transformer, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    """The model as Hugging Face Llama files in ``folder``: model.safetensors (a tied head
+    stored once, as the embedding), config.json and generation_config.json."""
+    cfg = model.config
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        hf_name = name if name == "lm_head.weight" else PREFIX + name
+        state[hf_name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_json_atomic(folder / "config.json", config_to_hf(cfg, dtype))
+    write_json_atomic(folder / "generation_config.json",
+                      {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
 
 
 def _export_tokenizer(tokenizer_file: Path, folder: Path) -> None:

@@ -25,6 +25,7 @@ from ..model.quantize import quantize_int8
 from ..model.transformer import Transformer
 from ..runtime import DTYPES, check_runs
 from .checkpoint import load_model, load_run_job, resolve_checkpoint, run_folder
+from .continual_checkpoint import read_source
 from .data import SPLITS, encode_text, load_lines, load_tokenizer, prepare_corpus
 from .exit_checkpoint import (backbone_hash, exit_modules_hash, exits_folder, load_exit_modules,
                               read_exit_meta)
@@ -157,12 +158,20 @@ def results_hash(backbone_digest: str, exits: Optional[Path], quantize: str = "n
 
 def load_backbone(path: str, fmt: str, device: torch.device, dtype: str = "float32") -> Loaded:
     """A tinyskip checkpoint (``fmt="tinyskip"``) or a Hugging Face Llama folder or Hub id
-    (``fmt="hf"``), bare."""
+    (``fmt="hf"``), bare. A continual run's checkpoint is named as any run's but is a
+    Hugging Face folder (checkpoint.py): it loads through the shim, as the pretrained
+    model it started from did (its tokenizer, its token stream: ``corpus_of``), with its
+    run folder for its job.json and results."""
+    run_dir = None
+    if fmt == "tinyskip":
+        ckpt = resolve_checkpoint(path)
+        if read_source(ckpt) is not None:
+            path, fmt, run_dir = str(ckpt), "hf", ckpt.parent
     if fmt == "hf":
         model, folder = load_hf_llama(path, device, DTYPES[dtype])
         sp = folder / "tokenizer.model"
         return Loaded(model, HFTokenizer(folder, model.config), str(folder),
-                      sp if sp.is_file() else None, None, fmt="hf")
+                      sp if sp.is_file() else None, run_dir, fmt="hf")
     model, ckpt = load_model(path, device, DTYPES[dtype])
     tok = ckpt / "tokenizer.model"
     return Loaded(model, SentencePieceTokenizer(tok), str(ckpt), tok, ckpt.parent)
@@ -209,14 +218,11 @@ def attach_exits(loaded: Loaded, exits: Path) -> None:
 
 
 def draft_vocabulary(loaded: Loaded, spec, data) -> Optional[torch.Tensor]:
-    """The N most frequent training tokens, for ``draft_vocab=N`` (None when off)."""
+    """The N most frequent tokens of the train split as the model reads it (``corpus_of``),
+    for ``draft_vocab=N`` (None when off)."""
     if spec.ssd is None or not spec.ssd.draft_vocab:
         return None
-    if loaded.tokenizer_file is None:
-        raise UserError("draft_vocab needs token frequencies of the training data, known only "
-                        "for tinyskip checkpoints")
-    data = run_data_config(loaded.run_dir, data)
-    train_tokens = prepare_corpus(data, loaded.tokenizer_file).tokens["train"]
+    train_tokens = corpus_of(loaded, run_data_config(loaded.run_dir, data)).tokens["train"]
     return frequent_tokens(train_tokens, loaded.model.config.vocab_size, spec.ssd.draft_vocab)
 
 

@@ -1,5 +1,6 @@
 """What ``train.resume=true`` must find: the same recipe and model as the saved run,
-and a metrics log cut back to the checkpoint it continues from."""
+and a metrics log cut back to the checkpoint it continues from; and what a fresh run
+must not find: a saved one."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from ..atomic import write_text_atomic
 from ..config import ModelConfig, TrainConfig
 from ..jobs import TrainJob
-from ..storage.checkpoint import CheckpointError, load_run_job
+from ..storage.checkpoint import CHECKPOINT, CheckpointError, load_run_job
 from ..storage.sharded_checkpoint import sharded
 
 # Keys that change how a run is executed or reported, never what it computes: they may
@@ -70,6 +71,17 @@ def check_recipe(job: TrainJob, run_dir: Path) -> None:
                          + (f" ({DEPENDS_ON[k]})" if k in DEPENDS_ON else "") for k in changed)
         raise CheckpointError(f"train.resume=true with another recipe than {run_dir}/job.json: "
                               f"{what}; resume with the saved values, or start a new run=<name>")
+
+
+def check_fresh(run_dir: Path, tc: TrainConfig) -> None:
+    """A fresh run never silently replaces a saved one. (The fallback .checkpoint-old
+    counts: a crash mid-save can leave it as the only one.)"""
+    existing = [p.name for p in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}-old")
+                if p.exists()]
+    if existing and not tc.overwrite:
+        raise CheckpointError(f"run folder {run_dir} already holds a checkpoint ({existing[0]}): "
+                              "pass train.resume=true to continue it, train.overwrite=true to "
+                              "start over, or another run=<name>")
 
 
 def check_layout(folder: Path, tc: TrainConfig) -> bool:

@@ -26,22 +26,29 @@ from ..config import ConfigError, TrainConfig
 from ..jobs import TrainJob
 from ..model.transformer import Transformer
 from ..runtime import autocast, pick_device, progress_bar
-from ..storage.checkpoint import (CHECKPOINT, CheckpointError, build_model, load_model,
-                                  load_model_config, load_train_state, resolve_checkpoint,
-                                  run_folder, save_checkpoint)
-from ..storage.data import get_batch, prepare_corpus
+from ..storage.checkpoint import (CHECKPOINT, build_model, load_model, load_model_config,
+                                  load_train_state, resolve_checkpoint, run_folder,
+                                  save_checkpoint)
+from ..storage.data import Corpus, get_batch, prepare_corpus
 from ..storage.sharded_checkpoint import load_shards, save_sharded
 from ..tb_log import ScalarLog, eval_scalars, require_tensorboard
+from .continual import check_origin, prepare_continual
 from .distributed import init_distributed, launched_world, rank_mean
 from .losses import exit_weights, layerdrop_probs, sampled_exit_loss
 from .optim import cosine_lr, make_optimizer
 from .result import TrainResult
-from .resume import check_layout, check_model, check_recipe, truncate_metrics
+from .resume import check_fresh, check_layout, check_model, check_recipe, truncate_metrics
 from .sharding import gather_state, is_sharded, shard
 
 
-def _prepare_run(job: TrainJob, run_dir: Path, rank: int, ckpt: Path | None, sharded: bool):
-    """Model, optimizer state and start step: fresh, or resumed from ``ckpt``."""
+def _prepare_run(job: TrainJob, run_dir: Path, ckpt: Path | None, sharded: bool):
+    """The job as it runs, the model, its corpus, the optimizer state and start step
+    (None: fresh, else resumed from ``ckpt``) and ``save(model, train_state, also=None)``,
+    the checkpoint writer: from scratch here, from a pretrained model in continual.py."""
+    if ckpt is not None:
+        check_origin(job, ckpt, run_dir)
+    if job.model.path:
+        return prepare_continual(job, run_dir, ckpt, sharded)
     tc = job.train
     if ckpt is not None:
         # Cheap checks before the data is loaded: the model, then the recipe.
@@ -50,21 +57,22 @@ def _prepare_run(job: TrainJob, run_dir: Path, rank: int, ckpt: Path | None, sha
         state = load_train_state(ckpt, sharded)
         model, _ = load_model(ckpt)
         corpus = prepare_corpus(job.data, ckpt / "tokenizer.model")
-        return model, corpus, state
-    # The fallback .checkpoint-old counts: a crash mid-save can leave it as the only one.
-    existing = [p.name for p in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}-old")
-                if p.exists()]
-    if existing and not tc.overwrite:
-        raise CheckpointError(f"run folder {run_dir} already holds a checkpoint ({existing[0]}): "
-                              "pass train.resume=true to continue it, train.overwrite=true to "
-                              "start over, or another run=<name>")
+        return job, model, corpus, state, _saver(run_dir, corpus)
+    check_fresh(run_dir, tc)
     corpus = prepare_corpus(job.data)
     cfg = dataclasses.replace(job.model, vocab_size=corpus.vocab_size,
                               bos_token_id=corpus.bos_id, eos_token_id=corpus.eos_id)
     torch.manual_seed(tc.seed)          # the same initial weights on every rank
-    if rank == 0 and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
-    return Transformer(cfg), corpus, None
+    return job, Transformer(cfg), corpus, None, _saver(run_dir, corpus)
+
+
+def _saver(run_dir: Path, corpus: Corpus):
+    def save(model: Transformer, train_state: dict, also=None) -> None:
+        save_checkpoint(run_dir, model, corpus.tokenizer_file, train_state, also)
+        # Later saves copy the tokenizer from the checkpoint just published: a run
+        # resumed from .checkpoint-old loses that folder at its first save.
+        corpus.tokenizer_file = run_dir / CHECKPOINT / "tokenizer.model"
+    return save
 
 
 @dataclass
@@ -176,9 +184,6 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     if tc.preset == "balcony":
         raise ConfigError("train=balcony trains exit modules on a frozen backbone: "
                           "training.exit_training.train_exit_modules runs it")
-    if job.model.path:
-        raise ConfigError("training from Hugging Face weights (model.path) is not supported "
-                          "yet: train a tinyskip model, or decode the Llama with tinyskip.infer")
     if tc.tensorboard:
         require_tensorboard("train.tensorboard")
     device = pick_device(tc.device)
@@ -190,7 +195,7 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     rank, world = init_distributed(device, group=fsdp)
     if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
-    model, corpus, state = _prepare_run(job, run_dir, rank, ckpt, sharded)
+    job, model, corpus, state, save = _prepare_run(job, run_dir, ckpt, sharded)
     model.to(device).train()
     # Recorded with every evaluation: a fallback to eager blocks shows in the run's metrics.
     compiled = compile_blocks(model) if tc.compile else False
@@ -213,6 +218,8 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     if rank == 0:
         make_dirs(run_dir)
         write_json_atomic(run_dir / "job.json", dataclasses.asdict(job))
+        if state is None and metrics_path.exists():     # a fresh run starts its own log
+            metrics_path.unlink()
         truncate_metrics(metrics_path, start)
         if tc.tensorboard:
             tb = ScalarLog(run_dir, purge_step=start + 1)
@@ -288,15 +295,9 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
             tb.flush()
         progress_state = {"step": step + 1, "tokens_seen": seen_tokens}
         if saving and fsdp:
-            save_sharded(lambda also: save_checkpoint(run_dir, whole, corpus.tokenizer_file,
-                                                      progress_state, also), model, optimizer)
+            save_sharded(lambda also: save(whole, progress_state, also), model, optimizer)
         elif saving and rank == 0:
-            save_checkpoint(run_dir, model, corpus.tokenizer_file,
-                            {**progress_state, "optimizer": optimizer.state_dict()})
-        if saving:
-            # Later saves copy the tokenizer from the checkpoint just published: a run
-            # resumed from .checkpoint-old loses that folder at its first save.
-            corpus.tokenizer_file = run_dir / CHECKPOINT / "tokenizer.model"
+            save(model, {**progress_state, "optimizer": optimizer.state_dict()})
         if world > 1 and evaluating:
             dist.barrier()
     if bar is not None:
