@@ -84,7 +84,7 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             m = len(found)
             tokens = torch.tensor([[out[-1], *found]], device=dev)                # (1, m+1)
             h_exit[:, :m + 1] = step.blocks(tokens, E, cache, positions(p, m + 1, dev),
-                                            module_kv)
+                                            module_kv)[0]
             stats.add_layers(E, width=m + 1)
             stats.lookup_rounds += 1
             drafts, have = [torch.tensor([t], device=dev) for t in found], m + 1
@@ -92,7 +92,7 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                 q = list(torch.nn.functional.one_hot(torch.tensor(found, device=dev),
                                                      model.config.vocab_size).float())
         for j in range(k if not found else 0):
-            h, dls = step.token(cur[None], E, cache, positions(p + j, 1, dev), draft, ())
+            h, dls, _ = step.token(cur[None], E, cache, positions(p + j, 1, dev), draft, ())
             h_exit[:, j] = h[:, 0]
             have = j + 1
             dl = dls[0, 0]                                                # (N,)
@@ -115,7 +115,7 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         if have < m + 1:    # the last draft (or t itself when m = 0) has no exit state yet
             # Blocks only: the draft head's proposal after the last draft is not needed.
             h_exit[:, m] = step.blocks(cur[None], E, cache, positions(p + m, 1, dev),
-                                       module_kv)[:, 0]
+                                       module_kv)[0][:, 0]
             stats.add_layers(E)
         # (1, m+1, d) with strides of its own shape, not the buffer's: a compiled verify
         # step is then one graph per width, whatever k sized the buffer.

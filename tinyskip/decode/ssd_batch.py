@@ -78,7 +78,8 @@ def ssd_generate_batch(model: Transformer, prompt: torch.Tensor, max_new_tokens:
         room = [0 if e else min(cfg.k, b - len(o) - 1) for o, b, e in zip(outs, budgets, ended)]
         states, drafts, q = [], [], []     # exit states (B, d) by position, drafts (B,), q (B, V)
         for j in range(max(room)):
-            h, dls = step.token(cur[:, None], E, cache, row_positions(pos + j, 1, last), draft, ())
+            h, dls, _ = step.token(cur[:, None], E, cache, row_positions(pos + j, 1, last), draft,
+                                   ())
             # A copy: on a GPU the next compiled call replays its graph, which overwrites
             # this call's outputs (CUDA graphs, steps.compile_options).
             states.append(h[:, 0].clone())
@@ -104,7 +105,7 @@ def ssd_generate_batch(model: Transformer, prompt: torch.Tensor, max_new_tokens:
         m = len(drafts)
         if len(states) < m + 1:     # the last draft (or the committed token) has no exit state
             states.append(step.blocks(cur[:, None], E, cache, row_positions(pos + m, 1, last),
-                                      module_kv)[:, 0])
+                                      module_kv)[0][:, 0])
             stats.add_layers(E)
         verify = step.states(torch.stack(states, 1), E, L, cache, row_positions(pos, m + 1, last),
                              verifier, ())[1]                                 # (B, m+1, V)
