@@ -21,6 +21,8 @@ Choices, and why:
   first unconfident draft (the round stops drafting when every row has).
 - Prompt-lookup drafts (``ngram``) are refused: a found draft replaces the exit draft
   of its row only, which saves nothing while other rows still draft step by step.
+- Choosing the exit per round (``choose=del``) is refused: each row's context would ask
+  for its own exit, and rows drafting from different exits cannot share a step.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def ssd_generate_batch(model: Transformer, prompt: torch.Tensor, max_new_tokens:
     if cfg.ngram:
         raise UserError(f"ngram={cfg.ngram}: prompt-lookup drafts decode one prompt at a time "
                         f"(got a batch of {prompt.shape[0]}); give batch_size=1 or ngram=0")
+    if cfg.choose == "del":
+        raise UserError(f"choose=del chooses the draft exit per prompt: it decodes one prompt "
+                        f"at a time (got a batch of {prompt.shape[0]}); give batch_size=1 or "
+                        "choose=fixed")
     B, T = prompt.shape
     dev = prompt.device
     if lengths is None:
