@@ -73,6 +73,33 @@ def test_round_costs_count_the_weights_each_call_reads(tiny_model):
     assert costs.verify == 4 * block + 2 * head          # + the probe's head read
 
 
+def test_a_round_teaches_e_its_own_drafts_and_the_others_their_proposals(tiny_model):
+    """E's samples are its drafts up to the first miss; every other candidate's are its
+    proposals at the a+1 committed positions; after a full step (no drafts) E's too."""
+    from tinyskip.decode.ssd import exit_proposals, learn
+    head, row = ExitHead(tiny_model), {1: 0, 2: 1, 3: 2}
+    h_seen = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+    pos = positions(4, 3, "cpu")
+    proposals = exit_proposals(tiny_model, head, h_seen[[0, 2], :3], [1, 3],
+                               tiny_model.new_cache(1, 16), pos).tolist()
+    target = [proposals[0][0], proposals[0][1], 96, 95]   # exit 1 agrees twice, then not
+    want = DraftChooser([1, 2, 3], 4, RoundCosts({1: 1.0, 2: 2.0, 3: 3.0}, 5.0), 4)
+    want.update(2, [True, True, False])                   # drafts 7, 8 accepted, 9 not
+    for e, got in zip([1, 3], proposals):
+        want.update(e, [x == y for x, y in zip(got, target)])
+    chooser = DraftChooser([1, 2, 3], 4, RoundCosts({1: 1.0, 2: 2.0, 3: 3.0}, 5.0), 4)
+    own = [target[0], target[1], 9]
+    learn(tiny_model, chooser, head, 2, own, target, 2, h_seen, row, tiny_model.new_cache(1, 16),
+          pos)
+    assert chooser.alpha == pytest.approx(want.alpha)
+    assert chooser.alpha[1] > 1 / 4 and chooser.alpha[2] != 2 / 4
+    # A full step: E has no drafts and is probed like the others (one position).
+    chooser = DraftChooser([1, 2, 3], 4, RoundCosts({1: 1.0, 2: 2.0, 3: 3.0}, 5.0), 4)
+    learn(tiny_model, chooser, head, 2, [], target, 0, h_seen, row, tiny_model.new_cache(1, 16),
+          positions(4, 1, "cpu"))
+    assert all(alpha != e / 4 for e, alpha in chooser.alpha.items())
+
+
 # -- decoding ---------------------------------------------------------------------------
 
 def exit_two_is_exact(tiny_config, **overrides) -> Transformer:
