@@ -41,6 +41,9 @@ class BenchJob(CheckpointSource):
     draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
     adaptive_threshold: float = 0.0           # > 0: also every ssd row with adaptive drafting
     ngram: int = 0                            # > 0: also every ssd row with prompt-lookup drafts
+    choose_del: bool = False                  # also one ssd row per k choosing its exit and
+    ssd_exits: list[int] = field(default_factory=list)   # drafts per round among these exits
+                                              # ([] = the exits with modules)
     # Full and draft_layer x k SSD rows again at each batch size, prompts of different
     # lengths decoded together (analysis/bench_batch.py); [] = none.
     batch_sizes: list[int] = field(default_factory=list)
@@ -84,6 +87,13 @@ class BenchJob(CheckpointSource):
             raise ConfigError("k=[]: give at least one k for the draft_layer rows (or draft_layer=[])")
         for k in self.k:
             SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab, self.ngram)
+            if self.choose_del:
+                SSDConfig(None, k, choose="del", exits=list(self.ssd_exits))
+        if self.choose_del and not self.k:
+            raise ConfigError("choose_del=true adds one row per k: give k=[...]")
+        if self.ssd_exits and not self.choose_del:
+            raise ConfigError(f"ssd_exits={self.ssd_exits}: the candidates of the del rows "
+                              "(give choose_del=true, or drop ssd_exits)")
         if self.ssd_costs and not self.draft_layer:
             raise ConfigError("ssd_costs=true prices SSD rounds at the draft_layer exits: give "
                               "draft_layer=[...] (or ssd_costs=false)")

@@ -54,6 +54,9 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, job.adaptive_threshold)))
             if job.ngram:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, ngram=job.ngram)))
+    if job.choose_del:
+        specs += [ModeSpec("ssd", ssd=SSDConfig(None, k, choose="del", exits=list(job.ssd_exits)))
+                  for k in job.k]
     for measure in job.measure:
         for lam in job.threshold:
             for cache in job.cache:
@@ -97,6 +100,7 @@ def spec_fields(spec: ModeSpec) -> dict:
     s, d = spec.ssd, spec.dee
     return {"family": spec.mode, "exit_layer": spec.exit_layer,
             "draft_layer": s.draft_layer if s else None, "k": s.k if s else None,
+            "choose": s.choose if s else None, "ssd_exits": s.exits if s else None,
             "draft_vocab": s.draft_vocab if s else None,
             "adaptive_threshold": s.adaptive_threshold if s else None,
             "ngram": s.ngram if s else None,
@@ -162,6 +166,9 @@ def benchmark(job: BenchJob) -> dict:
                         f"verifies {max(job.k) + 1} positions, past this generation's "
                         f"{cache_size(model, needed)}-slot cache (give a smaller k)")
     labelled = [(s.label, s, None) for s in bench_specs(job, L)]
+    for _, spec, _ in labelled:           # del's candidates against the model's modules
+        if spec.ssd is not None and spec.ssd.choose == "del":
+            spec.ssd.candidates(L, model.module_exits)
     labelled += [(f"{s.label} calibrated", s, path) for path, s in calibrated_specs(job, loaded)]
     for _, spec, _ in labelled:
         spec.classifier = exit_classifier_for(loaded, spec)
@@ -252,6 +259,7 @@ def benchmark(job: BenchJob) -> dict:
                      "accept_hist": st.accept_hist or None,
                      "lookup_share": st.lookup_rounds / st.rounds if spec.ssd and
                      spec.ssd.ngram and st.rounds else None,
+                     "exit_rounds": st.exit_rounds or None, "draft_hist": st.draft_hist or None,
                      "mean_exit": st.mean_exit, "exit_hist": st.exit_hist or None,
                      "agreement": t["agree"] / n, "exact_match": t["exact"] / len(prompts),
                      "f1_loss": t["f1_loss"] / len(prompts), **quality(t["generated"]),
