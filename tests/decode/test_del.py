@@ -10,6 +10,7 @@ import torch
 from tinyskip.config import ConfigError, SSDConfig, UserError
 from tinyskip.decode import generate, ssd_generate
 from tinyskip.decode.chooser import DraftChooser, RoundCosts, expected_tokens, round_costs
+from tinyskip.decode.stats import DecodeStats
 from tinyskip.decode.steps import Steps, positions
 from tinyskip.model.exit_modules import ExitModules
 from tinyskip.model.exits import ExitHead
@@ -89,14 +90,16 @@ def test_a_round_teaches_e_its_own_drafts_and_the_others_their_proposals(tiny_mo
         want.update(e, [x == y for x, y in zip(got, target)])
     chooser = DraftChooser([1, 2, 3], 4, RoundCosts({1: 1.0, 2: 2.0, 3: 3.0}, 5.0), 4)
     own = [target[0], target[1], 9]
+    stats = DecodeStats()
     learn(tiny_model, chooser, head, 2, own, target, 2, h_seen, row, tiny_model.new_cache(1, 16),
-          pos)
+          pos, stats)
     assert chooser.alpha == pytest.approx(want.alpha)
     assert chooser.alpha[1] > 1 / 4 and chooser.alpha[2] != 2 / 4
+    assert stats.calls == {"head:6": 1.0}          # one head call over 2 exits x 3 positions
     # A full step: E has no drafts and is probed like the others (one position).
     chooser = DraftChooser([1, 2, 3], 4, RoundCosts({1: 1.0, 2: 2.0, 3: 3.0}, 5.0), 4)
     learn(tiny_model, chooser, head, 2, [], target, 0, h_seen, row, tiny_model.new_cache(1, 16),
-          positions(4, 1, "cpu"))
+          positions(4, 1, "cpu"), DecodeStats())
     assert all(alpha != e / 4 for e, alpha in chooser.alpha.items())
 
 

@@ -182,8 +182,9 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             # Sampled rounds learn the same greedy agreement: the full model's argmax
             # against each exit's (an estimate of acceptance, not the sampled rule's own).
             own = drafted if sampling.greedy else torch.cat(tops).tolist() if tops else []
-            learn(model, chooser, draft, E, own, verify.argmax(-1).tolist(), a,
-                  h_seen, row, cache, positions(p, a + 1, dev))
+            learn(model, chooser, draft, E, own,
+                  target if sampling.greedy else verify.argmax(-1).tolist(), a, h_seen, row,
+                  cache, positions(p, a + 1, dev), stats)
             stats.add_choice(E if m else L, m)
         out.extend(drafted[:a] + [nxt])
         if cfg.ngram:
@@ -203,15 +204,20 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
 
 def learn(model: Transformer, chooser: DraftChooser, head: ExitHead, E: int, own: list[int],
           target: list[int], a: int, h_seen: torch.Tensor, row: dict[int, int], cache: KVCache,
-          pos: torch.Tensor) -> None:
+          pos: torch.Tensor, stats: DecodeStats) -> None:
     """Fold a round into the chooser. ``target``: the full model's argmax at p..p+m; ``a``
     drafts accepted, so positions p..p+a (``pos``) were committed. E's samples are its own
     proposals ``own`` up to the first miss (those after it followed a rejected draft); every
-    other candidate's, what it proposes from its states ``h_seen`` at p..p+a."""
+    other candidate's, what it proposes from its states ``h_seen`` at p..p+a (its module
+    calls and the one head call counted in ``stats``)."""
     chooser.update(E, [own[j] == target[j] for j in range(min(a + 1, len(own)))])
     probed = [e for e in chooser.exits if e != E or not own]
     states = h_seen[[row[e] for e in probed], :a + 1]                       # (n, a+1, d)
     proposals = exit_proposals(model, head, states, probed, cache, pos).tolist()
+    stats.add_head(width=states.shape[0] * states.shape[1], cost=head.cost)
+    for e in probed:
+        if model.exit_module(e) is not None:
+            stats.add_module(width=a + 1)
     for e, proposed in zip(probed, proposals):
         chooser.update(e, [x == y for x, y in zip(proposed, target)])
 

@@ -49,8 +49,12 @@ class DecodeStats:
         key = f"head:{width}"
         self.calls[key] = self.calls.get(key, 0) + cost
         if module:
-            key = f"module:{width}"
-            self.calls[key] = self.calls.get(key, 0) + 1
+            self.add_module(width)
+
+    def add_module(self, width: int = 1) -> None:
+        """One exit-module call on ``width`` positions."""
+        key = f"module:{width}"
+        self.calls[key] = self.calls.get(key, 0) + 1
 
     def add_choice(self, exit: int, drafts: int) -> None:
         """One SSD round that drafted ``drafts`` tokens from ``exit`` (del's choice)."""
