@@ -45,6 +45,10 @@ class BenchJob(CheckpointSource):
     # (two or more of these three: also every ssd row with all of them together)
     temperature: float = 0.0                  # every row samples at this temperature (0 = greedy)
     seed: int = 0                             #   each generation from a generator seeded so
+    choose_del: bool = False                  # also one ssd row per k choosing its exit and
+    ssd_exits: list[int] = field(default_factory=list)   # drafts per round among these exits
+                                              # ([] = the exits with modules), and one more
+                                              # with draft_vocab and adaptive_threshold if given
     # Full and draft_layer x k SSD rows again at each batch size, prompts of different
     # lengths decoded together (analysis/bench_batch.py); [] = none.
     batch_sizes: list[int] = field(default_factory=list)
@@ -88,6 +92,13 @@ class BenchJob(CheckpointSource):
             raise ConfigError("k=[]: give at least one k for the draft_layer rows (or draft_layer=[])")
         for k in self.k:
             SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab, self.ngram)
+            if self.choose_del:
+                SSDConfig(None, k, choose="del", exits=list(self.ssd_exits))
+        if self.choose_del and not self.k:
+            raise ConfigError("choose_del=true adds one row per k: give k=[...]")
+        if self.ssd_exits and not self.choose_del:
+            raise ConfigError(f"ssd_exits={self.ssd_exits}: the candidates of the del rows "
+                              "(give choose_del=true, or drop ssd_exits)")
         SamplingConfig(self.temperature)
         check_seed("seed", self.seed)
         if self.ssd_costs and not self.draft_layer:

@@ -320,15 +320,25 @@ def check_mode(mode: str) -> None:
         raise ConfigError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
 
 
+SSD_CHOICES = ("fixed", "del")
+
+
 @dataclass
 class SSDConfig:
-    """``mode=ssd``: draft with exit ``draft_layer`` (blocks [0, E)), verify with the rest."""
+    """``mode=ssd``: draft with exit ``draft_layer`` (blocks [0, E)), verify with the rest.
 
-    draft_layer: int                 # E: the draft runs blocks [0, E), 1 <= E <= L
+    ``choose="del"`` picks the exit among ``exits`` and the number of drafts (0..k) anew
+    every round from the exits' running agreement with the full model (decode/chooser.py);
+    ``draft_layer`` is then the first round's exit (None: the median candidate)."""
+
+    draft_layer: Optional[int] = None  # E: the draft runs blocks [0, E), 1 <= E <= L
     k: int = 4                       # drafts per round (at most)
     adaptive_threshold: float = 0.0  # stop drafting when the draft's top-1 prob falls below
     draft_vocab: int = 0             # score drafts over the N most frequent tokens (0 = all)
     ngram: int = 0                   # > 0: prompt-lookup drafts where the last n tokens recur
+    choose: str = "fixed"            # fixed: draft_layer and k every round | del: chosen
+    # del's candidate exits (ssd_exits= in infer and bench); [] = the exits with modules.
+    exits: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -340,12 +350,50 @@ class SSDConfig:
         if self.ngram < 0:
             raise ConfigError(f"ngram={self.ngram}: must be >= 1 (the tokens a prompt-lookup "
                               "draft matches), or 0 for exit drafts only")
+        _choice(self, "choose", SSD_CHOICES)
+        if self.choose == "fixed" and self.exits:
+            raise ConfigError(f"ssd_exits={self.exits}: the candidate exits of choose=del "
+                              "(give choose=del, or drop ssd_exits)")
+        if self.choose == "del" and self.ngram:
+            raise ConfigError(f"choose=del with ngram={self.ngram}: a prompt-lookup round "
+                              "drafts from no exit to learn from (give ngram=0)")
+        if len(set(self.exits)) != len(self.exits):
+            raise ConfigError(f"ssd_exits={self.exits}: an exit is listed twice")
 
     def validate(self, num_layers: int) -> None:
         """What only the model can tell: the draft exit against its L blocks."""
-        if not 1 <= self.draft_layer <= num_layers:
+        if self.draft_layer is None:
+            if self.choose == "fixed":
+                raise UserError("mode=ssd needs draft_layer=<1..L> (or choose=del)")
+        elif not 1 <= self.draft_layer <= num_layers:
             raise UserError(f"draft_layer={self.draft_layer}: must be in 1..{num_layers} for "
                             f"this {num_layers}-layer model (E = L drafts with the full model)")
+        bad = [e for e in self.exits if not 1 <= e < num_layers]
+        if bad:
+            raise UserError(f"ssd_exits={self.exits}: {bad[0]} is outside 1..{num_layers - 1} "
+                            f"(exit {num_layers} is the full model, which verifies)")
+
+    def candidates(self, num_layers: int, module_exits: list[int]) -> list[int]:
+        """del's candidate exits, sorted, on a model of L blocks whose exit modules sit at
+        ``module_exits`` ([] = none): where it has modules, only those exits were trained
+        (every candidate needs one); without, all share the head (LayerSkip), any 1..L-1."""
+        self.validate(num_layers)
+        exits = sorted(self.exits or module_exits)
+        if not exits:
+            raise UserError("choose=del needs ssd_exits=[...] (candidate exits in "
+                            f"1..{num_layers - 1}): this model has no exit modules to default to")
+        missing = [e for e in exits if module_exits and e not in module_exits]
+        if missing:
+            raise UserError(f"ssd_exits={self.exits}: exit {missing[0]} has no exit module; "
+                            f"this model's exits with modules are {sorted(module_exits)}")
+        if self.draft_layer is not None and self.draft_layer not in exits:
+            raise UserError(f"draft_layer={self.draft_layer}: the first round's exit must be "
+                            f"one of the candidates {exits}")
+        return exits
+
+    def first_exit(self, exits: list[int]) -> int:
+        """The first round's exit: ``draft_layer``, else the median candidate."""
+        return self.draft_layer if self.draft_layer is not None else exits[(len(exits) - 1) // 2]
 
 
 # Confidence measures of dynamic early exit and the range of each (higher = more

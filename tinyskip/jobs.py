@@ -144,6 +144,9 @@ class InferJob(CheckpointSource):
     adaptive_threshold: float = 0.0           # mode=ssd: stop drafting below this confidence
     draft_vocab: int = 0                      # mode=ssd: N most frequent tokens (needs data)
     ngram: int = 0                            # mode=ssd: > 0, prompt-lookup drafts on repeats
+    choose: str = "fixed"                     # mode=ssd: del = exit and drafts chosen per round
+    ssd_exits: list[int] = field(default_factory=list)  # mode=ssd choose=del: candidate exits
+                                              # ([] = the exits with modules)
     measure: Optional[str] = None             # mode=dee: confidence measure (default: softmax,
                                               # or the calibration file's)
     threshold: Any = None                     # mode=dee: a value or one per checked exit
@@ -172,8 +175,9 @@ class InferJob(CheckpointSource):
         check_seed("seed", self.seed)
         if self.mode == "static" and self.exit_layer is None:
             raise ConfigError("mode=static needs exit_layer=<1..L>")
-        if self.mode == "ssd" and self.draft_layer is None:
-            raise ConfigError("mode=ssd needs draft_layer=<1..L> (and k=<drafts per round>)")
+        if self.mode == "ssd" and self.draft_layer is None and self.choose != "del":
+            raise ConfigError("mode=ssd needs draft_layer=<1..L> (and k=<drafts per round>), "
+                              "or choose=del")
         if self.prompt is not None and self.prompts_file is not None:
             raise ConfigError('give prompt="..." or prompts_file=<file>, not both')
         self.threshold = dee_threshold(self.threshold)
@@ -200,11 +204,15 @@ class InferJob(CheckpointSource):
         if self.batch_size > 1 and self.mode == "ssd" and self.ngram:
             raise ConfigError(f"batch_size={self.batch_size}: ngram={self.ngram} (prompt-lookup "
                               "drafts) decodes one prompt at a time (give batch_size=1 or ngram=0)")
+        if self.batch_size > 1 and self.mode == "ssd" and self.choose == "del":
+            raise ConfigError(f"batch_size={self.batch_size}: choose=del (an exit chosen per "
+                              "round) decodes one prompt at a time (give batch_size=1 or "
+                              "choose=fixed)")
 
     def ssd(self) -> SSDConfig:
         """``mode=ssd``'s decoder (its exit checked against the model when loaded)."""
         return SSDConfig(self.draft_layer, self.k, self.adaptive_threshold, self.draft_vocab,
-                         self.ngram)
+                         self.ngram, self.choose, list(self.ssd_exits))
 
     def dee(self) -> DEEConfig:
         """``mode=dee``'s decoder as the options give it (``calibrated``: the threshold,

@@ -59,6 +59,16 @@ def test_two_levers_add_a_row_with_both_and_sampled_rows_draw_reproducibly(run_a
     again = benchmark(compose_job("bench", args + ["temperature=0.7", "seed=3"]))
     drawn = lambda rs: [(r["ppl"], r["rouge_l"], r["agreement"]) for r in rs["rows"]]
     assert drawn(again) == drawn(res)
+def test_choose_del_adds_a_row_per_k_that_chooses_its_exit(run_args):
+    res = benchmark(compose_job("bench", run_args + [
+        "n_prompts=2", "max_new_tokens=8", "draft_layer=[2]", "k=[2]", "exit_layer=[]",
+        "choose_del=true", "ssd_exits=[1,2,3]", "out_dir=null"]))
+    assert [r["mode"] for r in res["rows"]] == ["full", "ssd E=2 k=2", "ssd del exits=1,2,3 k=2"]
+    row = res["rows"][2]
+    assert row["agreement"] == 1.0 and row["choose"] == "del" and row["ssd_exits"] == [1, 2, 3]
+    assert set(row["exit_rounds"]) <= {1, 2, 3, 4} and sum(row["draft_hist"]) == \
+        sum(row["exit_rounds"].values()) == sum(row["accept_hist"])
+    assert ssd_grid(res["rows"])[:2] == ([2], [2])       # the fixed rows' grid only
 
 
 def test_batch_rows_decode_ragged_prompts_together_and_count_every_rows_tokens(run_args):

@@ -1,5 +1,6 @@
 """The SSD round's price list: the calls it measures and the acceptance arithmetic."""
 
+import inspect
 import json
 
 import pytest
@@ -35,9 +36,11 @@ def _recording(steps: Steps) -> list:
         inner = getattr(steps, name)
 
         def call(*args, _name=name, _inner=inner, **kw):
-            args += tuple(kw.values())         # (exit_kv by keyword) as if positional
-            calls.append((_name,) + tuple(describe(a) for a in args))
-            return _inner(*args)
+            # Keywords and defaults (exit_kv, capture) as if given positionally.
+            bound = inspect.signature(_inner).bind(*args, **kw)
+            bound.apply_defaults()
+            calls.append((_name,) + tuple(describe(a) for a in bound.args))
+            return _inner(*bound.args)
         setattr(steps, name, call)
     return calls
 

@@ -32,13 +32,13 @@ def test_compiled_steps_trace_without_graph_breaks(model):
     head = ExitHead(model)
     tok = torch.tensor([[5]])
     explain = torch._dynamo.explain(steps._token)(tok, 4, cache, positions(3, 1, "cpu"), head.weight,
-                                                  head.scale, None)
+                                                  head.scale, None, ())
     assert explain.graph_break_count == 0 and explain.graph_count == 1
-    explain = torch._dynamo.explain(steps._blocks)(tok, 2, cache, positions(3, 1, "cpu"), (2,))
+    explain = torch._dynamo.explain(steps._blocks)(tok, 2, cache, positions(3, 1, "cpu"), (2,), ())
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     h = torch.zeros(1, 3, model.config.hidden_size)
     explain = torch._dynamo.explain(steps._states)(h, 2, 4, cache, positions(3, 3, "cpu"),
-                                                   head.weight, head.scale, ())
+                                                   head.weight, head.scale, (), ())
     assert explain.graph_break_count == 0 and explain.graph_count == 1
 
 
@@ -85,10 +85,10 @@ def test_steps_through_attending_exit_modules_trace_without_graph_breaks(tiny_co
     steps, cache, head = Steps(model), model.new_cache(1, 32), ExitHead(model)
     explain = torch._dynamo.explain(steps._token)(torch.tensor([[5]]), 2, cache,
                                                   positions(3, 1, "cpu"), head.weight, head.scale,
-                                                  None)
+                                                  None, ())
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     explain = torch._dynamo.explain(steps._blocks)(torch.tensor([[5]]), 2, cache,
-                                                   positions(3, 1, "cpu"), (2,))
+                                                   positions(3, 1, "cpu"), (2,), ())
     assert explain.graph_break_count == 0 and explain.graph_count == 1
 
 

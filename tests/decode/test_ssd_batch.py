@@ -98,7 +98,9 @@ class ReplayingSteps(Steps):
             for t in self.last:
                 t.fill_(float("nan"))
             out = fn(*args)
-            self.last = [out] if isinstance(out, torch.Tensor) else list(out)
+            # Every tensor a step returns, the captured states' tuple unpacked too.
+            self.last = [out] if isinstance(out, torch.Tensor) else \
+                [t for o in out for t in ((o,) if isinstance(o, torch.Tensor) else o)]
             return out
         return call
 
@@ -118,6 +120,14 @@ def test_no_loop_reads_a_step_output_after_the_next_step_call(peaked, rows):
                         steps=ReplayingSteps(peaked)).tokens[0] == alone[1]
     assert ssd_generate(peaked, batch, 30, cfg, lengths=lengths,
                         steps=ReplayingSteps(peaked)).tokens == full
+    # del: the captured states feed only its choices, which must not change either.
+    cfg = SSDConfig(2, 3, choose="del", exits=[1, 2, 3])
+    for prompt, want in zip(prompts, alone):
+        plain = ssd_generate(peaked, prompt[None], 30, cfg)
+        replayed = ssd_generate(peaked, prompt[None], 30, cfg, steps=ReplayingSteps(peaked))
+        assert replayed.tokens[0] == plain.tokens[0] == want
+        assert replayed.stats.exit_rounds == plain.stats.exit_rounds
+        assert replayed.stats.accept_hist == plain.stats.accept_hist
 
 
 def test_adaptive_drafting_stops_each_row_at_its_own_unsure_draft(peaked, rows):

@@ -19,7 +19,9 @@ import pytest
 
 from tinyskip.cli import SCHEMAS
 from tinyskip.config import DataConfig, ModelConfig, RopeScaling
+from tinyskip.model.exit_modules import ExitModules
 from tinyskip.storage.data import load_lines, train_tokenizer
+from tinyskip.storage.exit_checkpoint import backbone_hash, save_exit_modules
 from tinyskip.storage.hf_llama import config_to_hf
 
 HUGE = 2 ** 70
@@ -209,6 +211,22 @@ CASES = [
     ("train", ["model=hf_llama", "model.path=hf_llama", "run=tiny", "train.resume=true"],
      "checkpoints/tiny was trained from scratch"),
     ("train", ["run=cont", "train.resume=true"], "checkpoints/cont continues the pretrained model"),
+    # SSD choosing its exit per round (choose=del): candidates the model did not train.
+    ("infer", ["run=tiny", "prompt=hi", "mode=ssd", "choose=del", "ssd_exits=[0,2]"],
+     "ssd_exits=[0, 2]: 0 is outside 1..3 (exit 4 is the full model, which verifies)"),
+    ("infer", ["run=tiny-mods", "prompt=hi", "mode=ssd", "choose=del", "ssd_exits=[1,2]"],
+     "ssd_exits=[1, 2]: exit 1 has no exit module; this model's exits with modules are [2]"),
+    ("infer", ["run=tiny", "prompt=hi", "mode=ssd", "choose=del"],
+     "choose=del needs ssd_exits=[...] (candidate exits in 1..3): this model has no exit modules"),
+    ("infer", ["run=tiny", "prompt=hi", "mode=ssd", "choose=del", "ssd_exits=[1,2]",
+               "batch_size=2"], "batch_size=2: choose=del (an exit chosen per round) decodes one "
+                                "prompt at a time"),
+    ("infer", ["prompt=hi", "mode=ssd", "draft_layer=2", "ssd_exits=[2]"],
+     "ssd_exits=[2]: the candidate exits of choose=del"),
+    ("bench", ["run=tiny", "choose_del=true", "ssd_exits=[2,2]"],
+     "ssd_exits=[2, 2]: an exit is listed twice"),
+    ("bench", ["run=tiny", "choose_del=true", "ssd_exits=[1,5]", DATA],
+     "ssd_exits=[1, 5]: 5 is outside 1..3"),
 ]
 # Not bad input: a k far beyond any budget drafts what the budget allows.
 HUGE_K = ("infer", ["run=tiny", "prompt=The game", "mode=ssd", "draft_layer=2",
@@ -257,6 +275,11 @@ def workdir(trained_tiny, wikitext_path, hf_llama_folder, tmp_path_factory) -> P
     (work / "ragged.txt").write_text(f"the game\n{LONG_PROMPT}\n")       # a batch of two
     (work / "bad.gguf").write_bytes(b"GGUF but not really")
     (work / "exists").mkdir()
+    # Real exit modules at exit 2 only, on the tiny run.
+    backbone = runs / "tiny" / "checkpoint"
+    save_exit_modules(runs / "tiny-mods", ExitModules(trained_tiny[0].config, [2], "norm"),
+                      {"path": str(backbone), "format": "tinyskip",
+                       "weights_hash": backbone_hash(backbone)})
     (work / "exists" / "a-file").write_text("not a cache")
     # Exit modules whose recorded backbone hash is not the backbone's.
     exits = runs / "exits-other" / "exits"

@@ -67,6 +67,15 @@ def test_modes_agree_through_the_entry_point(run_args, trained_tiny, tmp_path):
         assert [r["batch"] for r in batched] == [{"rows": 2, "row": 0}, {"rows": 2, "row": 1}]
 
 
+def test_infer_with_choose_del_equals_full_and_shows_its_choices(run_args, capsys):
+    from tinyskip.decode.run import stats_line
+    base = run_args + ['prompt="The game was"', "max_new_tokens=20"]
+    full = infer(compose_job("infer", base))
+    [r] = infer(compose_job("infer", base + ["mode=ssd", "choose=del", "ssd_exits=[1,2,3]"]))
+    assert r["ids"] == full[0]["ids"] and r["mode"] == "ssd del exits=1,2,3 k=4"
+    assert "rounds by exit {E=" in stats_line(r) and "by drafts [" in stats_line(r)
+
+
 def test_infer_on_the_exported_hugging_face_folder_matches(run_args, trained_tiny, tmp_path):
     pytest.importorskip("transformers")
     from tinyskip.storage.hf_llama import export_run

@@ -74,7 +74,7 @@ def test_greedy_ssd_with_an_exit_module_draft_equals_full_decoding(model_with_mo
     from tinyskip.model.exits import ExitHead
     cache = KVCache(model.config, 1, 16, extra_layers=model.exit_modules.cache_slots)
     model.run_layers(model.embed(prompt), 0, 2, cache, 0)
-    h, logits = Steps(model).token(prompt[:, -1:], 2, cache, positions(6, 1, "cpu"), ExitHead(model))
+    h, logits, _ = Steps(model).token(prompt[:, -1:], 2, cache, positions(6, 1, "cpu"), ExitHead(model))
     torch.testing.assert_close(logits, model.head_at(h, 2, cache, 6))
     assert not torch.allclose(logits, model.head(h))
 

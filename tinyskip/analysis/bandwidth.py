@@ -19,13 +19,9 @@ import statistics
 
 import torch
 
+from ..model.quantize import module_bytes
 from ..model.transformer import Transformer
 from ..runtime import median_seconds
-
-
-def module_bytes(module: torch.nn.Module) -> int:
-    """The module's weights as stored: int8 ones (model/quantize.py) with their scales."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def call_bytes(model: Transformer, slots: int) -> dict[str, int]:

@@ -57,6 +57,13 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
             levers = (job.adaptive_threshold, job.draft_vocab, job.ngram)
             if sum(map(bool, levers)) > 1:          # and all of them in one row
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, *levers)))
+    for k in job.k if job.choose_del else ():
+        specs.append(ModeSpec("ssd", ssd=SSDConfig(None, k, choose="del",
+                                                   exits=list(job.ssd_exits))))
+        if job.draft_vocab or job.adaptive_threshold:    # and with those levers (not ngram)
+            specs.append(ModeSpec("ssd", ssd=SSDConfig(None, k, job.adaptive_threshold,
+                                                       job.draft_vocab, choose="del",
+                                                       exits=list(job.ssd_exits))))
     for measure in job.measure:
         for lam in job.threshold:
             for cache in job.cache:
@@ -100,6 +107,7 @@ def spec_fields(spec: ModeSpec) -> dict:
     s, d = spec.ssd, spec.dee
     return {"family": spec.mode, "exit_layer": spec.exit_layer,
             "draft_layer": s.draft_layer if s else None, "k": s.k if s else None,
+            "choose": s.choose if s else None, "ssd_exits": s.exits if s else None,
             "draft_vocab": s.draft_vocab if s else None,
             "adaptive_threshold": s.adaptive_threshold if s else None,
             "ngram": s.ngram if s else None,
@@ -165,6 +173,9 @@ def benchmark(job: BenchJob) -> dict:
                         f"verifies {max(job.k) + 1} positions, past this generation's "
                         f"{cache_size(model, needed)}-slot cache (give a smaller k)")
     labelled = [(s.label, s, None) for s in bench_specs(job, L)]
+    for _, spec, _ in labelled:           # del's candidates against the model's modules
+        if spec.ssd is not None and spec.ssd.choose == "del":
+            spec.ssd.candidates(L, model.module_exits)
     labelled += [(f"{s.label} calibrated", s, path) for path, s in calibrated_specs(job, loaded)]
     for _, spec, _ in labelled:
         spec.classifier = exit_classifier_for(loaded, spec)
@@ -260,6 +271,7 @@ def benchmark(job: BenchJob) -> dict:
                      "accept_hist": st.accept_hist or None,
                      "lookup_share": st.lookup_rounds / st.rounds if spec.ssd and
                      spec.ssd.ngram and st.rounds else None,
+                     "exit_rounds": st.exit_rounds or None, "draft_hist": st.draft_hist or None,
                      "mean_exit": st.mean_exit, "exit_hist": st.exit_hist or None,
                      "agreement": t["agree"] / n, "exact_match": t["exact"] / len(prompts),
                      "f1_loss": t["f1_loss"] / len(prompts), **quality(t["generated"]),

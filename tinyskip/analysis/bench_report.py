@@ -23,10 +23,10 @@ from .plots import pareto_figure
 from .ssd_costs import format_round_costs
 
 CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "draft_vocab",
-               "adaptive_threshold", "ngram", "measure", "threshold", "exits", "cache", "calibration",
+               "adaptive_threshold", "ngram", "choose", "ssd_exits", "measure", "threshold", "exits", "cache", "calibration",
                "tokens_per_s", "tokens_per_s_prompt_mean", "speedup", "prefill_ms",
                "layers_per_token", "heads_per_token", "predicted", "efficiency", "acceptance",
-               "accept_hist", "lookup_share", "mean_exit", "exit_hist", "agreement", "exact_match", "f1_loss",
+               "accept_hist", "lookup_share", "exit_rounds", "draft_hist", "mean_exit", "exit_hist", "agreement", "exact_match", "f1_loss",
                "ppl", "rouge_l", "warmup_s", "bytes_per_token", "gb_per_s", "precision",
                "text_ppl"]
 # What TensorBoard gets of a row, each as ``<column>/<row label>`` at step 0: its
@@ -169,7 +169,8 @@ def format_csv(res: dict) -> str:
     writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in res["rows"] + res["hf"]:
-        writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                         for k, v in r.items()})
     return buf.getvalue()
 
 

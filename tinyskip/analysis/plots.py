@@ -76,7 +76,7 @@ def ssd_grid(rows: list[dict], compiled: bool = False, draft_vocab: int = 0,
     rows = [r for r in rows if r.get("family") == "ssd" and bool(r.get("compiled")) == compiled
             and (r.get("draft_vocab") or 0) == draft_vocab
             and (r.get("adaptive_threshold") or 0.0) == adaptive
-            and (r.get("ngram") or 0) == ngram]
+            and (r.get("ngram") or 0) == ngram and r.get("choose") != "del"]
     layers = sorted({r["draft_layer"] for r in rows})
     ks = sorted({r["k"] for r in rows})
     grid = [[math.nan] * len(ks) for _ in layers]

@@ -68,10 +68,10 @@ def acceptance_needed(costs: dict, E: int, k: int, speedup: float) -> float:
 def measured_acceptance(rows: list[dict], compiled: bool, draft_vocab: bool) -> list[list]:
     """[E, k, acceptance] of the benchmark's greedy SSD rows priced alike: through the same
     steps, with or without the draft vocabulary, never adaptive (its rounds stop early) nor
-    with prompt-lookup drafts (their rounds cost another price)."""
+    with prompt-lookup drafts (their rounds cost another price), nor choosing their exit."""
     return [[r["draft_layer"], r["k"], r["acceptance"]] for r in rows
             if r["compiled"] == compiled and r["mode"].startswith("ssd")
-            and not r["adaptive_threshold"] and not r.get("ngram")
+            and r.get("choose") != "del" and not r["adaptive_threshold"] and not r.get("ngram")
             and bool(r["draft_vocab"]) == draft_vocab]
 
 

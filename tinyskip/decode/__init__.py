@@ -57,6 +57,10 @@ class ModeSpec:
             extra = (f" vocab={s.draft_vocab}" if s.draft_vocab else "") + \
                     (f" adapt={s.adaptive_threshold}" if s.adaptive_threshold else "") + \
                     (f" ngram={s.ngram}" if s.ngram else "")
+            if s.choose == "del":
+                exits = ",".join(map(str, s.exits)) or "modules"
+                first = f" E={s.draft_layer}" if s.draft_layer is not None else ""
+                return f"ssd del exits={exits}{first} k={s.k}{extra}"
             return f"ssd E={s.draft_layer} k={s.k}{extra}"
         if self.mode == "dee":
             d = self.dee

@@ -242,4 +242,7 @@ def stats_line(r: dict) -> str:
         line += f", acceptance {s['acceptance']:.2f}, mean accepted {s['mean_accepted']:.2f}"
     if s.get("mean_exit") is not None:
         line += f", mean exit {s['mean_exit']:.2f}"
+    if s.get("exit_rounds"):            # choose=del: the exits and draft counts it chose
+        by_exit = ", ".join(f"E={e}: {n}" for e, n in sorted(s["exit_rounds"].items()))
+        line += f", rounds by exit {{{by_exit}}} (E=L: full steps), by drafts {s['draft_hist']}"
     return line + "]"

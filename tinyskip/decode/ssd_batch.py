@@ -21,6 +21,8 @@ Choices, and why:
   first unconfident draft (the round stops drafting when every row has).
 - Prompt-lookup drafts (``ngram``) are refused: a found draft replaces the exit draft
   of its row only, which saves nothing while other rows still draft step by step.
+- Choosing the exit per round (``choose=del``) is refused: each row's context would ask
+  for its own exit, and rows drafting from different exits cannot share a step.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def ssd_generate_batch(model: Transformer, prompt: torch.Tensor, max_new_tokens:
     if cfg.ngram:
         raise UserError(f"ngram={cfg.ngram}: prompt-lookup drafts decode one prompt at a time "
                         f"(got a batch of {prompt.shape[0]}); give batch_size=1 or ngram=0")
+    if cfg.choose == "del":
+        raise UserError(f"choose=del chooses the draft exit per prompt: it decodes one prompt "
+                        f"at a time (got a batch of {prompt.shape[0]}); give batch_size=1 or "
+                        "choose=fixed")
     B, T = prompt.shape
     dev = prompt.device
     if lengths is None:
@@ -78,7 +84,8 @@ def ssd_generate_batch(model: Transformer, prompt: torch.Tensor, max_new_tokens:
         room = [0 if e else min(cfg.k, b - len(o) - 1) for o, b, e in zip(outs, budgets, ended)]
         states, drafts, q = [], [], []     # exit states (B, d) by position, drafts (B,), q (B, V)
         for j in range(max(room)):
-            h, dls = step.token(cur[:, None], E, cache, row_positions(pos + j, 1, last), draft, ())
+            h, dls, _ = step.token(cur[:, None], E, cache, row_positions(pos + j, 1, last), draft,
+                                   ())
             # A copy: on a GPU the next compiled call replays its graph, which overwrites
             # this call's outputs (CUDA graphs, steps.compile_options).
             states.append(h[:, 0].clone())
@@ -104,7 +111,7 @@ def ssd_generate_batch(model: Transformer, prompt: torch.Tensor, max_new_tokens:
         m = len(drafts)
         if len(states) < m + 1:     # the last draft (or the committed token) has no exit state
             states.append(step.blocks(cur[:, None], E, cache, row_positions(pos + m, 1, last),
-                                      module_kv)[:, 0])
+                                      module_kv)[0][:, 0])
             stats.add_layers(E)
         verify = step.states(torch.stack(states, 1), E, L, cache, row_positions(pos, m + 1, last),
                              verifier, ())[1]                                 # (B, m+1, V)

@@ -34,6 +34,10 @@ class DecodeStats:
     accept_hist: list[int] = field(default_factory=list)   # rounds by accepted drafts
     lookup_rounds: int = 0           # SSD rounds that drafted by prompt lookup (ngram)
     exit_hist: list[int] = field(default_factory=list)     # tokens by exit (index = blocks run)
+    # SSD with choose=del: rounds by the exit that drafted them (L: a full step, no drafts)
+    # and by the drafts they made (index = drafts).
+    exit_rounds: dict[int, int] = field(default_factory=dict)
+    draft_hist: list[int] = field(default_factory=list)
 
     def add_layers(self, blocks: int, width: int = 1) -> None:
         key = f"layer:{width}"
@@ -45,8 +49,17 @@ class DecodeStats:
         key = f"head:{width}"
         self.calls[key] = self.calls.get(key, 0) + cost
         if module:
-            key = f"module:{width}"
-            self.calls[key] = self.calls.get(key, 0) + 1
+            self.add_module(width)
+
+    def add_module(self, width: int = 1) -> None:
+        """One exit-module call on ``width`` positions."""
+        key = f"module:{width}"
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+    def add_choice(self, exit: int, drafts: int) -> None:
+        """One SSD round that drafted ``drafts`` tokens from ``exit`` (del's choice)."""
+        self.exit_rounds[exit] = self.exit_rounds.get(exit, 0) + 1
+        self.draft_hist = _add_hist(self.draft_hist, [0] * drafts + [1])
 
     def add_exit(self, exit: int, count: int = 1) -> None:
         self.exit_hist = _add_hist(self.exit_hist, [0] * exit + [count])

@@ -209,38 +209,47 @@ class Steps:
 
     # The head's weight (and int8 scale) go in as tensors, not the ExitHead: a compiled graph
     # then takes them as inputs instead of guarding on a Python object that every generation rebuilds.
+    # ``capture`` (a tuple of exits, static: one graph per tuple) also returns the states
+    # at those exits (see ``Transformer.run_capturing``): SSD's chooser reads them.
     def token(self, tok: torch.Tensor, end: int, cache: KVCache, input_pos: torch.Tensor,
-              head: ExitHead, exit_kv: Optional[tuple[int, ...]] = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (B, T) through blocks [0, end) -> states (B, T, d), logits (B, T, N)
-        (``exit_kv``: see ``Transformer.run_layers``)."""
-        return self._token_fn(tok, end, cache, input_pos, head.weight, head.scale, exit_kv)
+              head: ExitHead, exit_kv: Optional[tuple[int, ...]] = None,
+              capture: tuple[int, ...] = ()
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Tokens (B, T) through blocks [0, end) -> states (B, T, d), logits (B, T, N), the
+        captured states (``exit_kv``: see ``Transformer.run_layers``)."""
+        return self._token_fn(tok, end, cache, input_pos, head.weight, head.scale, exit_kv,
+                              capture)
 
     def blocks(self, tok: torch.Tensor, end: int, cache: KVCache, input_pos: torch.Tensor,
-               exit_kv: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-        """Tokens (B, T) through blocks [0, end) -> states (B, T, d), no head
-        (``exit_kv``: see ``Transformer.run_layers``)."""
-        return self._blocks_fn(tok, end, cache, input_pos, exit_kv)
+               exit_kv: Optional[tuple[int, ...]] = None, capture: tuple[int, ...] = ()
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Tokens (B, T) through blocks [0, end) -> states (B, T, d), no head, and the
+        captured states (``exit_kv``: see ``Transformer.run_layers``)."""
+        return self._blocks_fn(tok, end, cache, input_pos, exit_kv, capture)
 
     def states(self, h: torch.Tensor, start: int, end: int, cache: KVCache,
-               input_pos: torch.Tensor, head: ExitHead, exit_kv: Optional[tuple[int, ...]] = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """States (B, T, d) after ``start`` blocks through blocks [start, end) and a head
-        (``exit_kv``: see ``Transformer.run_layers``)."""
+               input_pos: torch.Tensor, head: ExitHead, exit_kv: Optional[tuple[int, ...]] = None,
+               capture: tuple[int, ...] = ()
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """States (B, T, d) after ``start`` blocks through blocks [start, end) and a head,
+        and the captured states (``exit_kv``: see ``Transformer.run_layers``)."""
         return self._states_fn(h, start, end, cache, input_pos, head.weight, head.scale,
-                               exit_kv)
+                               exit_kv, capture)
 
-    def _token(self, tok, end, cache, input_pos, weight, scale, exit_kv):
-        h = self._blocks(tok, end, cache, input_pos, exit_kv)
+    def _token(self, tok, end, cache, input_pos, weight, scale, exit_kv, capture):
+        h, captured = self._blocks(tok, end, cache, input_pos, exit_kv, capture)
         # = ExitHead.logits
-        return h, linear(self.model.exit_state(h, end, cache, input_pos), weight, scale=scale)
+        return (h, linear(self.model.exit_state(h, end, cache, input_pos), weight, scale=scale),
+                captured)
 
-    def _blocks(self, tok, end, cache, input_pos, exit_kv):
-        return self.model.run_layers(self.model.embed(tok), 0, end, cache, input_pos, exit_kv)
+    def _blocks(self, tok, end, cache, input_pos, exit_kv, capture):
+        return self.model.run_capturing(self.model.embed(tok), 0, end, capture, cache,
+                                        input_pos, exit_kv)
 
-    def _states(self, h, start, end, cache, input_pos, weight, scale, exit_kv):
-        h = self.model.run_layers(h, start, end, cache, input_pos, exit_kv)
-        return h, linear(self.model.exit_state(h, end, cache, input_pos), weight, scale=scale)
+    def _states(self, h, start, end, cache, input_pos, weight, scale, exit_kv, capture):
+        h, captured = self.model.run_capturing(h, start, end, capture, cache, input_pos, exit_kv)
+        return (h, linear(self.model.exit_state(h, end, cache, input_pos), weight, scale=scale),
+                captured)
 
 
 def compile_options(device: torch.device) -> dict:

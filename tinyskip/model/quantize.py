@@ -17,6 +17,12 @@ from torch import nn
 from .kernels import Linear
 from .transformer import Transformer
 
+
+def module_bytes(module: nn.Module) -> int:
+    """The module's weights as stored: int8 ones with their scales."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (out, in) -> int8 (out, in) and fp32 scales (out,), weight ~ q * s[:, None]."""
     w = weight.detach().float()

@@ -123,21 +123,35 @@ class Transformer(nn.Module):
         """Run blocks [start, end) on h (B, T, d) at absolute positions pos..pos+T-1
         (``pos``: see ``context``; ``kernels``: see ``Kernels``). ``exit_kv``: the exits whose attending modules get
         their keys and values written on the way (None: every one passed). A decoder
-        writes only those it reads: DEE every exit, SSD its draft exit, full none, and
-        static exit none (its own module writes them when it runs).
+        writes only those it reads: DEE every exit, SSD its draft exit (with a chooser,
+        every candidate's at the prompt), full none, and static exit none (its own module
+        writes them when it runs).
 
         Without a cache the call is a plain causal pass over positions 0..T-1. With one,
         each token attends to every cached position up to its own, so callers decode at
         consecutive positions.
         """
+        return self.run_capturing(h, start, end, (), cache, pos, exit_kv, kernels)[0]
+
+    def run_capturing(self, h: torch.Tensor, start: int, end: int, capture: tuple[int, ...],
+                      cache: Optional[KVCache] = None, pos: Union[int, torch.Tensor] = 0,
+                      exit_kv: Optional[tuple[int, ...]] = None,
+                      kernels: Kernels = DECODE_KERNELS
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``run_layers``, also returning the states (B, T, d) at the exits ``capture``
+        names (in its order; each in (start, end]): SSD's chooser reads every candidate
+        exit off the passes a round runs anyway."""
         self.check_range(start, end)
         ctx = self.context(pos, h.shape[1], cache, h.shape[0], kernels)
+        states = {}
         for i in range(start, end):       # (slicing a ModuleList builds a new one: slow)
             h = self.layers[i](h, ctx)
             if cache is not None and i + 1 in self._kv_exits and \
                     (exit_kv is None or i + 1 in exit_kv):
                 self.exit_modules[i + 1].write_kv(h, ctx)
-        return h
+            if i + 1 in capture:
+                states[i + 1] = h
+        return h, tuple(states[e] for e in capture)
 
     def propagate_kv(self, h: torch.Tensor, start: int, end: int, cache: KVCache,
                      pos: int) -> None:
@@ -182,6 +196,11 @@ class Transformer(nn.Module):
             return self.norm(h)
         ctx = self.context(pos, h.shape[1], cache, h.shape[0]) if module.has_attention else None
         return module(h, ctx)
+
+    @property
+    def module_exits(self) -> list[int]:
+        """The exits (blocks run) with a module attached, sorted; [] without modules."""
+        return self.exit_modules.exit_layers if self.exit_modules is not None else []
 
     def exit_module(self, exit: int) -> Optional[nn.Module]:
         """The exit module at exit ``exit`` (blocks run), or None for a bare exit."""
