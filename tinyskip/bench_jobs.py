@@ -48,7 +48,8 @@ class BenchJob(CheckpointSource):
     choose_del: bool = False                  # also one ssd row per k choosing its exit and
     ssd_exits: list[int] = field(default_factory=list)   # drafts per round among these exits
                                               # ([] = the exits with modules), and one more
-                                              # with draft_vocab and adaptive_threshold if given
+                                              # with the draft_vocab, adaptive_threshold
+                                              # and ngram given
     # Full and draft_layer x k SSD rows again at each batch size, prompts of different
     # lengths decoded together (analysis/bench_batch.py); [] = none.
     batch_sizes: list[int] = field(default_factory=list)

@@ -354,9 +354,6 @@ class SSDConfig:
         if self.choose == "fixed" and self.exits:
             raise ConfigError(f"ssd_exits={self.exits}: the candidate exits of choose=del "
                               "(give choose=del, or drop ssd_exits)")
-        if self.choose == "del" and self.ngram:
-            raise ConfigError(f"choose=del with ngram={self.ngram}: a prompt-lookup round "
-                              "drafts from no exit to learn from (give ngram=0)")
         if len(set(self.exits)) != len(self.exits):
             raise ConfigError(f"ssd_exits={self.exits}: an exit is listed twice")
 

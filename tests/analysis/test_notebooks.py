@@ -13,7 +13,8 @@ papermill = pytest.importorskip("papermill")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = {"training_curves", "exit_quality", "ablation", "decoding_benchmark", "dee_calibration"}
+EXPECTED = {"training_curves", "exit_quality", "ablation", "decoding_benchmark", "dee_calibration",
+            "real_model"}
 
 
 def test_every_analysis_has_its_notebook():

@@ -171,6 +171,24 @@ def test_del_with_a_draft_vocabulary_and_adaptive_drafting_equals_full(tiny_conf
             generate(model, prompt, 30).tokens
 
 
+def test_del_with_prompt_lookup_equals_full_and_learns_in_lookup_rounds(tiny_config):
+    """Rounds whose context repeats draft the found tokens, the others what del chooses;
+    lookup rounds teach every exit (E included: no exit drafted) from their states."""
+    model = exit_two_is_exact(tiny_config)
+    cfg = SSDConfig(1, 4, ngram=1, choose="del", exits=[1, 2])
+    total = None
+    for prompt in prompts():
+        repeated = torch.cat([prompt, prompt, prompt], 1)       # repeats to find
+        for n in (7, 40):
+            g = ssd_generate(model, repeated, n, cfg)
+            assert g.tokens == generate(model, repeated, n).tokens
+            total = g.stats if total is None else total + g.stats
+    assert 0 < total.lookup_rounds < total.rounds
+    # Lookup rounds are not exit rounds: the choices count only the others.
+    assert sum(total.exit_rounds.values()) == total.rounds - total.lookup_rounds
+    assert 0 < total.accepted < total.drafted
+
+
 def test_sampled_del_is_seeded(tiny_config):
     from tinyskip.decode import SamplingConfig
     model = exit_two_is_exact(tiny_config)
@@ -204,22 +222,26 @@ def test_greedy_del_through_attending_exit_modules_equals_full(tiny_config, kind
     assert_choice_moved(stats, [1, 2])
 
 
-@pytest.mark.parametrize("kind", ["block", "attention"])
-def test_every_candidate_module_has_keys_at_every_committed_position(tiny_config, kind,
+@pytest.mark.parametrize("kind,ngram", [("block", 0), ("attention", 0), ("block", 1)])
+def test_every_candidate_module_has_keys_at_every_committed_position(tiny_config, kind, ngram,
                                                                      monkeypatch):
-    """Whichever exit drafted a position (or none, in a full step), every candidate's
-    module holds the keys and values the position's state gives it: those of one pass over
-    the whole committed sequence."""
+    """Whichever exit drafted a position (or none, in a full step or a lookup round), every
+    candidate's module holds the keys and values the position's state gives it: those of
+    one pass over the whole committed sequence."""
     model = with_modules(tiny_config, kind)
     made = []
     new_cache = model.new_cache
     monkeypatch.setattr(model, "new_cache", lambda *a, **kw: made.append(new_cache(*a, **kw))
                         or made[-1])
     slots = [model.exit_modules[e].self_attn.layer_idx for e in (1, 2)]
+    lookups = 0
     for prompt in prompts():
         made.clear()
-        g = ssd_generate(model, prompt, 30, SSDConfig(1, 4, choose="del"))
+        if ngram:
+            prompt = torch.cat([prompt, prompt], 1)              # a repeat to find
+        g = ssd_generate(model, prompt, 30, SSDConfig(1, 4, ngram=ngram, choose="del"))
         assert len(g.stats.exit_rounds) > 1
+        lookups += g.stats.lookup_rounds
         # The last token was never run; every position before it was committed.
         seq = torch.cat([prompt, torch.tensor([g.tokens[0][:-1]])], 1)
         n = seq.shape[1]
@@ -228,6 +250,7 @@ def test_every_candidate_module_has_keys_at_every_committed_position(tiny_config
         for slot in slots:
             for got, want in ((made[0].k[slot], ref.k[slot]), (made[0].v[slot], ref.v[slot])):
                 torch.testing.assert_close(got[:, :, :n], want[:, :, :n], atol=1e-5, rtol=1e-4)
+    assert bool(lookups) == bool(ngram)
 
 
 def test_capturing_steps_trace_without_graph_breaks(tiny_config):
@@ -279,7 +302,6 @@ def test_a_candidate_without_a_module_is_refused_on_a_model_with_modules(tiny_mo
 
 @pytest.mark.parametrize("cfg,match", [
     (dict(exits=[2, 2]), r"ssd_exits=\[2, 2\]: an exit is listed twice"),
-    (dict(exits=[2], ngram=2), r"choose=del with ngram=2"),
     (dict(choose="dell"), r"SSDConfig.choose='dell': must be one of fixed, del"),
 ])
 def test_bad_del_settings_are_refused_with_the_config(cfg, match):

@@ -60,9 +60,9 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
     for k in job.k if job.choose_del else ():
         specs.append(ModeSpec("ssd", ssd=SSDConfig(None, k, choose="del",
                                                    exits=list(job.ssd_exits))))
-        if job.draft_vocab or job.adaptive_threshold:    # and with those levers (not ngram)
+        if job.draft_vocab or job.adaptive_threshold or job.ngram:   # and with the levers
             specs.append(ModeSpec("ssd", ssd=SSDConfig(None, k, job.adaptive_threshold,
-                                                       job.draft_vocab, choose="del",
+                                                       job.draft_vocab, job.ngram, choose="del",
                                                        exits=list(job.ssd_exits))))
     for measure in job.measure:
         for lam in job.threshold:

@@ -33,7 +33,9 @@ overwritten as always. Attending exit modules keep caches of their own, which a 
 fills only where some call ran the module (or ``exit_kv`` named it): the prefill names
 every candidate, E's drafts (and the last draft's blocks call) fill E's, and the probe's
 module calls at p..p+a fill every other candidate's, so each candidate's module attends
-over every committed position whichever exit drafted it.
+over every committed position whichever exit drafted it. With ``ngram``, a round whose
+context repeats drafts the found tokens whatever del chose; no exit drafted there, so
+every candidate, E included, learns from the probe.
 """
 
 from __future__ import annotations
@@ -111,13 +113,16 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         cur = torch.tensor([out[-1]], device=dev)   # (1,)
         drafts, q, have = [], [], 0                 # have: exit states computed so far
         tops = []                                   # del, sampling: E's argmax at each draft
-        found = lookup(context, cfg.ngram, k) if cfg.ngram else []
+        # A repeat drafts up to k found tokens whatever del chose for an exit round.
+        found = lookup(context, cfg.ngram, min(cfg.k, n_new - len(out) - 1)) if cfg.ngram else []
         if found:
             # Blocks [0, E) over t and the found drafts at once: their exit states.
             m = len(found)
             tokens = torch.tensor([[out[-1], *found]], device=dev)                # (1, m+1)
-            h_exit[:, :m + 1] = step.blocks(tokens, E, cache, positions(p, m + 1, dev),
-                                            (E,))[0]
+            h, got = step.blocks(tokens, E, cache, positions(p, m + 1, dev), (E,), below)
+            h_exit[:, :m + 1] = h
+            for e, state in zip(below, got):     # del: what the exits below E saw there
+                h_seen[row[e], :m + 1] = state[0]
             stats.add_layers(E, width=m + 1)
             stats.lookup_rounds += 1
             drafts, have = [torch.tensor([t], device=dev) for t in found], m + 1
@@ -177,15 +182,17 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         else:
             a, nxt = accept_sampled(drafted, q, logits_to_probs(verify, sampling), generator)
         if chooser is not None:
-            if m == 0:                  # no drafts: E is probed like the others
-                h_seen[row[E], 0] = h_exit[0, 0]
+            if m == 0 or found:         # no exit drafts: E is probed like the others
+                h_seen[row[E], :m + 1] = h_exit[0, :m + 1]
             # Sampled rounds learn the same greedy agreement: the full model's argmax
             # against each exit's (an estimate of acceptance, not the sampled rule's own).
-            own = drafted if sampling.greedy else torch.cat(tops).tolist() if tops else []
+            own = [] if found else drafted if sampling.greedy else \
+                torch.cat(tops).tolist() if tops else []
             learn(model, chooser, draft, E, own,
                   target if sampling.greedy else verify.argmax(-1).tolist(), a, h_seen, row,
                   cache, positions(p, a + 1, dev), stats)
-            stats.add_choice(E if m else L, m)
+            if not found:               # (lookup rounds are counted apart)
+                stats.add_choice(E if m else L, m)
         out.extend(drafted[:a] + [nxt])
         if cfg.ngram:
             context.extend(drafted[:a] + [nxt])
