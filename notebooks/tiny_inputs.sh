@@ -39,7 +39,7 @@ python -m tinyskip.calibrate "${SMALL[@]}" n_test=4 "out=$OUT/results/tiny-softm
 python -m tinyskip.calibrate "${SMALL[@]}" check_splits=4 test_split=null \
   "out=$OUT/results/tiny-splits.json"
 python -m tinyskip.bench "checkpoint=$RUN" n_prompts=2 prompt_len=8 max_new_tokens=6 \
-  'draft_layer=[1,2]' 'k=[2,3]' draft_vocab=100 'measure=[softmax]' 'threshold=[0.9,0.5]' \
+  'draft_layer=[1,2]' 'k=[2,3]' draft_vocab=100 ngram=2 'measure=[softmax]' 'threshold=[0.9,0.5]' \
   "calibration=[$OUT/results/tiny-softmax.json]" "out_dir=$OUT/bench/tiny/sweep"
 
 # Each notebook's parameters (its first cell) pointed at the runs above.
@@ -52,4 +52,5 @@ run_notebook exit_quality "{EVALS: {plain: $CK/tiny-plain/eval_test.json, layers
 run_notebook ablation "{CHECKPOINTS: $CK, VARIANTS: {plain: tiny-plain, layerskip: tiny-layerskip}}"
 run_notebook decoding_benchmark "{RESULTS: [$OUT/bench/tiny, $OUT/bench/tiny/sweep]}"
 run_notebook dee_calibration "{CALIBRATIONS: [$OUT/results/tiny-softmax.json, $OUT/results/tiny-splits.json], RESULTS: $OUT/bench/tiny/sweep}"
+run_notebook real_model "{RESULTS: {sweep: $OUT/bench/tiny/sweep}, EVALS: {plain: $CK/tiny-plain/eval_test.json, layerskip: $RUN/eval_test.json}, RUN: $RUN}"
 echo "notebooks executed against tiny runs: $OUT/executed/"
