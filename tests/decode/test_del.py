@@ -171,9 +171,10 @@ def test_del_with_a_draft_vocabulary_and_adaptive_drafting_equals_full(tiny_conf
             generate(model, prompt, 30).tokens
 
 
-def test_del_with_prompt_lookup_equals_full_and_learns_in_lookup_rounds(tiny_config):
-    """Rounds whose context repeats draft the found tokens, the others what del chooses;
-    lookup rounds teach every exit (E included: no exit drafted) from their states."""
+def test_del_with_prompt_lookup_equals_full_and_counts_lookup_rounds_apart(tiny_config):
+    """Rounds whose context repeats draft the found tokens, the others what del chooses.
+    (That lookup rounds also teach every exit is checked through the modules' keys:
+    test_every_candidate_module_has_keys_at_every_committed_position.)"""
     model = exit_two_is_exact(tiny_config)
     cfg = SSDConfig(1, 4, ngram=1, choose="del", exits=[1, 2])
     total = None
