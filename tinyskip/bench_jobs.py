@@ -114,9 +114,10 @@ class BenchJob(CheckpointSource):
         for m in self.measure or ["softmax"]:      # each cache and check_every, rows or not
             for c in self.cache:
                 DEEConfig(m, list(self.threshold), cache=c, check_every=self.check_every)
-        if self.temperature and (self.hf_baseline or self.batch_sizes):
+        if self.temperature and (self.hf_baseline or self.batch_sizes or self.calibration):
             raise ConfigError(f"temperature={self.temperature}: the hf_baseline and batch_sizes "
-                              "rows decode greedily (give temperature=0, or leave them out)")
+                              "rows decode greedily, and a calibration certifies greedy "
+                              "decoding (give temperature=0, or leave them out)")
         if self.hf_early_exit and not self.hf_baseline:
             raise ConfigError(f"hf_early_exit={self.hf_early_exit}: needs hf_baseline=true")
         if self.out_dir is not None and Path(self.out_dir).is_file():
