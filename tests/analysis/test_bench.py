@@ -59,6 +59,8 @@ def test_two_levers_add_a_row_with_both_and_sampled_rows_draw_reproducibly(run_a
     again = benchmark(compose_job("bench", args + ["temperature=0.7", "seed=3"]))
     drawn = lambda rs: [(r["ppl"], r["rouge_l"], r["agreement"]) for r in rs["rows"]]
     assert drawn(again) == drawn(res)
+    other = benchmark(compose_job("bench", args + ["temperature=0.7", "seed=4"]))
+    assert drawn(other) != drawn(res)                        # the seed is the one used
 def test_choose_del_adds_a_row_per_k_that_chooses_its_exit(run_args):
     res = benchmark(compose_job("bench", run_args + [
         "n_prompts=2", "max_new_tokens=8", "draft_layer=[2]", "k=[2]", "exit_layer=[]",

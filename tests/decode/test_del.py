@@ -190,6 +190,36 @@ def test_del_with_prompt_lookup_equals_full_and_counts_lookup_rounds_apart(tiny_
     assert 0 < total.accepted < total.drafted
 
 
+def test_a_lookup_round_teaches_every_exit_from_the_probe(tiny_config, monkeypatch):
+    """In a lookup round no exit drafted: E, like every candidate, learns a+1 samples from
+    the probe at the committed positions, never the found tokens' own agreement."""
+    import tinyskip.decode.ssd as ssd_module
+    rounds, seen = [], {"lookups": 0}
+    real_learn, real_update = ssd_module.learn, DraftChooser.update
+
+    def learn(model, chooser, head, E, own, target, a, *rest):
+        stats = rest[-1]
+        got = []
+        monkeypatch.setattr(DraftChooser, "update",
+                            lambda self, e, agree: (agree and got.append((e, len(agree))))
+                            or real_update(self, e, agree))     # (no samples: a no-op)
+        real_learn(model, chooser, head, E, own, target, a, *rest)
+        monkeypatch.setattr(DraftChooser, "update", real_update)
+        rounds.append((stats.lookup_rounds > seen["lookups"], own, a, got))
+        seen["lookups"] = stats.lookup_rounds
+
+    monkeypatch.setattr(ssd_module, "learn", learn)
+    model = exit_two_is_exact(tiny_config)
+    for prompt in prompts():
+        seen["lookups"] = 0
+        ssd_generate(model, torch.cat([prompt, prompt, prompt], 1), 40,
+                     SSDConfig(1, 4, ngram=1, choose="del", exits=[1, 2]))
+    lookup_rounds = [r for r in rounds if r[0]]
+    assert lookup_rounds and len(lookup_rounds) < len(rounds)
+    for _, own, a, got in lookup_rounds:
+        assert own == [] and sorted(got) == [(1, a + 1), (2, a + 1)]
+
+
 def test_sampled_del_is_seeded(tiny_config):
     from tinyskip.decode import SamplingConfig
     model = exit_two_is_exact(tiny_config)

@@ -66,6 +66,16 @@ def test_model_presets_load_as_typed_dataclasses():
     assert (job.model.num_hidden_layers, job.model.hidden_size) == (12, 256)
 
 
+def test_the_continual_preset_is_layerskip_with_its_continual_settings():
+    base, cont = (compose_job("train", [f"train={t}"]).train
+                  for t in ("layerskip", "layerskip_continual"))
+    assert (cont.lr, cont.layerdrop_p_max, cont.layerdrop_time, cont.e_scale,
+            cont.curriculum_rotation) == (1e-4, 0.1, "constant", 0.2, 4)
+    # Everything else is the LayerSkip recipe's.
+    assert (cont.preset, cont.exit_weighting, cont.curriculum, cont.exit_token_fraction) == \
+        (base.preset, base.exit_weighting, base.curriculum, base.exit_token_fraction)
+
+
 @pytest.mark.parametrize("entry,override,message", [
     ("train", "model.hiden_size=64", "model.hiden_size: no such key (did you mean model.hidden_size?)"),
     ("train", "trian.lr=1", "trian.lr: no such key (did you mean train.lr?)"),

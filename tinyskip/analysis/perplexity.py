@@ -25,7 +25,8 @@ def exit_perplexities(model: Transformer, tokens: np.ndarray, words: int, seq_le
     bounds SSD's greedy acceptance and DEE's exit rate); ``p_last_top``: the mean
     probability the exit gives to the last exit's argmax (what speculative sampling
     accepts on); ``confidence``: the mean probability the exit gives to its own argmax
-    (what DEE's softmax measure and adaptive drafting threshold). Exits are unembedded one at a time (not stacked) so that memory stays at
+    (what DEE's softmax measure and SSD's adaptive drafting compare with their thresholds).
+    Exits are unembedded one at a time (not stacked) so that memory stays at
     one exit's logits. With ``max_batches`` only a prefix of the split is scored and the
     word count is scaled by the fraction of tokens seen. ``stride``: sliding windows, every
     scored token with at least seq_len - stride tokens of context (``data.eval_windows``).
