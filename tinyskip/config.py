@@ -339,6 +339,10 @@ class SSDConfig:
     choose: str = "fixed"            # fixed: draft_layer and k every round | del: chosen
     # del's candidate exits (ssd_exits= in infer and bench); [] = the exits with modules.
     exits: list[int] = dataclasses.field(default_factory=list)
+    # Drafts a prompt-lookup round may propose (0 = k). Found drafts cost no model call and
+    # a verify costs about one step whatever its width where decoding reads the weights, so
+    # lookup rounds can propose more than exit rounds, whose every draft runs E blocks.
+    ngram_k: int = 0
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -350,6 +354,12 @@ class SSDConfig:
         if self.ngram < 0:
             raise ConfigError(f"ngram={self.ngram}: must be >= 1 (the tokens a prompt-lookup "
                               "draft matches), or 0 for exit drafts only")
+        if self.ngram_k < 0:
+            raise ConfigError(f"ngram_k={self.ngram_k}: must be >= 1 (drafts a prompt-lookup "
+                              "round may propose), or 0 for k")
+        if self.ngram_k and not self.ngram:
+            raise ConfigError(f"ngram_k={self.ngram_k}: the length of prompt-lookup drafts "
+                              "(give ngram=n too, or drop ngram_k)")
         _choice(self, "choose", SSD_CHOICES)
         if self.choose == "fixed" and self.exits:
             raise ConfigError(f"ssd_exits={self.exits}: the candidate exits of choose=del "
@@ -387,6 +397,16 @@ class SSDConfig:
             raise UserError(f"draft_layer={self.draft_layer}: the first round's exit must be "
                             f"one of the candidates {exits}")
         return exits
+
+    @property
+    def lookup_k(self) -> int:
+        """Drafts a prompt-lookup round may propose."""
+        return self.ngram_k or self.k
+
+    @property
+    def max_drafts(self) -> int:
+        """Drafts any round may propose: what a round's buffers must hold."""
+        return max(self.k, self.lookup_k) if self.ngram else self.k
 
     def first_exit(self, exits: list[int]) -> int:
         """The first round's exit: ``draft_layer``, else the median candidate."""

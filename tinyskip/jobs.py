@@ -144,6 +144,7 @@ class InferJob(CheckpointSource):
     adaptive_threshold: float = 0.0           # mode=ssd: stop drafting below this confidence
     draft_vocab: int = 0                      # mode=ssd: N most frequent tokens (needs data)
     ngram: int = 0                            # mode=ssd: > 0, prompt-lookup drafts on repeats
+    ngram_k: int = 0                          # mode=ssd: drafts a lookup round proposes (0 = k)
     choose: str = "fixed"                     # mode=ssd: del = exit and drafts chosen per round
     ssd_exits: list[int] = field(default_factory=list)  # mode=ssd choose=del: candidate exits
                                               # ([] = the exits with modules)
@@ -212,7 +213,7 @@ class InferJob(CheckpointSource):
     def ssd(self) -> SSDConfig:
         """``mode=ssd``'s decoder (its exit checked against the model when loaded)."""
         return SSDConfig(self.draft_layer, self.k, self.adaptive_threshold, self.draft_vocab,
-                         self.ngram, self.choose, list(self.ssd_exits))
+                         self.ngram, self.choose, list(self.ssd_exits), self.ngram_k)
 
     def dee(self) -> DEEConfig:
         """``mode=dee``'s decoder as the options give it (``calibrated``: the threshold,

@@ -171,12 +171,15 @@ def test_del_with_a_draft_vocabulary_and_adaptive_drafting_equals_full(tiny_conf
             generate(model, prompt, 30).tokens
 
 
-def test_del_with_prompt_lookup_equals_full_and_counts_lookup_rounds_apart(tiny_config):
-    """Rounds whose context repeats draft the found tokens, the others what del chooses.
-    (That lookup rounds also teach every exit is checked through the modules' keys:
+@pytest.mark.parametrize("k,ngram_k", [(4, 0), (2, 6)])
+def test_del_with_prompt_lookup_equals_full_and_counts_lookup_rounds_apart(tiny_config, k,
+                                                                            ngram_k):
+    """Rounds whose context repeats draft the found tokens (up to ngram_k of them, more
+    than the k of del's rounds), the others what del chooses. (That lookup rounds also
+    teach every exit is checked through the modules' keys:
     test_every_candidate_module_has_keys_at_every_committed_position.)"""
     model = exit_two_is_exact(tiny_config)
-    cfg = SSDConfig(1, 4, ngram=1, choose="del", exits=[1, 2])
+    cfg = SSDConfig(1, k, ngram=1, choose="del", exits=[1, 2], ngram_k=ngram_k)
     total = None
     for prompt in prompts():
         repeated = torch.cat([prompt, prompt, prompt], 1)       # repeats to find

@@ -35,15 +35,16 @@ def model_and_prompts(trained_tiny):
     return model, [repeating_prompt(model, p) for p in prompts] + prompts
 
 
-@pytest.mark.parametrize("E,k,n", [(1, 1, 1), (2, 4, 2), (3, 3, 3), (2, 8, 1)])
-def test_greedy_ssd_with_lookup_drafts_equals_full_decoding(model_and_prompts, E, k, n):
+@pytest.mark.parametrize("E,k,n,nk", [(1, 1, 1, 0), (2, 4, 2, 0), (3, 3, 3, 0), (2, 8, 1, 0),
+                                      (2, 1, 2, 6), (3, 4, 1, 2)])
+def test_greedy_ssd_with_lookup_drafts_equals_full_decoding(model_and_prompts, E, k, n, nk):
     model, prompts = model_and_prompts
     lookups = drafted = accepted = 0
     for prompt in prompts:
         for max_new in (1, 7, 40):
             full = generate(model, prompt, max_new).tokens
-            ssd = ssd_generate(model, prompt, max_new, SSDConfig(E, k, ngram=n))
-            assert ssd.tokens == full, (E, k, n, max_new)
+            ssd = ssd_generate(model, prompt, max_new, SSDConfig(E, k, ngram=n, ngram_k=nk))
+            assert ssd.tokens == full, (E, k, n, nk, max_new)
             lookups += ssd.stats.lookup_rounds
             drafted, accepted = drafted + ssd.stats.drafted, accepted + ssd.stats.accepted
     # Rounds took lookup drafts, and drafts were both accepted and rejected.
@@ -55,9 +56,24 @@ def test_compiled_ssd_with_lookup_drafts_equals_full_decoding(model_and_prompts)
     steps = Steps(model, compile=True)
     for prompt in prompts[:2]:
         full = generate(model, prompt, 30).tokens
-        ssd = ssd_generate(model, prompt, 30, SSDConfig(2, 4, ngram=2), steps=steps)
-        assert ssd.tokens == full and ssd.stats.lookup_rounds > 0
+        for cfg in (SSDConfig(2, 4, ngram=2), SSDConfig(2, 2, ngram=2, ngram_k=6)):
+            ssd = ssd_generate(model, prompt, 30, cfg, steps=steps)
+            assert ssd.tokens == full and ssd.stats.lookup_rounds > 0
     assert steps.compiled
+
+
+def test_ngram_k_sets_how_many_tokens_a_lookup_round_drafts(model_and_prompts):
+    """Exit rounds draft k, lookup rounds up to ngram_k: with k = 1 and ngram_k = 6,
+    some round accepts more than one draft, and without ngram_k none can."""
+    model, prompts = model_and_prompts
+    longest = {}
+    for nk in (0, 6):
+        hist = []
+        for prompt in prompts[:4]:
+            gen = ssd_generate(model, prompt, 40, SSDConfig(2, 1, ngram=2, ngram_k=nk))
+            hist = [a + b for a, b in zip(gen.stats.accept_hist + [0] * 8, hist + [0] * 8)]
+        longest[nk] = max(a for a, n in enumerate(hist) if n)
+    assert longest[0] == 1 and longest[6] > 1, longest
 
 
 def test_a_round_without_a_repeat_drafts_from_the_exit(tiny_config):
@@ -73,6 +89,10 @@ def test_a_round_without_a_repeat_drafts_from_the_exit(tiny_config):
 def test_a_negative_ngram_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"ngram=-1: must be >= 1"):
         SSDConfig(2, 4, ngram=-1)
+    with pytest.raises(ConfigError, match=r"ngram_k=-2: must be >= 1"):
+        SSDConfig(2, 4, ngram=2, ngram_k=-2)
+    with pytest.raises(ConfigError, match=r"ngram_k=8: the length of prompt-lookup drafts"):
+        SSDConfig(2, 4, ngram_k=8)
 
 
 def test_a_repeat_inside_the_prompt_drafts_the_first_round(tiny_config):

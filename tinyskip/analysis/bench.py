@@ -53,17 +53,19 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
             if job.adaptive_threshold:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, job.adaptive_threshold)))
             if job.ngram:
-                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, ngram=job.ngram)))
+                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, ngram=job.ngram,
+                                                           ngram_k=job.ngram_k)))
             levers = (job.adaptive_threshold, job.draft_vocab, job.ngram)
             if sum(map(bool, levers)) > 1:          # and all of them in one row
-                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, *levers)))
+                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, *levers, ngram_k=job.ngram_k)))
     for k in job.k if job.choose_del else ():
         specs.append(ModeSpec("ssd", ssd=SSDConfig(None, k, choose="del",
                                                    exits=list(job.ssd_exits))))
         if job.draft_vocab or job.adaptive_threshold or job.ngram:   # and with the levers
             specs.append(ModeSpec("ssd", ssd=SSDConfig(None, k, job.adaptive_threshold,
                                                        job.draft_vocab, job.ngram, choose="del",
-                                                       exits=list(job.ssd_exits))))
+                                                       exits=list(job.ssd_exits),
+                                                       ngram_k=job.ngram_k)))
     for measure in job.measure:
         for lam in job.threshold:
             for cache in job.cache:
@@ -110,7 +112,7 @@ def spec_fields(spec: ModeSpec) -> dict:
             "choose": s.choose if s else None, "ssd_exits": s.exits if s else None,
             "draft_vocab": s.draft_vocab if s else None,
             "adaptive_threshold": s.adaptive_threshold if s else None,
-            "ngram": s.ngram if s else None,
+            "ngram": s.ngram if s else None, "ngram_k": s.ngram_k if s else None,
             "measure": d.measure if d else None,
             "threshold": d.threshold[0] if d and len(d.threshold) == 1 else None,
             "exits": d.exits if d else None, "cache": d.cache if d else None}

@@ -23,7 +23,7 @@ from .plots import pareto_figure
 from .ssd_costs import format_round_costs
 
 CSV_COLUMNS = ["mode", "family", "compiled", "exit_layer", "draft_layer", "k", "draft_vocab",
-               "adaptive_threshold", "ngram", "choose", "ssd_exits", "measure", "threshold", "exits", "cache", "calibration",
+               "adaptive_threshold", "ngram", "ngram_k", "choose", "ssd_exits", "measure", "threshold", "exits", "cache", "calibration",
                "tokens_per_s", "tokens_per_s_prompt_mean", "speedup", "prefill_ms",
                "layers_per_token", "heads_per_token", "predicted", "efficiency", "acceptance",
                "accept_hist", "lookup_share", "exit_rounds", "draft_hist", "mean_exit", "exit_hist", "agreement", "exact_match", "f1_loss",

@@ -56,7 +56,8 @@ class ModeSpec:
             s = self.ssd
             extra = (f" vocab={s.draft_vocab}" if s.draft_vocab else "") + \
                     (f" adapt={s.adaptive_threshold}" if s.adaptive_threshold else "") + \
-                    (f" ngram={s.ngram}" if s.ngram else "")
+                    (f" ngram={s.ngram}" if s.ngram else "") + \
+                    (f" ngram_k={s.ngram_k}" if s.ngram_k else "")
             if s.choose == "del":
                 exits = ",".join(map(str, s.exits)) or "modules"
                 first = f" E={s.draft_layer}" if s.draft_layer is not None else ""

@@ -9,8 +9,8 @@ One round, with the last committed token t at position p (not yet run by any blo
             h[0..m], and the head on all of them: the full model's next-token logits
 
 With ``ngram`` = n, a round whose last n tokens occurred earlier in the context drafts
-the tokens that followed them there instead (decode/lookup.py): blocks [0, E) then run
-once over t and those drafts together, and the verify is the same.
+up to ``ngram_k`` (default k) tokens that followed them there instead (decode/lookup.py):
+blocks [0, E) then run once over t and those drafts together, and the verify is the same.
 
 Nothing is computed twice: every block runs once per position. The KV cache is indexed
 by absolute position, so entries of rejected drafts need no cropping: they lie past the
@@ -91,9 +91,9 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     # names them there alone.
     out = [first_token(model, prompt, cache, stats, sampling, generator, tuple(exits) or (E,))]
     t0, compiling = time.perf_counter(), step.compile_s
-    # Exit states of one round: at most k drafts plus the last committed token (the
-    # buffer never exceeds what the budget can use, whatever k asks for).
-    width = min(cfg.k, n_new) + 1
+    # Exit states of one round: at most max_drafts drafts plus the last committed token
+    # (the buffer never exceeds what the budget can use, whatever k asks for).
+    width = min(cfg.max_drafts, n_new) + 1
     h_exit = torch.empty(1, width, model.config.hidden_size, device=dev, dtype=cache.k[0].dtype)
     # del: every candidate's states at the round's positions, (n_exits, width, d), copied
     # out of the steps' outputs (a CUDA graph's outputs live until its next call).
@@ -113,8 +113,9 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         cur = torch.tensor([out[-1]], device=dev)   # (1,)
         drafts, q, have = [], [], 0                 # have: exit states computed so far
         tops = []                                   # del, sampling: E's argmax at each draft
-        # A repeat drafts up to k found tokens whatever del chose for an exit round.
-        found = lookup(context, cfg.ngram, min(cfg.k, n_new - len(out) - 1)) if cfg.ngram else []
+        # A repeat drafts up to ngram_k found tokens whatever del chose for an exit round.
+        found = lookup(context, cfg.ngram, min(cfg.lookup_k, n_new - len(out) - 1)) \
+            if cfg.ngram else []
         if found:
             # Blocks [0, E) over t and the found drafts at once: their exit states.
             m = len(found)
