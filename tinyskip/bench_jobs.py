@@ -42,7 +42,8 @@ class BenchJob(CheckpointSource):
     draft_vocab: int = 0                      # > 0: also every ssd row with this draft vocab
     adaptive_threshold: float = 0.0           # > 0: also every ssd row with adaptive drafting
     ngram: int = 0                            # > 0: also every ssd row with prompt-lookup drafts
-    ngram_k: int = 0                          #   of up to this many tokens (0 = the row's k)
+    ngram_k: list[int] = field(default_factory=list)   # each: every lookup row again,
+                                              # drafting up to that many found tokens
     # (two or more of these three: also every ssd row with all of them together)
     temperature: float = 0.0                  # every row samples at this temperature (0 = greedy)
     seed: int = 0                             #   each generation from a generator seeded so
@@ -93,8 +94,9 @@ class BenchJob(CheckpointSource):
         if self.draft_layer and not self.k:
             raise ConfigError("k=[]: give at least one k for the draft_layer rows (or draft_layer=[])")
         for k in self.k:
-            SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab, self.ngram,
-                      ngram_k=self.ngram_k)
+            for nk in self.ngram_k or [0]:
+                SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab, self.ngram,
+                          ngram_k=nk)
             if self.choose_del:
                 SSDConfig(None, k, choose="del", exits=list(self.ssd_exits))
         if self.choose_del and not self.k:

@@ -44,13 +44,14 @@ def test_bench_prints_a_table_with_speedups_measured_in_one_run(run_args):
     assert "outside blocks and head" in table and "effic." in table and "rougeL" in table
 
 
-def test_ngram_k_lengthens_the_lookup_rows_drafts(run_args):
+def test_ngram_k_adds_the_lookup_rows_again_with_longer_drafts(run_args):
     args = run_args + ["n_prompts=1", "max_new_tokens=8", "draft_layer=[2]", "k=[1]",
-                       "exit_layer=[]", "ngram=1", "ngram_k=3", "out_dir=null"]
+                       "exit_layer=[]", "ngram=1", "ngram_k=[3]", "out_dir=null"]
     rows = {r["mode"]: r for r in benchmark(compose_job("bench", args))["rows"]}
-    assert list(rows) == ["full", "ssd E=2 k=1", "ssd E=2 k=1 ngram=1 ngram_k=3"]
+    assert list(rows) == ["full", "ssd E=2 k=1", "ssd E=2 k=1 ngram=1",
+                          "ssd E=2 k=1 ngram=1 ngram_k=3"]
     assert rows["ssd E=2 k=1 ngram=1 ngram_k=3"]["ngram_k"] == 3
-    assert rows["ssd E=2 k=1"]["ngram_k"] == 0
+    assert rows["ssd E=2 k=1 ngram=1"]["ngram_k"] == 0
 
 
 def test_two_levers_add_a_row_with_both_and_sampled_rows_draw_reproducibly(run_args):

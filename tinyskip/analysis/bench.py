@@ -40,6 +40,11 @@ from .ssd_costs import measured_acceptance, round_costs
 from .unit_costs import unit_costs
 
 
+def lookup_lengths(job: BenchJob) -> list[int]:
+    """The ngram_k of the rows with prompt lookup: k (0), then each of ``job.ngram_k``."""
+    return [0, *job.ngram_k] if job.ngram else [0]
+
+
 def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
     """The sweep's configurations from the job's lists (calibration files aside)."""
     specs = [ModeSpec("full")]
@@ -52,20 +57,23 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, draft_vocab=job.draft_vocab)))
             if job.adaptive_threshold:
                 specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, job.adaptive_threshold)))
-            if job.ngram:
-                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, ngram=job.ngram,
-                                                           ngram_k=job.ngram_k)))
             levers = (job.adaptive_threshold, job.draft_vocab, job.ngram)
-            if sum(map(bool, levers)) > 1:          # and all of them in one row
-                specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, *levers, ngram_k=job.ngram_k)))
+            for nk in lookup_lengths(job):
+                if job.ngram:
+                    specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, ngram=job.ngram,
+                                                               ngram_k=nk)))
+                if sum(map(bool, levers)) > 1:          # and all of them in one row
+                    specs.append(ModeSpec("ssd", ssd=SSDConfig(e, k, *levers, ngram_k=nk)))
     for k in job.k if job.choose_del else ():
         specs.append(ModeSpec("ssd", ssd=SSDConfig(None, k, choose="del",
                                                    exits=list(job.ssd_exits))))
         if job.draft_vocab or job.adaptive_threshold or job.ngram:   # and with the levers
-            specs.append(ModeSpec("ssd", ssd=SSDConfig(None, k, job.adaptive_threshold,
-                                                       job.draft_vocab, job.ngram, choose="del",
-                                                       exits=list(job.ssd_exits),
-                                                       ngram_k=job.ngram_k)))
+            for nk in lookup_lengths(job):
+                specs.append(ModeSpec("ssd", ssd=SSDConfig(None, k, job.adaptive_threshold,
+                                                           job.draft_vocab, job.ngram,
+                                                           choose="del",
+                                                           exits=list(job.ssd_exits),
+                                                           ngram_k=nk)))
     for measure in job.measure:
         for lam in job.threshold:
             for cache in job.cache:
