@@ -59,6 +59,9 @@ class BenchJob(CheckpointSource):
     threshold: list[float] = field(default_factory=list)  #   x cache strategies
     cache: list[str] = field(default_factory=lambda: ["propagate"])
     check_every: int = 1
+    exits: list[int] = field(default_factory=list)        # dee rows' checked exits ([] =
+                                              # every check_every-th; an exit-module run's
+                                              # trained exits are what its DEE should check)
     calibration: list[str] = field(default_factory=list)  # + the decoder each file certifies
     compile: bool = False                     # also every full/static/ssd row compiled, beside eager
     levers: bool = False                      # the compiled step's levers one by one, and the floor
@@ -117,7 +120,11 @@ class BenchJob(CheckpointSource):
                               f"{self.threshold}: give both for DEE rows (or neither)")
         for m in self.measure or ["softmax"]:      # each cache and check_every, rows or not
             for c in self.cache:
-                DEEConfig(m, list(self.threshold), cache=c, check_every=self.check_every)
+                DEEConfig(m, list(self.threshold), cache=c, check_every=self.check_every,
+                          exits=list(self.exits))
+        if self.exits and not self.measure:
+            raise ConfigError(f"exits={self.exits}: the checked exits of the DEE rows (give "
+                              "measure=[...] and threshold=[...] too)")
         if self.temperature and (self.hf_baseline or self.batch_sizes or self.calibration):
             raise ConfigError(f"temperature={self.temperature}: the hf_baseline and batch_sizes "
                               "rows decode greedily, and a calibration certifies greedy "

@@ -214,6 +214,16 @@ def test_bench_sweeps_dee_measures_thresholds_and_cache_strategies(run_dir):
     assert "matrix products as eager calls" in format_table(res)
 
 
+def test_bench_dee_rows_check_the_exits_given(run_dir):
+    from tinyskip.analysis.bench import benchmark
+    res = benchmark(compose_job("bench", [f"checkpoint={run_dir}", "n_prompts=1", "prompt_len=8",
+                                          "max_new_tokens=6", "draft_layer=[]", "exit_layer=[]",
+                                          "measure=[softmax]", "threshold=[0.0]", "exits=[3]"]))
+    row = {r["mode"]: r for r in res["rows"]}["dee softmax>=0 propagate exits=3"]
+    # every token after the first (prefill's, at exit 4) leaves at exit 3, the one checked
+    assert row["mean_exit"] == pytest.approx((4 + 5 * 3) / 6)
+
+
 def test_classifier_measure_trains_the_exit_classifier_beside_the_checkpoint(run_dir, tmp_path):
     out = tmp_path / "clf-cal.json"
     r = calibrate(compose_job("calibrate", [f"checkpoint={run_dir}", "measure=classifier",

@@ -78,7 +78,8 @@ def bench_specs(job: BenchJob, L: int) -> list[ModeSpec]:
         for lam in job.threshold:
             for cache in job.cache:
                 specs.append(ModeSpec("dee", dee=DEEConfig(measure, [lam], cache=cache,
-                                                           check_every=job.check_every)))
+                                                           check_every=job.check_every,
+                                                           exits=list(job.exits))))
     for s in specs:                       # every option checked before anything runs
         s.validate(L)
     return specs
