@@ -96,10 +96,17 @@ class BenchJob(CheckpointSource):
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.draft_layer and not self.k:
             raise ConfigError("k=[]: give at least one k for the draft_layer rows (or draft_layer=[])")
+        # Each ngram_k adds the lookup rows again, with a length of its own: the rows
+        # without it already draft k (ngram_k=0).
+        for nk in self.ngram_k:
+            if nk == 0:
+                raise ConfigError("ngram_k=[0]: the lookup rows without ngram_k already draft k "
+                                  "found tokens; list lengths >= 1")
+            SSDConfig(1, 1, ngram=self.ngram, ngram_k=nk)
+        if len(set(self.ngram_k)) != len(self.ngram_k):
+            raise ConfigError(f"ngram_k={self.ngram_k}: a length is listed twice")
         for k in self.k:
-            for nk in self.ngram_k or [0]:
-                SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab, self.ngram,
-                          ngram_k=nk)
+            SSDConfig(1, k, self.adaptive_threshold, self.draft_vocab, self.ngram)
             if self.choose_del:
                 SSDConfig(None, k, choose="del", exits=list(self.ssd_exits))
         if self.choose_del and not self.k:
@@ -123,8 +130,13 @@ class BenchJob(CheckpointSource):
                 DEEConfig(m, list(self.threshold), cache=c, check_every=self.check_every,
                           exits=list(self.exits))
         if self.exits and not self.measure:
-            raise ConfigError(f"exits={self.exits}: the checked exits of the DEE rows (give "
-                              "measure=[...] and threshold=[...] too)")
+            raise ConfigError(f"exits={self.exits}: the checked exits of the DEE threshold rows "
+                              "(give measure=[...] and threshold=[...] too; calibrated rows "
+                              "check the exits their file certifies)")
+        if self.exits and self.check_every != 1:
+            raise ConfigError(f"exits={self.exits} with check_every={self.check_every}: give "
+                              "one of them (the DEE rows check the exits listed, or every "
+                              "check_every-th)")
         if self.temperature and (self.hf_baseline or self.batch_sizes or self.calibration):
             raise ConfigError(f"temperature={self.temperature}: the hf_baseline and batch_sizes "
                               "rows decode greedily, and a calibration certifies greedy "

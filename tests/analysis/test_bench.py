@@ -51,7 +51,7 @@ def test_ngram_k_adds_the_lookup_rows_again_with_longer_drafts(run_args):
     assert list(rows) == ["full", "ssd E=2 k=1", "ssd E=2 k=1 ngram=1",
                           "ssd E=2 k=1 ngram=1 ngram_k=3"]
     assert rows["ssd E=2 k=1 ngram=1 ngram_k=3"]["ngram_k"] == 3
-    assert rows["ssd E=2 k=1 ngram=1"]["ngram_k"] == 0
+    assert rows["ssd E=2 k=1 ngram=1"]["ngram_k"] == 1 and rows["ssd E=2 k=1"]["ngram_k"] is None
 
 
 def test_two_levers_add_a_row_with_both_and_sampled_rows_draw_reproducibly(run_args):

@@ -121,7 +121,8 @@ def spec_fields(spec: ModeSpec) -> dict:
             "choose": s.choose if s else None, "ssd_exits": s.exits if s else None,
             "draft_vocab": s.draft_vocab if s else None,
             "adaptive_threshold": s.adaptive_threshold if s else None,
-            "ngram": s.ngram if s else None, "ngram_k": s.ngram_k if s else None,
+            "ngram": s.ngram if s else None,
+            "ngram_k": s.lookup_k if s and s.ngram else None,     # the length lookup drafted
             "measure": d.measure if d else None,
             "threshold": d.threshold[0] if d and len(d.threshold) == 1 else None,
             "exits": d.exits if d else None, "cache": d.cache if d else None}
@@ -183,7 +184,11 @@ def benchmark(job: BenchJob) -> dict:
         raise UserError(f"ssd_costs=true with k={job.k}: a round at position {mid} "
                         f"verifies {max(job.k) + 1} positions, past this generation's "
                         f"{cache_size(model, needed)}-slot cache (give a smaller k)")
-    labelled = [(s.label, s, None) for s in bench_specs(job, L)]
+    # (DEE threshold rows name the exits they check where the job lists them; calibrated
+    # rows check the exits their file certifies, every one of them on a bare model)
+    checked = f" exits={','.join(map(str, job.exits))}" if job.exits else ""
+    labelled = [(s.label + (checked if s.mode == "dee" else ""), s, None)
+                for s in bench_specs(job, L)]
     for _, spec, _ in labelled:           # del's candidates against the model's modules
         if spec.ssd is not None and spec.ssd.choose == "del":
             spec.ssd.candidates(L, model.module_exits)

@@ -66,9 +66,7 @@ class ModeSpec:
         if self.mode == "dee":
             d = self.dee
             thr = ",".join(f"{t:g}" for t in d.threshold)
-            return f"dee {d.measure}>={thr} {d.cache}" + \
-                (f" exits={','.join(map(str, d.exits))}" if d.exits else "") + \
-                (f" tau={d.decay_tau:g}" if d.decay_tau else "")
+            return f"dee {d.measure}>={thr} {d.cache}" + (f" tau={d.decay_tau:g}" if d.decay_tau else "")
         return "full"
 
 

@@ -40,8 +40,9 @@ from ..model.exits import ExitHead
 from ..model.quantize import module_bytes
 from ..model.transformer import Transformer
 
-# Weight of one agreement sample. A round gives 1..k+1 samples per exit, so 0.1 forgets a
-# sample's weight by half in about 7 samples, two to four rounds: quick enough to follow
+# Weight of one agreement sample. A round gives 1..k+1 samples per exit (a lookup round up
+# to ngram_k+1: repeated text, which is easy for every exit, then weighs more), so 0.1
+# forgets a sample's weight by half in about 7 samples, two to four rounds: quick enough to follow
 # the text from one phrase to the next (DEL's point: acceptance depends on the context),
 # slow enough that one unlucky round does not switch exits.
 WEIGHT = 0.1

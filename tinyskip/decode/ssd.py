@@ -92,7 +92,7 @@ def ssd_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     out = [first_token(model, prompt, cache, stats, sampling, generator, tuple(exits) or (E,))]
     t0, compiling = time.perf_counter(), step.compile_s
     # Exit states of one round: at most max_drafts drafts plus the last committed token
-    # (the buffer never exceeds what the budget can use, whatever k asks for).
+    # (the buffer never exceeds what the budget can use, whatever k or ngram_k asks for).
     width = min(cfg.max_drafts, n_new) + 1
     h_exit = torch.empty(1, width, model.config.hidden_size, device=dev, dtype=cache.k[0].dtype)
     # del: every candidate's states at the round's positions, (n_exits, width, d), copied

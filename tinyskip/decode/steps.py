@@ -184,8 +184,11 @@ class Steps:
         self._states_fn = self._wrap(self._states) if compile else self._states
 
     def _wrap(self, fn: Callable) -> Callable:
-        # One graph per (kind, blocks, width): SSD's verify alone has k + 1 widths.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # One graph per (kind, blocks, width, captured exits): SSD's verify alone has
+        # max_drafts + 1 widths, lookup rounds as many more for the drafts' blocks, and del
+        # multiplies them by its exits. Past the limit dynamo would run the step eagerly
+        # with a warning, and a benchmark's compiled rows would time eager calls.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         compiled = torch.compile(fn, fullgraph=True, dynamic=False,
                                  **compile_options(self.model.lm_head.weight.device))
         state = {"fn": compiled}
