@@ -26,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue,
                               OmegaConfBaseException, ValidationError)
 
-from .config import DEFAULT_RUN, UserError
 from .bench_jobs import BenchJob, GpuCheckJob, TrainBenchJob
+from .config import DEFAULT_RUN, UserError
 from .jobs import CalibrateJob, EvaluateJob, ExportJob, HarnessJob, InferJob, TrainJob
+from .training.distributed import hold_until_rank_zero_spoke
 
 # Each entry point's primary config (conf/<entry>.yaml) is typed by its job schema.
 SCHEMAS: dict[str, type] = {"train": TrainJob, "evaluate": EvaluateJob, "infer": InferJob,
@@ -175,8 +176,10 @@ def remove_run_folder() -> None:
 
 def fail(e: UserError) -> NoReturn:
     # Under torchrun every rank meets the same bad input: rank 0 alone says so.
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {e}", file=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    hold_until_rank_zero_spoke(rank)
     sys.exit(2)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,28 @@ def launched_world(tc: TrainConfig) -> int:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
                           f"{world} data-parallel processes")
     return world
+
+
+def hold_until_rank_zero_spoke(rank: int) -> None:
+    """Under torchrun, which stops every rank once one exits, a refusing rank other than 0
+    waits (at most 30 s) until rank 0 has printed the refusal: otherwise the faster rank
+    exits first and torchrun kills rank 0 before it says why. Rank 0 calls it after
+    printing. The rendezvous is the key-value store torchrun's agent serves at
+    MASTER_ADDR:MASTER_PORT, so it works before (and without) a process group; without
+    that agent (a hand-set environment) there is nothing to wait on."""
+    if (int(os.environ.get("WORLD_SIZE", "1")) < 2
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        return
+    key = "tinyskip/refusal-printed"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timedelta(seconds=30))
+        if rank == 0:
+            store.set(key, "1")
+        else:
+            store.wait([key])
+    except RuntimeError:
+        pass    # no store to reach, or rank 0 never spoke: exit all the same
 
 
 def init_distributed(device: torch.device, group: bool = False) -> tuple[int, int]:
