@@ -8,9 +8,14 @@
 // int8 weights by x rounded to int16 in integers (vpmaddwd), and prefetch each row 4 KiB
 // ahead (the bf16 loop without the prefetch: 15 GB/s).
 //
-// Each product has a portable loop beside the AVX-512 one; the CPU's features decide at
-// run time (a CPU without them would stop at the first AVX-512 instruction otherwise), and
-// ``portable=True`` asks for the portable loop, which the tests hold the fast one against.
+// On CPUs without AVX-512 (AMD's Zen 3, older Intel) an AVX2 loop does the int8 work 256
+// bits at a time, through vpmaddwd as above: inductor's loop there read 3 GB/s of int8
+// weights. bf16 has no AVX2 loop: one that widened pairs by a shift and a mask and then
+// used FMA decoded no faster than inductor's loop on Zen 3 (docs/design.md).
+// Each product also has a portable loop. The CPU's features decide at run time which
+// loop runs (a CPU without them would stop at the first instruction it lacks otherwise);
+// ``loop="avx2"`` and the others ask for one, which the tests use to hold every loop this
+// CPU runs against the portable one.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -39,6 +45,37 @@ bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
   return yes;
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+
+enum class Loop { kPortable, kAvx2, kAvx512 };
+
+// The loops this CPU runs, fastest first, of those a product has.
+std::vector<std::string> loops_for(bool avx512, bool avx2) {
+  std::vector<std::string> out;
+  if (avx512) out.push_back("avx512");
+  if (avx2) out.push_back("avx2");
+  out.push_back("portable");
+  return out;
+}
+
+// ``asked``: "best" or one of the loops ``available`` names.
+Loop choose(const std::string& asked, const std::vector<std::string>& available) {
+  const std::string name = asked == "best" ? available.front() : asked;
+  TORCH_CHECK(std::find(available.begin(), available.end(), name) != available.end(),
+              "cpu_matvec: loop='", asked, "' is not one this CPU runs (", c10::Join(", ", available), ", best)");
+  return name == "avx512" ? Loop::kAvx512 : name == "avx2" ? Loop::kAvx2 : Loop::kPortable;
+}
+
+__attribute__((target("avx2")))
+inline int32_t sum8(__m256i v) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i t = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
 }
 
 // Blocks [b0, b1) of kRows rows of W (N, K) against the M rows of x.
@@ -141,6 +178,42 @@ void int8_blocks_avx512(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
   }
 }
 
+// As int8_blocks_avx512, 16 columns at a time; the columns past the last whole 16 one by
+// one (a 16-byte load there would read past the end of W).
+template <typename T>
+__attribute__((target("avx2")))
+void int8_blocks_avx2(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
+                      int64_t M, int64_t N, int64_t K, int64_t b0, int64_t b1) {
+  const int64_t Kv = K - K % 16;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t o0 = b * kRows, rows = std::min(kRows, N - o0);
+    const int8_t* w[kRows];
+    for (int r = 0; r < kRows; ++r) w[r] = W + (o0 + std::min<int64_t>(r, rows - 1)) * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* x = X.q.data() + m * X.Kp;
+      int64_t total[kRows] = {0, 0, 0, 0};
+      for (int64_t c0 = 0; c0 < Kv; c0 += kChunk) {
+        const int64_t c1 = std::min(Kv, c0 + kChunk);
+        __m256i acc[kRows];
+        for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_si256();
+        for (int64_t k = c0; k < c1; k += 16) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+          for (int r = 0; r < kRows; ++r) {
+            if (m == 0 && k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k) + kPrefetch, _MM_HINT_T0);
+            const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k)));
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(wv, xv));
+          }
+        }
+        for (int r = 0; r < kRows; ++r) total[r] += sum8(acc[r]);
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int64_t k = Kv; k < K; ++k) total[r] += int64_t(x[k]) * w[r][k];
+      for (int r = 0; r < rows; ++r)
+        Y[m * N + o0 + r] = T(static_cast<float>(total[r]) * X.scale[m] * static_cast<float>(S[o0 + r]));
+    }
+  }
+}
+
 // The same products, portable: for CPUs without AVX-512 (and to test the fast ones against).
 void bf16_blocks_portable(const at::BFloat16* W, const at::BFloat16* X, at::BFloat16* Y,
                           int64_t M, int64_t N, int64_t K, int64_t b0, int64_t b1) {
@@ -177,18 +250,21 @@ at::Tensor output(const at::Tensor& x, int64_t N, at::ScalarType dtype) {
   return at::empty(sizes, x.options().dtype(dtype));
 }
 
+std::vector<std::string> bf16_loops() { return loops_for(has_avx512_bf16(), false); }
+std::vector<std::string> int8_loops() { return loops_for(has_avx512(), has_avx2()); }
+
 // y (..., N) = x (..., K) @ w (N, K).T, all bf16.
-at::Tensor matvec_bf16(const at::Tensor& x, const at::Tensor& w, bool portable) {
+at::Tensor matvec_bf16(const at::Tensor& x, const at::Tensor& w, c10::string_view loop) {
   check(x, w, at::kBFloat16);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "cpu_matvec: x must be bf16 for bf16 weights");
+  const Loop chosen = choose(std::string(loop), bf16_loops());
   const auto xc = x.contiguous();
   const int64_t N = w.size(0), K = w.size(1), M = xc.numel() / K;
   auto y = output(xc, N, at::kBFloat16);
   const auto *W = w.const_data_ptr<at::BFloat16>(), *X = xc.const_data_ptr<at::BFloat16>();
   auto* Y = y.mutable_data_ptr<at::BFloat16>();
-  const bool fast = !portable && has_avx512_bf16();
   at::parallel_for(0, (N + kRows - 1) / kRows, kGrain, [&](int64_t b0, int64_t b1) {
-    if (fast) bf16_blocks_avx512(W, X, Y, M, N, K, b0, b1);
+    if (chosen == Loop::kAvx512) bf16_blocks_avx512(W, X, Y, M, N, K, b0, b1);
     else bf16_blocks_portable(W, X, Y, M, N, K, b0, b1);
   });
   return y;
@@ -196,7 +272,7 @@ at::Tensor matvec_bf16(const at::Tensor& x, const at::Tensor& w, bool portable) 
 
 template <typename T>
 void int8_matvec_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                      at::Tensor& y, bool fast) {
+                      at::Tensor& y, Loop chosen) {
   const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
   // Rounded once per call (M * K entries), in plain vectors: ATen's ops would cost more
   // than the product of a small projection.
@@ -205,7 +281,8 @@ void int8_matvec_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const T* S = scale.const_data_ptr<T>();
   T* Y = y.mutable_data_ptr<T>();
   at::parallel_for(0, (N + kRows - 1) / kRows, kGrain, [&](int64_t b0, int64_t b1) {
-    if (fast) int8_blocks_avx512<T>(W, X, S, Y, M, N, K, b0, b1);
+    if (chosen == Loop::kAvx512) int8_blocks_avx512<T>(W, X, S, Y, M, N, K, b0, b1);
+    else if (chosen == Loop::kAvx2) int8_blocks_avx2<T>(W, X, S, Y, M, N, K, b0, b1);
     else int8_blocks_portable<T>(W, X, S, Y, M, N, K, b0, b1);
   });
 }
@@ -213,28 +290,28 @@ void int8_matvec_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 // y (..., N) = (x (..., K) @ w (N, K).T) * scale (N,), w int8; x, scale and y in one dtype
 // (fp32 or bf16).
 at::Tensor matvec_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                       bool portable) {
+                       c10::string_view loop) {
   check(x, w, at::kChar);
   TORCH_CHECK(scale.numel() == w.size(0) && scale.is_contiguous() && scale.scalar_type() == x.scalar_type(),
               "cpu_matvec: the scales must be (N,) contiguous, in x's dtype");
   const auto xc = x.contiguous();
   auto y = output(xc, w.size(0), x.scalar_type());
-  const bool fast = !portable && has_avx512();
-  if (x.scalar_type() == at::kBFloat16) int8_matvec_into<at::BFloat16>(xc, w, scale, y, fast);
-  else if (x.scalar_type() == at::kFloat) int8_matvec_into<float>(xc, w, scale, y, fast);
+  const Loop chosen = choose(std::string(loop), int8_loops());
+  if (x.scalar_type() == at::kBFloat16) int8_matvec_into<at::BFloat16>(xc, w, scale, y, chosen);
+  else if (x.scalar_type() == at::kFloat) int8_matvec_into<float>(xc, w, scale, y, chosen);
   else TORCH_CHECK(false, "cpu_matvec: int8 products take fp32 or bf16 activations");
   return y;
 }
 
-// Which products have their AVX-512 loop on this CPU: (bf16, int8).
-std::tuple<bool, bool> fast_paths() { return {has_avx512_bf16(), has_avx512()}; }
+// The loops this CPU runs, fastest first: (bf16's, int8's).
+std::tuple<std::vector<std::string>, std::vector<std::string>> loops() { return {bf16_loops(), int8_loops()}; }
 
 }  // namespace
 
 TORCH_LIBRARY(tinyskip, m) {
-  m.def("matvec_bf16(Tensor x, Tensor w, bool portable=False) -> Tensor");
-  m.def("matvec_int8(Tensor x, Tensor w, Tensor scale, bool portable=False) -> Tensor");
-  m.def("fast_paths() -> (bool, bool)", &fast_paths);
+  m.def("matvec_bf16(Tensor x, Tensor w, str loop='best') -> Tensor");
+  m.def("matvec_int8(Tensor x, Tensor w, Tensor scale, str loop='best') -> Tensor");
+  m.def("loops() -> (str[], str[])", &loops);
 }
 
 TORCH_LIBRARY_IMPL(tinyskip, CPU, m) {

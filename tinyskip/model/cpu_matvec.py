@@ -16,7 +16,9 @@ kernels.py then sends them calls of up to ``MAX_ROWS`` rows on the CPU (a decodi
 SSD's verify), eager and compiled, without gradients (the ops have no backward). The choice is per process: once
 a model with bf16 or int8 weights decodes, every later one-row product of those dtypes
 on the CPU takes the kernels. Where the build fails (no C++ compiler, no ninja), the
-CPU is not x86 or lacks AVX-512, nothing changes: products keep their other paths.
+CPU is not x86, or it lacks the loop's extensions (AVX-512 for both, its BF16 extension
+for bf16; AVX2 for int8 where there is no AVX-512: docs/design.md), nothing changes:
+products keep their other paths.
 """
 
 from __future__ import annotations
@@ -67,26 +69,26 @@ def _build() -> bool:
 
     # Shapes for tracing: what each op returns, without running it.
     @torch.library.register_fake("tinyskip::matvec_bf16")
-    def _(x, w, portable=False):
+    def _(x, w, loop="best"):
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
     @torch.library.register_fake("tinyskip::matvec_int8")
-    def _(x, w, scale, portable=False):
+    def _(x, w, scale, loop="best"):
         return x.new_empty(*x.shape[:-1], w.shape[0])
     return True
 
 
 def enable_for(model: nn.Module) -> None:
     """Build the kernels and send them ``model``'s one-row products if it decodes on the
-    CPU with bf16 or int8 weights and the CPU has AVX-512 (bf16 products need its BF16
-    extension too). Decoding calls it before its first step."""
+    CPU with bf16 or int8 weights and the CPU has a vector loop for them (see above).
+    Decoding calls it before its first step."""
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu" or \
             not {p.dtype for p in params} & {torch.bfloat16, torch.int8}:
         return
     if not _fast and load():
-        bf16, int8 = torch.ops.tinyskip.fast_paths()
-        _fast.update({torch.bfloat16: bf16, torch.int8: int8})
+        bf16, int8 = torch.ops.tinyskip.loops()
+        _fast.update({torch.bfloat16: bf16[0] != "portable", torch.int8: int8[0] != "portable"})
 
 
 # Rows of x a call of several positions may have: SSD's verify of up to 7 drafts. Each
