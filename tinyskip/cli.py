@@ -166,20 +166,25 @@ def remove_run_folder() -> None:
     own = {".hydra", f"{HydraConfig.get().job.name}.log"}
     if not folder.is_dir() or any(p.name not in own for p in folder.iterdir()):
         return
-    shutil.rmtree(folder)
-    top = Path(logs_dir()).resolve()
-    folder = folder.parent.resolve()
-    while folder != top and top in folder.parents and not any(folder.iterdir()):
-        folder.rmdir()
-        folder = folder.parent
+    try:
+        shutil.rmtree(folder)
+        top = Path(logs_dir()).resolve()
+        folder = folder.parent.resolve()
+        while folder != top and top in folder.parents and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+    except OSError:
+        pass    # another process wrote or removed something meanwhile: leave the rest
 
 
 def fail(e: UserError) -> NoReturn:
-    # Under torchrun every rank meets the same bad input: rank 0 alone says so.
+    # Under torchrun every rank meets the same bad input: rank 0 alone says so, unless it
+    # never does (an error of this rank's own), and then this rank does.
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(f"error: {e}", file=sys.stderr, flush=True)
-    hold_until_rank_zero_spoke(rank)
+    if not hold_until_rank_zero_spoke(rank):
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -196,7 +201,8 @@ def entry_point(entry: str) -> Callable:
             try:
                 fn(to_job(cfg))
             except UserError as e:
-                remove_run_folder()
+                if os.environ.get("RANK", "0") == "0":     # torchrun's ranks share the folder
+                    remove_run_folder()
                 fail(e)
 
         @functools.wraps(fn)

@@ -70,19 +70,26 @@ def test_the_fast_loops_are_the_ones_this_cpu_can_run():
         ["avx512"] * ({"avx512f", "avx512bw", "avx512_bf16"} <= flags) + ["portable"]
 
 
-def test_a_loop_this_cpu_does_not_run_is_refused_by_name():
+def test_a_loop_the_product_lacks_is_refused_by_name():
+    # bf16 has no AVX2 loop on any CPU; int8 has AVX-512 only where the CPU does.
     x, w = torch.randn(1, 1, 32).bfloat16(), torch.randn(4, 32).bfloat16()
-    with pytest.raises(RuntimeError, match="loop='sse' is not one this CPU runs"):
-        torch.ops.tinyskip.matvec_bf16(x, w, "sse")
+    with pytest.raises(RuntimeError, match=r"loop='avx2' is not one this product has on "
+                                           r"this CPU \((avx512, )?portable, best\)"):
+        torch.ops.tinyskip.matvec_bf16(x, w, "avx2")
+    q, s = int8_rows(torch.randn(4, 32))
+    for loop in {"avx512", "avx2", "sse"} - set(loops(torch.int8)):
+        with pytest.raises(RuntimeError, match=f"loop='{loop}' is not one this product has"):
+            torch.ops.tinyskip.matvec_int8(x, q, s.bfloat16(), loop)
 
 
 # Widths with and without a tail (K % 32, K % 16), rows with and without a partial block
 # (N % 4), one sequence and three.
-LOOPS = ["best", "avx512", "avx2", "portable"]
+BF16_LOOPS = ["best", "avx512", "portable"]
+INT8_LOOPS = ["best", "avx512", "avx2", "portable"]
 SHAPES = [(1, 576, 192), (1, 100, 7), (3, 1536, 576), (2, 32, 1), (1, 40, 4097), (2, 8, 5)]
 
 
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("loop", BF16_LOOPS)
 @pytest.mark.parametrize("B,K,N", SHAPES)
 def test_bf16_products_match_fp32_products_of_the_same_bf16_numbers(B, K, N, loop):
     runs(loop, torch.bfloat16)
@@ -97,7 +104,7 @@ def test_bf16_products_match_fp32_products_of_the_same_bf16_numbers(B, K, N, loo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("loop", INT8_LOOPS)
 @pytest.mark.parametrize("B,K,N", SHAPES + [(1, 1100, 9)])
 def test_int8_products_apply_each_rows_scale(B, K, N, loop, dtype):
     runs(loop, torch.int8)

@@ -63,11 +63,12 @@ std::vector<std::string> loops_for(bool avx512, bool avx2) {
   return out;
 }
 
-// ``asked``: "best" or one of the loops ``available`` names.
-Loop choose(const std::string& asked, const std::vector<std::string>& available) {
-  const std::string name = asked == "best" ? available.front() : asked;
+// ``asked``: "best" or one of the loops ``available`` names (this product's, on this CPU).
+Loop choose(c10::string_view loop, const std::vector<std::string>& available) {
+  const std::string asked(loop), name = asked == "best" ? available.front() : asked;
   TORCH_CHECK(std::find(available.begin(), available.end(), name) != available.end(),
-              "cpu_matvec: loop='", asked, "' is not one this CPU runs (", c10::Join(", ", available), ", best)");
+              "cpu_matvec: loop='", asked, "' is not one this product has on this CPU (",
+              c10::Join(", ", available), ", best)");
   return name == "avx512" ? Loop::kAvx512 : name == "avx2" ? Loop::kAvx2 : Loop::kPortable;
 }
 
@@ -179,7 +180,8 @@ void int8_blocks_avx512(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
 }
 
 // As int8_blocks_avx512, 16 columns at a time; the columns past the last whole 16 one by
-// one (a 16-byte load there would read past the end of W).
+// one (a 16-byte load there would take the next row's weights, or read past the end of W
+// on the last row: AVX2 has no masked byte load).
 template <typename T>
 __attribute__((target("avx2")))
 void int8_blocks_avx2(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
@@ -214,7 +216,7 @@ void int8_blocks_avx2(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
   }
 }
 
-// The same products, portable: for CPUs without AVX-512 (and to test the fast ones against).
+// The same products, portable: for CPUs without the vector loops (and to test them against).
 void bf16_blocks_portable(const at::BFloat16* W, const at::BFloat16* X, at::BFloat16* Y,
                           int64_t M, int64_t N, int64_t K, int64_t b0, int64_t b1) {
   for (int64_t o = b0 * kRows; o < std::min(N, b1 * kRows); ++o)
@@ -250,14 +252,21 @@ at::Tensor output(const at::Tensor& x, int64_t N, at::ScalarType dtype) {
   return at::empty(sizes, x.options().dtype(dtype));
 }
 
-std::vector<std::string> bf16_loops() { return loops_for(has_avx512_bf16(), false); }
-std::vector<std::string> int8_loops() { return loops_for(has_avx512(), has_avx2()); }
+// Built once: every call chooses its loop from these.
+const std::vector<std::string>& bf16_loops() {
+  static const std::vector<std::string> loops = loops_for(has_avx512_bf16(), false);
+  return loops;
+}
+const std::vector<std::string>& int8_loops() {
+  static const std::vector<std::string> loops = loops_for(has_avx512(), has_avx2());
+  return loops;
+}
 
 // y (..., N) = x (..., K) @ w (N, K).T, all bf16.
 at::Tensor matvec_bf16(const at::Tensor& x, const at::Tensor& w, c10::string_view loop) {
   check(x, w, at::kBFloat16);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "cpu_matvec: x must be bf16 for bf16 weights");
-  const Loop chosen = choose(std::string(loop), bf16_loops());
+  const Loop chosen = choose(loop, bf16_loops());
   const auto xc = x.contiguous();
   const int64_t N = w.size(0), K = w.size(1), M = xc.numel() / K;
   auto y = output(xc, N, at::kBFloat16);
@@ -296,7 +305,7 @@ at::Tensor matvec_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
               "cpu_matvec: the scales must be (N,) contiguous, in x's dtype");
   const auto xc = x.contiguous();
   auto y = output(xc, w.size(0), x.scalar_type());
-  const Loop chosen = choose(std::string(loop), int8_loops());
+  const Loop chosen = choose(loop, int8_loops());
   if (x.scalar_type() == at::kBFloat16) int8_matvec_into<at::BFloat16>(xc, w, scale, y, chosen);
   else if (x.scalar_type() == at::kFloat) int8_matvec_into<float>(xc, w, scale, y, chosen);
   else TORCH_CHECK(false, "cpu_matvec: int8 products take fp32 or bf16 activations");

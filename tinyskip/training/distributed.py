@@ -28,17 +28,19 @@ def launched_world(tc: TrainConfig) -> int:
     return world
 
 
-def hold_until_rank_zero_spoke(rank: int) -> None:
+def hold_until_rank_zero_spoke(rank: int) -> bool:
     """Under torchrun, which stops every rank once one exits, a refusing rank other than 0
-    waits (at most 30 s) until rank 0 has printed the refusal: otherwise the faster rank
-    exits first and torchrun kills rank 0 before it says why. Rank 0 calls it after
-    printing. The rendezvous is the key-value store torchrun's agent serves at
+    waits (about 30 s at most) until rank 0 has printed the refusal: otherwise the faster
+    rank exits first and torchrun kills rank 0 before it says why. Rank 0 calls it after
+    printing. False where rank 0 never spoke (the refusal was this rank's own), so the
+    caller says it. The rendezvous is the key-value store torchrun's agent serves at
     MASTER_ADDR:MASTER_PORT, so it works before (and without) a process group; without
     that agent (a hand-set environment) there is nothing to wait on."""
     if (int(os.environ.get("WORLD_SIZE", "1")) < 2
             or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
-        return
-    key = "tinyskip/refusal-printed"
+        return True
+    # The agent keeps its store across restarts (--max-restarts): one key per attempt.
+    key = f"tinyskip/refusal-printed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     try:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                               is_master=False, timeout=timedelta(seconds=30))
@@ -46,8 +48,9 @@ def hold_until_rank_zero_spoke(rank: int) -> None:
             store.set(key, "1")
         else:
             store.wait([key])
-    except RuntimeError:
-        pass    # no store to reach, or rank 0 never spoke: exit all the same
+        return True
+    except RuntimeError:      # no store to reach, or rank 0 never spoke
+        return rank == 0
 
 
 def init_distributed(device: torch.device, group: bool = False) -> tuple[int, int]:
