@@ -220,6 +220,20 @@ def test_median_extra_seconds_is_what_the_first_call_adds_to_the_second():
                                 torch.device("cpu")) == 0.0      # never negative
 
 
+def test_unit_costs_take_fewer_reps_of_a_slow_call_within_their_budget():
+    import time
+
+    from tinyskip.analysis import unit_costs as uc
+
+    cpu = torch.device("cpu")
+    assert uc.budgeted_reps(lambda: None, 100, cpu) == 100              # a tiny model's calls
+    slow = uc.BUDGET_S / 40                                             # 40 fit in the budget
+    n = uc.budgeted_reps(lambda: time.sleep(slow), 100, cpu)
+    assert 30 <= n <= 40
+    assert uc.budgeted_reps(lambda: time.sleep(slow), 100, cpu, calls_per_rep=4) == uc.MIN_REPS
+    assert uc.budgeted_reps(lambda: time.sleep(slow), 3, cpu) == 3      # asked for fewer
+
+
 def test_median_extra_seconds_is_not_biased_by_which_call_comes_first():
     import time
 

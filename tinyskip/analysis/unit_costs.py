@@ -14,6 +14,23 @@ from ..model.transformer import Transformer
 from ..runtime import median_seconds, seconds
 
 
+# Seconds one measurement may take, and the fewest reps it takes where a call is slow.
+# At a fixed 100 reps, the unit costs of a real model (a block pass of tens of ms, every
+# width up to 2 x 7) took about 6 minutes; a tiny model's calls stay at the full count.
+BUDGET_S = 2.0
+MIN_REPS = 10
+
+
+def budgeted_reps(fn, reps: int, device: torch.device, calls_per_rep: int = 1) -> int:
+    """``reps``, or as many reps of ``calls_per_rep`` calls of ``fn`` as fit in
+    ``BUDGET_S`` where that is fewer (never fewer than ``MIN_REPS``, nor than ``reps``
+    where it is smaller still). One warm-up call, then one timed call, decide."""
+    fn()
+    one = seconds(fn, device) * calls_per_rep
+    fit = int(BUDGET_S / one) if one > 0 else reps
+    return min(reps, max(MIN_REPS, fit))
+
+
 def median_extra_seconds(fn_with, fn_without, reps: int, device: torch.device) -> float:
     """Median over ``reps`` of what ``fn_with()`` costs beyond ``fn_without()``, timed
     back to back in each rep: the machine's drift between two separate medians (here
@@ -49,7 +66,7 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
     cache = model.new_cache(1, pos + max_width)
     x = torch.zeros(1, 1, dtype=torch.long, device=dev)
 
-    timed = lambda fn: median_seconds(fn, reps, dev)
+    timed = lambda fn: median_seconds(fn, budgeted_reps(fn, reps, dev), dev)
 
     def blocks(h, ctx):
         for layer in model.layers:
@@ -62,8 +79,10 @@ def unit_costs(model: Transformer, pos: int, max_width: int, reps: int = 100) ->
         ctx = model.context(pos, w, cache, 1)
         t_blocks = timed(lambda: blocks(h0, ctx))
         costs[f"layer:{w}"] = t_blocks / L
-        costs[f"head:{w}"] = median_extra_seconds(lambda: model.head(blocks(h0, ctx)),
-                                                  lambda: blocks(h0, ctx), reps, dev)
+        with_head = lambda: model.head(blocks(h0, ctx))
+        costs[f"head:{w}"] = median_extra_seconds(
+            with_head, lambda: blocks(h0, ctx),
+            budgeted_reps(with_head, reps, dev, calls_per_rep=4), dev)   # 4 calls a rep
         if model.exit_modules is not None:     # the modules are of one kind: price the first
             module = model.exit_module(model.exit_modules.exit_layers[0])
             # Timed alone: even back to back, a difference against the blocks' time (as
