@@ -10,7 +10,7 @@ from ..decode.stats import DecodeStats
 from ..decode.steps import new_cache, prefill
 from ..model.kernels import Linear
 from ..model.transformer import Transformer
-from ..runtime import median_seconds
+from ..runtime import median_seconds, seconds
 
 
 def prefill_flops(model: Transformer, T: int) -> float:
@@ -25,11 +25,22 @@ def prefill_flops(model: Transformer, T: int) -> float:
 
 
 @torch.no_grad()
-def matrix_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of an n x n x n matrix product in ``dtype`` (ATen's GEMM), median of ``reps``."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / median_seconds(lambda: a @ b, reps, device)
+def matrix_peak(device: torch.device, dtype: torch.dtype, n_max: int = 2048, reps: int = 5,
+                call_s: float = 0.1) -> float:
+    """FLOP/s of an n x n x n matrix product in ``dtype`` (ATen's GEMM), median of ``reps``.
+
+    n doubles from 256 up to ``n_max``, stopping at the first product that takes
+    ``call_s`` or more: one that long runs at the GEMM's full speed, and where the GEMM is
+    slow the measurement stays short (bf16 on a CPU without AVX512-BF16 ran at 1 GFLOP/s
+    on an AMD EPYC, where ten products of 2048 took three minutes)."""
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b                                           # the first call sets the GEMM up
+        if n >= n_max or seconds(lambda: a @ b, device) >= call_s:
+            return 2 * n ** 3 / median_seconds(lambda: a @ b, reps, device)
+        n *= 2
 
 
 @torch.no_grad()
