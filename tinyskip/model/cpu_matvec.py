@@ -16,9 +16,9 @@ kernels.py then sends them calls of up to ``MAX_ROWS`` rows on the CPU (a decodi
 SSD's verify), eager and compiled, without gradients (the ops have no backward). The choice is per process: once
 a model with bf16 or int8 weights decodes, every later one-row product of those dtypes
 on the CPU takes the kernels. Where the build fails (no C++ compiler, no ninja), the
-CPU is not x86, or it lacks the loop's extensions (AVX-512 for both, its BF16 extension
-for bf16; AVX2 for int8 where there is no AVX-512: docs/design.md), nothing changes:
-products keep their other paths.
+CPU is not x86, or it lacks the loops' extensions (AVX-512, with its BF16 extension for
+bf16; or AVX2, with FMA for bf16: docs/design.md), nothing changes: products keep their
+other paths.
 """
 
 from __future__ import annotations
