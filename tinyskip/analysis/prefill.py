@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..decode.stats import DecodeStats
-from ..decode.steps import new_cache, prefill
+from ..decode.steps import new_cache, prefill, sync
 from ..model.kernels import Linear
 from ..model.transformer import Transformer
 from ..runtime import median_seconds, seconds
@@ -29,15 +29,17 @@ def matrix_peak(device: torch.device, dtype: torch.dtype, n_max: int = 2048, rep
                 call_s: float = 0.1) -> float:
     """FLOP/s of an n x n x n matrix product in ``dtype`` (ATen's GEMM), median of ``reps``.
 
-    n doubles from 256 up to ``n_max``, stopping at the first product that takes
-    ``call_s`` or more: one that long runs at the GEMM's full speed, and where the GEMM is
-    slow the measurement stays short (bf16 on a CPU without AVX512-BF16 ran at 1 GFLOP/s
-    on an AMD EPYC, where ten products of 2048 took three minutes)."""
+    n doubles from 256, stopping at the first product that takes ``call_s`` or more or
+    at the first n >= ``n_max``: a product that long runs at the GEMM's full speed, and
+    where the GEMM is slow the measurement stays short (bf16 on a CPU without
+    AVX512-BF16 ran at 1 GFLOP/s on an AMD EPYC, where ten products of 2048 took three
+    minutes)."""
     n = 256
     while True:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b                                           # the first call sets the GEMM up
+        sync(device)
         if n >= n_max or seconds(lambda: a @ b, device) >= call_s:
             return 2 * n ** 3 / median_seconds(lambda: a @ b, reps, device)
         n *= 2

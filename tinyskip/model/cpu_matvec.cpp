@@ -122,6 +122,7 @@ void bf16_blocks_avx512(const at::BFloat16* W, const at::BFloat16* X, at::BFloat
   }
 }
 
+// The sum of 8 fp32 lanes.
 __attribute__((target("avx2")))
 inline float sum8f(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -129,11 +130,10 @@ inline float sum8f(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// bf16 on AVX2, which has no bf16 arithmetic: a 256-bit load of 16 weights holds 8
-// pairs; shifting each 32-bit pair left by 16 bits gives its first weight as an fp32,
-// masking off its low 16 bits the second. x is split the same way once per call, each 16
-// columns as their 8 even then 8 odd entries in fp32, so a step is a load, a shift, an
-// and and two FMAs. One row of W at a time, as the AVX2 int8 loop.
+// bf16 on AVX2, which has no bf16 arithmetic: a 256-bit load of 16 weights holds 8 pairs
+// (32-bit lanes, the first weight in the low half), which fma16 widens to fp32. x is split
+// to match once per call, each 16 columns as their 8 even then 8 odd entries in fp32. One
+// row of W at a time, as the AVX2 int8 loop.
 struct PairedRows {
   std::vector<float> v;         // (M, Kv): x's first Kv columns, paired as above
   int64_t Kv;                   // K less its columns past the last whole 16
@@ -151,11 +151,20 @@ PairedRows paired(const at::BFloat16* X, int64_t M, int64_t K) {
   return rows;
 }
 
+// 16 bf16 weights (8 pairs) times x's matching 8 even and 8 odd entries, into two
+// accumulators: the shift makes each pair's first weight an fp32, the mask its second.
+__attribute__((target("avx2,fma")))
+inline void fma16(const at::BFloat16* w, const float* x, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i second = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  even = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(x), even);
+  odd = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, second)), _mm256_loadu_ps(x + 8), odd);
+}
+
 __attribute__((target("avx2,fma")))
 void bf16_blocks_avx2(const at::BFloat16* W, const PairedRows& XP, const at::BFloat16* X,
                       at::BFloat16* Y, int64_t M, int64_t N, int64_t K, int64_t b0, int64_t b1) {
   const int64_t Kv = XP.Kv;
-  const __m256i second = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t o = b0 * kRows; o < std::min(N, b1 * kRows); ++o) {
     const at::BFloat16* w = W + o * K;
     for (int64_t m = 0; m < M; ++m) {
@@ -165,18 +174,10 @@ void bf16_blocks_avx2(const at::BFloat16* W, const PairedRows& XP, const at::BFl
       int64_t k = 0;
       for (; k + 32 <= Kv; k += 32) {
         if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
-        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16));
-        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, second)), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, second)), _mm256_loadu_ps(x + k + 24), a3);
+        fma16(w + k, x + k, a0, a1);
+        fma16(w + k + 16, x + k + 16, a2, a3);
       }
-      if (k < Kv) {                                     // 16 columns left
-        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, second)), _mm256_loadu_ps(x + k + 8), a1);
-      }
+      if (k < Kv) fma16(w + k, x + k, a0, a1);          // 16 columns left
       float total = sum8f(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
       for (k = Kv; k < K; ++k) total += static_cast<float>(X[m * K + k]) * static_cast<float>(w[k]);
       Y[m * N + o] = at::BFloat16(total);
@@ -217,6 +218,12 @@ Int16Rows to_int16(const T* X, int64_t M, int64_t K) {
   return rows;
 }
 
+// An int8 product's output: its exact integer sum times the scales of x's row and W's.
+template <typename T>
+inline T scaled(int64_t total, float x_scale, T w_scale) {
+  return T(static_cast<float>(total) * x_scale * static_cast<float>(w_scale));
+}
+
 // Columns summed in int32 before moving to int64: 512 products of |q| <= 32767 and
 // |w| <= 127 stay below 2^31.
 constexpr int64_t kChunk = 512;
@@ -248,7 +255,7 @@ void int8_blocks_avx512(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
         for (int r = 0; r < kRows; ++r) total[r] += _mm512_reduce_add_epi32(acc[r]);
       }
       for (int r = 0; r < rows; ++r)
-        Y[m * N + o0 + r] = T(static_cast<float>(total[r]) * X.scale[m] * static_cast<float>(S[o0 + r]));
+        Y[m * N + o0 + r] = scaled(total[r], X.scale[m], S[o0 + r]);
     }
   }
 }
@@ -283,7 +290,7 @@ void int8_blocks_avx2(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
         total += sum8(_mm256_add_epi32(a0, a1));
       }
       for (int64_t k = Kv; k < K; ++k) total += int64_t(x[k]) * w[k];
-      Y[m * N + o] = T(static_cast<float>(total) * X.scale[m] * static_cast<float>(S[o]));
+      Y[m * N + o] = scaled(total, X.scale[m], S[o]);
     }
   }
 }
@@ -306,7 +313,7 @@ void int8_blocks_portable(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
     for (int64_t m = 0; m < M; ++m) {
       int64_t total = 0;
       for (int64_t k = 0; k < K; ++k) total += int64_t(X.q[m * X.Kp + k]) * W[o * K + k];
-      Y[m * N + o] = T(static_cast<float>(total) * X.scale[m] * static_cast<float>(S[o]));
+      Y[m * N + o] = scaled(total, X.scale[m], S[o]);
     }
 }
 

@@ -91,9 +91,9 @@ def enable_for(model: nn.Module) -> None:
         _fast.update({torch.bfloat16: bf16[0] != "portable", torch.int8: int8[0] != "portable"})
 
 
-# Rows of x a call of several positions may have: SSD's verify of up to 7 drafts. Each
-# block of 4 weight rows is read from memory once and reused from L1 for every row of x,
-# but each row is a pass of its own over the block: 8 rows of a 49152 x 576 bf16 weight
+# Rows of x a call of several positions may have: SSD's verify of up to 7 drafts. A
+# weight row (the AVX-512 loops: a block of 4) is read from memory once and reused from
+# L1 for every row of x, but each row of x is a pass of its own over it: 8 rows of a 49152 x 576 bf16 weight
 # took 3.4 times one row's time, ATen's GEMM 3.8 times (one thread, a loaded machine: the
 # ratios, not the times), so the kernels stop at 8 rows.
 # One row per sequence (a decoding step) always goes, whatever the batch.
