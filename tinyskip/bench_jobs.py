@@ -172,7 +172,7 @@ class TrainBenchJob:
     rounds: int = 3                 # presets alternate round by round (drift hits both alike)
     warmup: int = 3                 # untimed steps per preset first (and the compile, if any)
     threads: int = 0                # 0 = torch's default
-    peak_size: int = 2048           # the peak's square product: n x n @ n x n
+    peak_size: int = 2048           # the peak's largest square product (runtime.matrix_peak)
     device: str = "auto"
     out: Optional[str] = None       # JSON with every measurement
 

@@ -235,7 +235,9 @@ class TrainConfig:
     # Data parallelism under torchrun: ddp replicates the model on every rank; fsdp shards
     # the trained weights and their optimizer state (FSDP2, training/sharding.py).
     parallel: str = "ddp"
-    bf16: bool = True
+    # bf16 autocast (fp32 master weights). None: where the device runs bf16 matmuls at
+    # full speed (runtime.bf16_native), fp32 elsewhere; job.json records which.
+    bf16: Optional[bool] = None
     compile: bool = False
     eval_every: int = 500
     eval_batches: int = 0

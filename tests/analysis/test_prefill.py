@@ -20,7 +20,7 @@ def test_the_matrix_peak_grows_its_product_only_until_one_call_is_long_enough():
     without AVX512-BF16) is measured on a smaller product, not for minutes at n_max."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tinyskip.analysis.prefill import matrix_peak
+    from tinyskip.runtime import matrix_peak
 
     def products(**kw) -> float:      # how many 256^3 products' worth of FLOPs it ran
         with FlopCounterMode(display=False) as counter:

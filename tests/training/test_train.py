@@ -188,6 +188,20 @@ def test_resume_refuses_another_recipe_and_accepts_runtime_changes(overrides, tm
     assert train(compose_job("train", overrides(resume=True, **runtime)), progress=False).step == 10
 
 
+def test_bf16_autocast_by_default_only_where_the_device_multiplies_bf16_natively(overrides,
+                                                                              tmp_path):
+    """train.bf16 left null (the default): the run trains, and records, bf16 autocast where
+    ATen hands bf16 products to oneDNN, fp32 where it would fall back to a scalar loop (200
+    times slower than fp32 on an AVX2-only AMD EPYC). A given value is kept."""
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    job_file = tmp_path / "r" / "job.json"
+    train(compose_job("train", overrides(max_steps=2, eval_every=2, bf16="null")), progress=False)
+    assert json.loads(job_file.read_text())["train"]["bf16"] is native
+    train(compose_job("train", overrides(max_steps=2, eval_every=2, bf16=not native,
+                                         overwrite=True)), progress=False)
+    assert json.loads(job_file.read_text())["train"]["bf16"] is (not native)
+
+
 def test_resume_compares_a_renamed_key_under_its_new_name(overrides, tmp_path):
     """A run started before ``train.exit_scale`` became ``train.exit_weighting`` still has
     its recipe checked on that key."""

@@ -25,7 +25,7 @@ from ..config import DEEConfig, SamplingConfig, SSDConfig, UserError
 from ..decode import DecodeStats, ModeSpec, Steps, decode
 from ..decode.steps import cache_size
 from ..bench_jobs import BenchJob, precision, precision_name
-from ..runtime import pick_device, progress_bar
+from ..runtime import matrix_peak, pick_device, progress_bar
 from ..storage.data import load_lines
 from ..storage.loading import (Loaded, check_calibrated_length, draft_vocabulary,
                                exit_classifier_for, load_source, read_calibration, run_data_config,
@@ -34,7 +34,7 @@ from .bandwidth import StreamRead, bytes_per_token, module_bytes
 from .bench_batch import batch_rows
 from .engine_levers import step_levers
 from .hf_baseline import hf_rows
-from .prefill import matrix_peak, prefill_speed
+from .prefill import prefill_speed
 from .quality import RougeL, continuation_nll, perplexity
 from .ssd_costs import measured_acceptance, round_costs
 from .unit_costs import unit_costs

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from ..decode.stats import DecodeStats
-from ..decode.steps import new_cache, prefill, sync
+from ..decode.steps import new_cache, prefill
 from ..model.kernels import Linear
 from ..model.transformer import Transformer
-from ..runtime import median_seconds, seconds
+from ..runtime import median_seconds
 
 
 def prefill_flops(model: Transformer, T: int) -> float:
@@ -25,26 +25,6 @@ def prefill_flops(model: Transformer, T: int) -> float:
 
 
 @torch.no_grad()
-def matrix_peak(device: torch.device, dtype: torch.dtype, n_max: int = 2048, reps: int = 5,
-                call_s: float = 0.1) -> float:
-    """FLOP/s of an n x n x n matrix product in ``dtype`` (ATen's GEMM), median of ``reps``.
-
-    n doubles from 256, stopping at the first product that takes ``call_s`` or more or
-    at the first n >= ``n_max``: a product that long runs at the GEMM's full speed, and
-    where the GEMM is slow the measurement stays short (bf16 on a CPU without
-    AVX512-BF16 ran at 1 GFLOP/s on an AMD EPYC, where ten products of 2048 took three
-    minutes)."""
-    n = 256
-    while True:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        a @ b                                           # the first call sets the GEMM up
-        sync(device)
-        if n >= n_max or seconds(lambda: a @ b, device) >= call_s:
-            return 2 * n ** 3 / median_seconds(lambda: a @ b, reps, device)
-        n *= 2
-
-
 @torch.no_grad()
 def prefill_speed(model: Transformer, prompt: torch.Tensor, peak: float, reps: int = 3) -> dict:
     """Tokens/s and FLOP/s of prefilling ``prompt`` (1, T) into a fresh cache, as every

@@ -28,17 +28,10 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..bench_jobs import TrainBenchJob
 from ..model.transformer import Transformer
-from ..runtime import median_seconds, pick_device
+from ..runtime import matrix_peak, median_seconds, pick_device, resolve_bf16
 from ..storage.data import get_batch, prepare_corpus
 from .optim import cosine_lr, make_optimizer
 from .trainer import ExitObjective, StepWork, compile_blocks, train_step
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int) -> float:
-    """FLOP/s of one (n x n) @ (n x n) product in ``dtype``: the roof training is held to."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n ** 3 / median_seconds(lambda: a @ b, 5, device)
 
 
 def step_flops(model: Transformer, work: StepWork, seq_len: int) -> float:
@@ -123,6 +116,7 @@ def bench_training(job: TrainBenchJob) -> dict:
                               bos_token_id=corpus.bos_id, eos_token_id=corpus.eos_id)
     runs, timed = {}, job.steps * job.rounds
     for name, tc in preset_configs(job).items():
+        tc = resolve_bf16(tc, device)
         torch.manual_seed(tc.seed)
         model = Transformer(cfg).to(device).train()
         # Whether the blocks did compile: a fallback to eager shows in the row.
@@ -157,8 +151,8 @@ def bench_training(job: TrainBenchJob) -> dict:
                 run["block_rows"] = [a + b for a, b in zip(run["block_rows"], work.block_rows)]
                 run["head_rows"] += work.head_rows
 
-    peaks = {"bf16": matmul_peak(torch.bfloat16, device, job.peak_size),
-             "fp32": matmul_peak(torch.float32, device, job.peak_size)}
+    peaks = {"bf16": matrix_peak(device, torch.bfloat16, job.peak_size),
+             "fp32": matrix_peak(device, torch.float32, job.peak_size)}
     rows = []
     for name, run in runs.items():
         tc = run["tc"]

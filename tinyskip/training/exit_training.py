@@ -31,7 +31,7 @@ from ..config import ConfigError, TrainConfig
 from ..jobs import TrainJob
 from ..model.exit_modules import ExitModules, check_exit_layers
 from ..model.transformer import Transformer
-from ..runtime import autocast, pick_device, progress_bar
+from ..runtime import autocast, pick_device, progress_bar, resolve_bf16
 from ..storage.checkpoint import CHECKPOINT, CheckpointError, load_train_state, run_folder
 from ..storage.data import get_batch
 from ..storage.exit_checkpoint import EXITS, exits_folder, load_exit_modules, save_exit_modules
@@ -129,6 +129,8 @@ def train_exit_modules(job: TrainJob, progress: bool = True) -> TrainResult:
     if tc.tensorboard:
         require_tensorboard("train.tensorboard")
     device = pick_device(tc.device)
+    job = dataclasses.replace(job, train=resolve_bf16(tc, device))
+    tc = job.train
     launched_world(tc)
     run_dir = run_folder(job.checkpoint_root, job.run_name)
     folder = exits_folder(run_dir) if tc.resume else None

@@ -25,7 +25,7 @@ from ..atomic import append_text, make_dirs, write_json_atomic
 from ..config import ConfigError, TrainConfig
 from ..jobs import TrainJob
 from ..model.transformer import Transformer
-from ..runtime import autocast, pick_device, progress_bar
+from ..runtime import autocast, pick_device, progress_bar, resolve_bf16
 from ..storage.checkpoint import (CHECKPOINT, build_model, load_model, load_model_config,
                                   load_train_state, resolve_checkpoint, run_folder,
                                   save_checkpoint)
@@ -187,6 +187,8 @@ def train(job: TrainJob, progress: bool = True) -> TrainResult:
     if tc.tensorboard:
         require_tensorboard("train.tensorboard")
     device = pick_device(tc.device)
+    job = dataclasses.replace(job, train=resolve_bf16(tc, device))
+    tc = job.train
     run_dir = run_folder(job.checkpoint_root, job.run_name)
     launched_world(tc)
     ckpt = resolve_checkpoint(run_dir) if tc.resume else None
