@@ -11,6 +11,7 @@ import time
 import torch
 
 from .config import ConfigError, TrainConfig, first_line
+from .model.kernels import CPU_BF16_GEMM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weight-only quantisation of a loaded model (model/quantize.py), on top of its dtype.
@@ -44,9 +45,7 @@ def bf16_native(device: torch.device) -> bool:
     training about 200 times slower, not faster."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False
+    return device.type == "cpu" and CPU_BF16_GEMM
 
 
 def resolve_bf16(tc: TrainConfig, device: torch.device) -> TrainConfig:

@@ -124,3 +124,34 @@ def test_bad_layer_ranges_are_refused(tiny_model):
         tiny_model.run_layers(h, 0, 5)
     with pytest.raises(LayerIndexError, match="exit 5 is outside 1..4"):
         tiny_model(torch.zeros(1, 2, dtype=torch.long), exits=[5])
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_products_on_a_cpu_without_onednn_bf16_run_in_fp32_and_round_once(native,
+                                                                               monkeypatch):
+    """Where ATen's bf16 GEMM would be a scalar loop (``CPU_BF16_GEMM`` false: an AVX2-only
+    CPU), a bf16 product of many rows (prefill) widens to fp32 and rounds its output once;
+    elsewhere it stays ATen's bf16 product."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tinyskip.model import kernels
+
+    class Dtypes(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm,
+                                       torch.ops.aten.bmm):
+                self.seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(kernels, "CPU_BF16_GEMM", native)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 64, generator=g).bfloat16()
+    w = torch.randn(48, 64, generator=g).bfloat16()
+    with Dtypes():
+        y = kernels.linear(x, w, in_graph=False)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 32, 48)
+    assert Dtypes.seen == [torch.bfloat16 if native else torch.float32]
+    if not native:
+        assert torch.equal(y, torch.nn.functional.linear(x.float(), w.float()).bfloat16())
