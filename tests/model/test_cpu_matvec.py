@@ -86,11 +86,12 @@ def test_a_loop_the_product_lacks_is_refused_by_name():
 
 
 # Widths with and without a tail (K % 32 below and above 16, K % 16), rows with and without
-# a partial block (N % 4), one sequence and three.
+# a partial block (N % 4), one sequence, three, and seven (a group of four rows of x and one
+# of three).
 BF16_LOOPS = ["best", "avx512", "avx2", "portable"]
 INT8_LOOPS = ["best", "avx512", "avx2", "portable"]
 SHAPES = [(1, 576, 192), (1, 100, 7), (3, 120, 6), (3, 1536, 576), (2, 32, 1), (1, 40, 4097),
-          (2, 8, 5)]
+          (2, 8, 5), (7, 130, 5)]
 
 
 @pytest.mark.parametrize("loop", BF16_LOOPS)
@@ -131,6 +132,29 @@ def test_int8_products_apply_each_rows_scale(B, K, N, loop, dtype):
     if dtype == torch.bfloat16:
         bound = bound * (1 + 2 ** -8) + 2 ** -8 * ref.abs()
     assert ((y.float() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("loop", INT8_LOOPS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,K,N", [(1, 576, 9), (3, 1541, 5), (7, 130, 5)])
+def test_int8_products_are_x_rounded_to_int16_then_exact_integer_sums(B, K, N, loop, dtype):
+    """Every int8 loop to the bit: each row of x rounded to int16 at 32767 / its largest
+    |entry| (to nearest, ties to even), the integer sum against W, times x's scale and W's
+    in fp32, rounded to x's dtype."""
+    runs(loop, torch.int8)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(B, K, generator=g) * 3).to(dtype)
+    if dtype == torch.float32:      # a row whose scale is 1: its halves are ties
+        x[0, :8] = torch.tensor([32767, 2.5, -3.5, 0.5, 1.5, -0.5, -2.5, 4.5])
+    q, s = int8_rows(torch.randn(N, K, generator=g))
+    s = s.to(dtype)
+    y = torch.ops.tinyskip.matvec_int8(x, q, s, loop)
+    amax = x.float().abs().amax(dim=1)
+    x_scale = torch.where(amax > 0, amax / 32767, torch.ones(()))
+    x16 = torch.round(x.float() * (1 / x_scale)[:, None]).clamp(-32767, 32767).long()
+    total = x16 @ q.long().T                                               # (B, N), exact
+    expected = (total.float() * x_scale[:, None] * s.float()).to(dtype)
+    assert torch.equal(y, expected)
 
 
 @pytest.mark.parametrize("loop", ["avx512", "avx2"])

@@ -8,32 +8,26 @@
 // int8 weights by x rounded to int16 in integers (vpmaddwd), and prefetch each row 4 KiB
 // ahead (the bf16 loop without the prefetch: 15 GB/s).
 //
-// On CPUs without AVX-512 (AMD's Zen 3, older Intel) AVX2 loops do the work 256 bits at a
-// time, one row of W at a time: int8 through vpmaddwd as above (inductor's loop there read
+// On CPUs without AVX-512 (AMD's Zen 3, older Intel) AVX2 loops (cpu_matvec_avx2.cpp) do
+// the work 256 bits at a time, one row of W at a time: int8 through vpmaddwd as above (inductor's loop there read
 // 3 GB/s of int8 weights), bf16 widened to fp32 by a shift and a mask, then FMA.
 // Each product also has a portable loop. The CPU's features decide at run time which
 // loop runs (a CPU without them would stop at the first instruction it lacks otherwise);
 // ``loop="avx2"`` and the others ask for one, which the tests use to hold every loop this
 // CPU runs against the portable one.
 
-#include <ATen/ATen.h>
+#include "cpu_matvec.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <immintrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
 
-namespace {
-
-constexpr int64_t kRows = 4;           // rows of W the AVX-512 loops multiply together (x loaded once
-                                       // for them); every loop's unit of work between threads
-constexpr int64_t kPrefetch = 4096;    // bytes ahead of each row (measured: 1 KiB 17, 4-9 KiB 23-28 GB/s)
-constexpr int64_t kGrain = 16;         // blocks of kRows rows per thread, at least
+namespace tinyskip_matvec {
 
 bool has_avx512_bf16() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -77,20 +71,6 @@ Loop choose(c10::string_view loop, const std::vector<std::string>& available) {
   return name == "avx512" ? Loop::kAvx512 : name == "avx2" ? Loop::kAvx2 : Loop::kPortable;
 }
 
-__attribute__((target("avx2")))
-inline int32_t sum8(__m256i v) {
-  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  const __m128i t = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
-}
-
-// 16 int8 weights times 16 int16 entries of x, added in pairs: 8 int32 sums.
-__attribute__((target("avx2")))
-inline __m256i product16(const int8_t* w, const int16_t* x) {
-  return _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))),
-                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-}
-
 // Blocks [b0, b1) of kRows rows of W (N, K) against the M rows of x.
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 void bf16_blocks_avx512(const at::BFloat16* W, const at::BFloat16* X, at::BFloat16* Y,
@@ -122,23 +102,6 @@ void bf16_blocks_avx512(const at::BFloat16* W, const at::BFloat16* X, at::BFloat
   }
 }
 
-// The sum of 8 fp32 lanes.
-__attribute__((target("avx2")))
-inline float sum8f(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// bf16 on AVX2, which has no bf16 arithmetic: a 256-bit load of 16 weights holds 8 pairs
-// (32-bit lanes, the first weight in the low half), which fma16 widens to fp32. x is split
-// to match once per call, each 16 columns as their 8 even then 8 odd entries in fp32. One
-// row of W at a time, as the AVX2 int8 loop.
-struct PairedRows {
-  std::vector<float> v;         // (M, Kv): x's first Kv columns, paired as above
-  int64_t Kv;                   // K less its columns past the last whole 16
-};
-
 PairedRows paired(const at::BFloat16* X, int64_t M, int64_t K) {
   const int64_t Kv = K - K % 16;
   PairedRows rows{std::vector<float>(M * Kv), Kv};
@@ -151,82 +114,24 @@ PairedRows paired(const at::BFloat16* X, int64_t M, int64_t K) {
   return rows;
 }
 
-// 16 bf16 weights (8 pairs) times x's matching 8 even and 8 odd entries, into two
-// accumulators: the shift makes each pair's first weight an fp32, the mask its second.
-__attribute__((target("avx2,fma")))
-inline void fma16(const at::BFloat16* w, const float* x, __m256& even, __m256& odd) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  const __m256i second = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  even = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(x), even);
-  odd = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, second)), _mm256_loadu_ps(x + 8), odd);
-}
-
-__attribute__((target("avx2,fma")))
-void bf16_blocks_avx2(const at::BFloat16* W, const PairedRows& XP, const at::BFloat16* X,
-                      at::BFloat16* Y, int64_t M, int64_t N, int64_t K, int64_t b0, int64_t b1) {
-  const int64_t Kv = XP.Kv;
-  for (int64_t o = b0 * kRows; o < std::min(N, b1 * kRows); ++o) {
-    const at::BFloat16* w = W + o * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* x = XP.v.data() + m * Kv;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-             a3 = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 32 <= Kv; k += 32) {
-        if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
-        fma16(w + k, x + k, a0, a1);
-        fma16(w + k + 16, x + k + 16, a2, a3);
-      }
-      if (k < Kv) fma16(w + k, x + k, a0, a1);          // 16 columns left
-      float total = sum8f(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-      for (k = Kv; k < K; ++k) total += static_cast<float>(X[m * K + k]) * static_cast<float>(w[k]);
-      Y[m * N + o] = at::BFloat16(total);
-    }
-  }
-}
-
-// int8 products take x rounded to int16, one scale per row of x: integer products then
-// need no widening to fp32, and vpmaddwd multiplies 32 weights by x and adds them in
-// pairs in one instruction. The rounding moves an entry by at most 1/65534 of its row's
-// largest entry: 1/128 of bf16's own rounding for entries near the largest, more for
-// entries far below it (an outlier row).
-struct Int16Rows {
-  std::vector<int16_t> q;       // (M, Kp), zero past K
-  std::vector<float> scale;     // (M,)
-  int64_t Kp;                   // K rounded up to whole vectors of 32
-};
-
+// ``avx2``: the vector loops' rounding (the portable loop keeps the scalar one).
 template <typename T>
-Int16Rows to_int16(const T* X, int64_t M, int64_t K) {
+Int16Rows to_int16(const T* X, int64_t M, int64_t K, bool avx2) {
   Int16Rows rows{std::vector<int16_t>(M * ((K + 31) / 32 * 32), 0), std::vector<float>(M), (K + 31) / 32 * 32};
   for (int64_t m = 0; m < M; ++m) {
-    float amax = 0.f;
+    const T* x = X + m * K;
+    int16_t* q = rows.q.data() + m * rows.Kp;
     bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = static_cast<float>(X[m * K + k]);
-      finite = finite && std::isfinite(v);
-      amax = std::max(amax, std::abs(v));
-    }
+    const float amax = avx2 ? row_amax_avx2(x, K, finite) : row_amax(x, K, finite);
     const float s = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / s;
     // A NaN or infinite entry makes the row's outputs NaN, as a float product would.
     rows.scale[m] = finite ? s : std::numeric_limits<float>::quiet_NaN();
     if (!finite) continue;
-    for (int64_t k = 0; k < K; ++k)   // |x * inv| <= 32767 (to the last bit of inv's rounding)
-      rows.q[m * rows.Kp + k] = static_cast<int16_t>(
-          std::clamp(std::nearbyint(static_cast<float>(X[m * K + k]) * inv), -32767.f, 32767.f));
+    if (avx2) round_row_avx2(x, K, inv, q);
+    else for (int64_t k = 0; k < K; ++k) q[k] = round16(static_cast<float>(x[k]), inv);
   }
   return rows;
 }
-
-// An int8 product's output: its exact integer sum times the scales of x's row and W's.
-template <typename T>
-inline T scaled(int64_t total, float x_scale, T w_scale) {
-  return T(static_cast<float>(total) * x_scale * static_cast<float>(w_scale));
-}
-
-// Columns summed in int32 before moving to int64: 512 products of |q| <= 32767 and
-// |w| <= 127 stay below 2^31.
-constexpr int64_t kChunk = 512;
 
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -256,41 +161,6 @@ void int8_blocks_avx512(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
       }
       for (int r = 0; r < rows; ++r)
         Y[m * N + o0 + r] = scaled(total[r], X.scale[m], S[o0 + r]);
-    }
-  }
-}
-
-// As int8_blocks_avx512, but one row of W at a time, 32 columns a step in two
-// accumulators. x (K int16) stays in L1 either way, and on Zen 3 a plain stream through
-// W reads faster than four rows interleaved: 10.8-12.9 GB/s on one thread and 16.2-22.1
-// on two, against 7.8-9.4 and 9.7-16.0 (a sum of fp32 read 13.8-15.1 and 18.1-23.3; one
-// 115 MB weight, the same runs). The columns past the last whole 16 go one by one (a
-// 16-byte load there would take the next row's weights, or read past the end of W on the
-// last row: AVX2 has no masked byte load).
-template <typename T>
-__attribute__((target("avx2")))
-void int8_blocks_avx2(const int8_t* W, const Int16Rows& X, const T* S, T* Y,
-                      int64_t M, int64_t N, int64_t K, int64_t b0, int64_t b1) {
-  const int64_t Kv = K - K % 16;
-  for (int64_t o = b0 * kRows; o < std::min(N, b1 * kRows); ++o) {
-    const int8_t* w = W + o * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const int16_t* x = X.q.data() + m * X.Kp;
-      int64_t total = 0;
-      for (int64_t c0 = 0; c0 < Kv; c0 += kChunk) {
-        const int64_t c1 = std::min(Kv, c0 + kChunk);   // a multiple of 32, or 16 short of one
-        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-        int64_t k = c0;
-        for (; k + 32 <= c1; k += 32) {
-          if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
-          a0 = _mm256_add_epi32(a0, product16(w + k, x + k));
-          a1 = _mm256_add_epi32(a1, product16(w + k + 16, x + k + 16));
-        }
-        if (k < c1) a0 = _mm256_add_epi32(a0, product16(w + k, x + k));
-        total += sum8(_mm256_add_epi32(a0, a1));
-      }
-      for (int64_t k = Kv; k < K; ++k) total += int64_t(x[k]) * w[k];
-      Y[m * N + o] = scaled(total, X.scale[m], S[o]);
     }
   }
 }
@@ -366,7 +236,7 @@ void int8_matvec_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
   // Rounded once per call (M * K entries), in plain vectors: ATen's ops would cost more
   // than the product of a small projection.
-  const Int16Rows X = to_int16(x.const_data_ptr<T>(), M, K);
+  const Int16Rows X = to_int16(x.const_data_ptr<T>(), M, K, chosen != Loop::kPortable);
   const auto* W = w.const_data_ptr<int8_t>();
   const T* S = scale.const_data_ptr<T>();
   T* Y = y.mutable_data_ptr<T>();
@@ -396,7 +266,9 @@ at::Tensor matvec_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // The loops this CPU runs, fastest first: (bf16's, int8's).
 std::tuple<std::vector<std::string>, std::vector<std::string>> loops() { return {bf16_loops(), int8_loops()}; }
 
-}  // namespace
+}  // namespace tinyskip_matvec
+
+using namespace tinyskip_matvec;
 
 TORCH_LIBRARY(tinyskip, m) {
   m.def("matvec_bf16(Tensor x, Tensor w, str loop='best') -> Tensor");
