@@ -41,8 +41,8 @@ def bf16_native(device: torch.device) -> bool:
     """Whether bf16 matmuls run at full speed on ``device``: a GPU that computes in bf16, or
     a CPU whose bf16 products ATen hands to oneDNN (AVX-512, AMX, Arm's bf16). Elsewhere
     ATen falls back to a scalar loop: 0.43 GFLOP/s against fp32's 93 for a 1024 x 576 x
-    8192 product on a 2-core AMD EPYC without AVX-512, so bf16 autocast there would make
-    training about 200 times slower, not faster."""
+    8192 product on a 2-core AMD EPYC without AVX-512, where an exit adapter's training
+    step under bf16 autocast took 200 s against 11.5 s in fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and CPU_BF16_GEMM
